@@ -1,0 +1,41 @@
+# The index of routine tasks. Each target works from a fresh clone: the first
+# one run creates .venv and installs voteflow into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint format typecheck migrate clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,loadtest]'
+	touch $(STAMP)
+
+## run: the whole stack (private PostgreSQL and Redis unless VOTEFLOW_*_URL are set)
+run: $(STAMP)
+	$(BIN)/voteflow up
+
+## test: lint, type-check, then the whole test suite against real servers
+test: lint $(STAMP)
+	$(BIN)/pytest -q
+
+## lint: ruff (lint and format check) and mypy
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## format: apply ruff's fixes and formatting
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## migrate: apply sql/ migrations to $VOTEFLOW_DATABASE_URL
+migrate: $(STAMP)
+	$(BIN)/voteflow migrate
+
+## clean: remove the virtualenv, caches and the private servers' data
+clean:
+	rm -rf $(VENV) .voteflow .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,47 @@
+-- Admit one vote: enforce the rate limits, then append it to its stream shard.
+-- One script, so that a vote over a limit is never appended and a vote that is
+-- appended always paid for its place in the limits: both happen or neither.
+--
+-- KEYS[1] stream shard   KEYS[2] per-IP limiter   KEYS[3] per-voter limiter
+-- ARGV[1] per-IP limit   ARGV[2] per-voter limit  (requests per minute; 0 = off)
+-- ARGV[3] the message field name   ARGV[4] the encoded vote message
+-- Returns {1, entry id} when appended, {0, milliseconds until allowed} when limited.
+--
+-- The limiters are GCRA (generic cell rate algorithm): each key holds the
+-- "theoretical arrival time" of the next request, in ms. A limit of N per
+-- minute lets N requests through at once, then one every 60000/N ms. One key
+-- per subject, expiring by itself, no sorted sets to trim.
+
+local WINDOW = 60000
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local function next_tat(key, limit)
+  if limit <= 0 then
+    return nil, 0
+  end
+  local interval = WINDOW / limit
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then
+    tat = now
+  end
+  local wait = tat + interval - WINDOW - now
+  if wait > 0 then
+    return nil, wait
+  end
+  return tat + interval, 0
+end
+
+local ip_tat, ip_wait = next_tat(KEYS[2], tonumber(ARGV[1]))
+local voter_tat, voter_wait = next_tat(KEYS[3], tonumber(ARGV[2]))
+local wait = math.max(ip_wait, voter_wait)
+if wait > 0 then
+  return {0, math.ceil(wait)}
+end
+if ip_tat then
+  redis.call('SET', KEYS[2], ip_tat, 'PX', math.ceil(ip_tat - now))
+end
+if voter_tat then
+  redis.call('SET', KEYS[3], voter_tat, 'PX', math.ceil(voter_tat - now))
+end
+return {1, redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[4])}

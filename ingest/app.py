@@ -1,0 +1,317 @@
+"""The HTTP edge: routes, and the resources they share, opened in one place.
+
+A vote flows request -> validate -> rate-limit and append (one Redis round
+trip, pipelined with concurrent requests) -> 202. PostgreSQL is read only on a
+poll-cache miss, for admin routes and when a tally snapshot is missing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
+
+from voteflow.keys import Keys
+from voteflow.settings import Settings
+from voteflow.timeutil import now_us
+
+from . import live
+from .append import Appender, Limited, Unavailable
+from .metrics import EdgeMetrics
+from .polls import Poll, PollCache, close_poll, create_poll
+from .results import current_tally
+from .validate import MAX_VOTE_BODY, Invalid, admit_ballot, parse_ballot, parse_new_poll
+
+log = logging.getLogger(__name__)
+
+# Poll creation carries up to 64 labels of 200 characters; votes are checked
+# against their own, smaller limit in the vote route.
+MAX_BODY = 64 * 1024
+# What a client should wait before retrying when Redis or PostgreSQL is away.
+RETRY_AFTER_UNAVAILABLE = 1
+# Errors that mean a server voteflow depends on is away: 503, never a 4xx.
+UNAVAILABLE_ERRORS = (
+    RedisError,
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    settings: Settings
+    keys: Keys
+    redis: Redis
+    pool: asyncpg.Pool
+    polls: PollCache
+    appender: Appender
+    hub: live.TallyHub
+    metrics: EdgeMetrics
+
+
+EDGE = web.AppKey("edge", Edge)
+EDGE_SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", EdgeMetrics)
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def problem(
+    status: int, message: str, field: str | None = None, retry_after: int | None = None
+) -> web.Response:
+    """The one shape of every error the API returns."""
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+    return json_response(body, status, headers)
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def observe(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Count and time every request, and give every error the JSON shape."""
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body too large
+        response = problem(exc.status, exc.reason)
+    except Invalid as exc:
+        response = problem(exc.status, exc.message, exc.field)
+    except UNAVAILABLE_ERRORS as exc:
+        log.warning("%s %s: dependency unavailable: %r", request.method, request.path, exc)
+        response = problem(
+            503, "temporarily unavailable, retry later", None, RETRY_AFTER_UNAVAILABLE
+        )
+    route = _route_name(request)
+    metrics.requests.labels(route, request.method, response.status).inc()
+    metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+def _require_admin(request: web.Request, edge: Edge) -> None:
+    token = edge.settings.admin_token.encode()
+    given = request.headers.get("Authorization", "").encode()
+    # Constant-time comparison: the time taken must not reveal the token.
+    if not token or not hmac.compare_digest(given, b"Bearer " + token):
+        raise Invalid(401, None, "an admin bearer token is required")
+
+
+async def _poll(edge: Edge, request: web.Request) -> Poll:
+    raw = request.match_info["poll_id"]
+    try:
+        poll_id = str(uuid.UUID(raw))
+    except ValueError:
+        raise Invalid(404, "poll_id", "no such poll") from None
+    poll = await edge.polls.get(poll_id)
+    if poll is None:
+        raise Invalid(404, "poll_id", "no such poll")
+    return poll
+
+
+async def post_poll(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    _require_admin(request, edge)
+    new = parse_new_poll(await request.read(), datetime.now(UTC))
+    poll = await create_poll(
+        edge.pool,
+        new.question,
+        new.labels,
+        new.allow_multiple_votes,
+        new.max_choices,
+        new.expires_at,
+    )
+    return json_response(poll.to_json(now_us()), 201)
+
+
+async def get_poll(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    return json_response((await _poll(edge, request)).to_json(now_us()))
+
+
+async def post_close(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    _require_admin(request, edge)
+    poll_id = (await _poll(edge, request)).id
+    closed = await close_poll(edge.pool, poll_id, datetime.now(UTC))
+    if closed is None:
+        raise Invalid(404, "poll_id", "no such poll")
+    edge.polls.invalidate(poll_id)
+    try:
+        await edge.redis.publish(edge.keys.polls_changed_channel(), poll_id)
+    except (RedisError, OSError) as exc:
+        # Other edges then refuse the poll's votes once their cached copy
+        # expires; the workers refuse any vote received after the close anyway.
+        log.warning("could not announce the close of poll %s: %s", poll_id, exc)
+    return json_response(closed.to_json(now_us()))
+
+
+async def post_vote(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    if request.content_length is not None and request.content_length > MAX_VOTE_BODY:
+        edge.metrics.votes_rejected.labels("too_large").inc()
+        raise Invalid(413, None, f"a vote body must be at most {MAX_VOTE_BODY} bytes")
+    body = await request.read()
+    if len(body) > MAX_VOTE_BODY:
+        edge.metrics.votes_rejected.labels("too_large").inc()
+        raise Invalid(413, None, f"a vote body must be at most {MAX_VOTE_BODY} bytes")
+    received_us = now_us()
+    try:
+        ballot = parse_ballot(body)
+        poll = await edge.polls.get(ballot.poll_id)
+        if poll is None:
+            raise Invalid(404, "poll_id", "no such poll")
+        vote = admit_ballot(ballot, poll, received_us)
+    except Invalid as exc:
+        edge.metrics.votes_rejected.labels(str(exc.status)).inc()
+        raise
+    try:
+        await edge.appender.append(vote, request.remote or "unknown")
+    except Limited as exc:
+        edge.metrics.rate_limited.inc()
+        return problem(
+            429, "too many votes, slow down", None, max(1, math.ceil(exc.retry_after_ms / 1000))
+        )
+    except Unavailable:
+        edge.metrics.votes_rejected.labels("unavailable").inc()
+        return problem(
+            503, "the vote could not be queued, retry later", None, RETRY_AFTER_UNAVAILABLE
+        )
+    edge.metrics.votes_accepted.inc()
+    return json_response({"vote_id": vote.vote_id, "status": "queued"}, 202)
+
+
+async def get_results(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    poll = await _poll(edge, request)
+    tally = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
+    return json_response(tally.results(poll.labels))
+
+
+async def get_live(request: web.Request) -> web.StreamResponse:
+    edge = request.app[EDGE]
+    poll = await _poll(edge, request)
+    initial = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
+    return await live.stream(request, edge.hub, poll, initial, edge.settings.sse_heartbeat)
+
+
+async def get_health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def get_ready(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    checks = {"redis": "ok", "postgres": "ok"}
+    try:
+        await edge.redis.ping()
+    except UNAVAILABLE_ERRORS as exc:
+        checks["redis"] = f"unavailable: {exc}"
+    try:
+        await edge.pool.fetchval("SELECT 1", timeout=2)
+    except UNAVAILABLE_ERRORS as exc:
+        checks["postgres"] = f"unavailable: {exc}"
+    ready = all(v == "ok" for v in checks.values())
+    return json_response({"ready": ready, **checks}, 200 if ready else 503)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    """Open everything the routes share, and close it in reverse on shutdown."""
+    settings = app[EDGE_SETTINGS]
+    metrics = app[METRICS]
+    keys = Keys(settings.key_prefix, settings.stream_shards)
+    # A blocking pool: at a spike, a request waits a moment for a connection
+    # instead of failing (redis-py's plain pool raises when it runs out).
+    redis = Redis(
+        connection_pool=BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=32, timeout=5, socket_timeout=5,
+            socket_connect_timeout=2, health_check_interval=15,
+        )
+    )  # fmt: skip
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=8, timeout=5)
+    polls = PollCache(pool, settings.poll_cache_ttl)
+    appender = Appender(
+        redis, keys, settings.rate_limit_per_ip, settings.rate_limit_per_voter, metrics
+    )
+    hub = live.TallyHub(redis, keys, polls, metrics)
+    await appender.start()
+    await hub.start()
+    app[EDGE] = Edge(settings, keys, redis, pool, polls, appender, hub, metrics)
+    try:
+        yield
+    finally:
+        await hub.close()
+        await appender.close()
+        await pool.close()
+        await redis.aclose()
+
+
+async def _end_live_streams(app: web.Application) -> None:
+    # Shutdown waits for running handlers; live streams would never end alone.
+    app[EDGE].hub.release_watchers()
+
+
+def create_app(settings: Settings) -> web.Application:
+    settings.require_urls()
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[observe])
+    app[EDGE_SETTINGS] = settings
+    app[METRICS] = EdgeMetrics()
+    app.cleanup_ctx.append(_resources)
+    app.on_shutdown.append(_end_live_streams)
+    app.router.add_post("/api/polls", post_poll)
+    app.router.add_get("/api/polls/{poll_id}", get_poll)
+    app.router.add_post("/api/polls/{poll_id}/close", post_close)
+    app.router.add_get("/api/polls/{poll_id}/results", get_results)
+    app.router.add_get("/api/polls/{poll_id}/live", get_live)
+    app.router.add_post("/api/vote", post_vote)
+    app.router.add_get("/health", get_health)
+    app.router.add_get("/ready", get_ready)
+    app.router.add_get("/metrics", get_metrics)
+    return app
+
+
+def run(settings: Settings) -> None:
+    import uvloop
+
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=None,
+        loop=uvloop.new_event_loop(),
+        shutdown_timeout=10,
+        print=lambda line: log.info("%s", line),
+    )

@@ -1,0 +1,156 @@
+"""Appending admitted votes to their stream shards, many requests per round trip.
+
+Round trips: one per *batch* of requests, not one per request. Requests that
+arrive while a pipeline is in flight wait in a list; when it returns, the
+flusher sends all of them as the next pipeline. Under load the batches grow by
+themselves and Redis sees a few large pipelines instead of thousands of small
+commands; when idle, a lone request goes out at once.
+
+Each entry of the pipeline is one call of ``admit.lua``: the rate limits and the
+XADD, atomically. A request's future resolves only with the reply to its own
+script call, so a request answers 202 only when its own append succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError
+
+from voteflow.keys import Keys
+from voteflow.message import FIELD, Vote
+
+from .metrics import EdgeMetrics
+
+log = logging.getLogger(__name__)
+
+# Largest pipeline sent at once; beyond it Redis would stall other clients
+# while it works through one reply, and the edge would hold a larger buffer.
+MAX_PIPELINE = 1024
+
+
+class Limited(Exception):
+    """The vote is over a rate limit; nothing was appended."""
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__(f"rate limited for {retry_after_ms} ms")
+        self.retry_after_ms = retry_after_ms
+
+
+class Unavailable(Exception):
+    """Redis did not confirm the append; the client should retry later."""
+
+
+@dataclass(slots=True)
+class _Request:
+    keys_and_args: tuple[str | int | bytes, ...]
+    done: asyncio.Future[bytes]
+
+
+class Appender:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        limit_per_ip: int,
+        limit_per_voter: int,
+        metrics: EdgeMetrics,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._limits = (limit_per_ip, limit_per_voter)
+        self._metrics = metrics
+        self._script = redis.register_script((Path(__file__).parent / "admit.lua").read_text())
+        self._waiting: list[_Request] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # Loading the script now means the first vote does not pay for it; a
+        # Redis restart later is handled by reloading on NOSCRIPT.
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.script_load(self._script.script)
+        self._task = asyncio.create_task(self._flush_forever(), name="appender")
+
+    async def close(self) -> None:
+        """Send what is waiting, answer it, then stop."""
+        while self._waiting:
+            self._wakeup.set()
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def append(self, vote: Vote, client_ip: str) -> bytes:
+        """Admit and append one vote; returns its stream entry id.
+
+        Raises :class:`Limited` when over a rate limit and :class:`Unavailable`
+        when Redis did not confirm the append.
+        """
+        request = _Request(
+            (
+                self._keys.stream(vote.shard(self._keys.shards)),
+                self._keys.rate_ip(client_ip),
+                self._keys.rate_voter(vote.voter),
+                *self._limits,
+                FIELD,
+                vote.encode(),
+            ),
+            asyncio.get_running_loop().create_future(),
+        )
+        self._waiting.append(request)
+        self._wakeup.set()
+        return await request.done
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._waiting:
+                batch = self._waiting[:MAX_PIPELINE]
+                del self._waiting[:MAX_PIPELINE]
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[_Request]) -> None:
+        self._metrics.append_batch_size.observe(len(batch))
+        with self._metrics.append_seconds.time():
+            replies = await self._send(batch)
+            if any(isinstance(reply, NoScriptError) for reply in replies):
+                # Redis restarted and forgot the script: load it and resend only
+                # the calls it refused (they changed nothing).
+                retry = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+                with contextlib.suppress(RedisError, OSError):
+                    await self._redis.script_load(self._script.script)
+                for i, reply in zip(
+                    retry, await self._send([batch[i] for i in retry]), strict=True
+                ):
+                    replies[i] = reply
+        for request, reply in zip(batch, replies, strict=True):
+            if request.done.done():  # the client went away
+                continue
+            if isinstance(reply, BaseException):
+                request.done.set_exception(Unavailable(str(reply)))
+            elif reply[0] == 1:
+                request.done.set_result(reply[1])
+            else:
+                request.done.set_exception(Limited(int(reply[1])))
+
+    async def _send(self, batch: list[_Request]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for request in batch:
+            pipe.evalsha(self._script.sha, 3, *request.keys_and_args)  # type: ignore[arg-type]
+        try:
+            return list(await pipe.execute(raise_on_error=False))
+        except (RedisError, OSError) as exc:
+            # The connection failed mid-way: some of these may have been
+            # appended, but none is confirmed. The client retries with the same
+            # vote_id, and the workers count a vote_id once.
+            log.warning("append pipeline of %d failed: %s", len(batch), exc)
+            return [exc] * len(batch)

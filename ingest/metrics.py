@@ -1,0 +1,68 @@
+"""The edge's Prometheus metrics, in a registry of the app's own (no globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Request latencies of a queue-backed edge are sub-millisecond to seconds.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class EdgeMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    requests: Counter = field(init=False)
+    request_seconds: Histogram = field(init=False)
+    votes_accepted: Counter = field(init=False)
+    votes_rejected: Counter = field(init=False)
+    rate_limited: Counter = field(init=False)
+    append_batch_size: Histogram = field(init=False)
+    append_seconds: Histogram = field(init=False)
+    live_subscribers: Gauge = field(init=False)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "voteflow_http_requests",
+            "HTTP requests answered, by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "voteflow_http_request_seconds",
+            "Time from request to response, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.votes_accepted = Counter(
+            "voteflow_votes_accepted", "Votes appended to a stream (answered 202).", registry=r
+        )
+        self.votes_rejected = Counter(
+            "voteflow_votes_rejected",
+            "Votes refused at the edge, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "voteflow_rate_limited", "Votes refused with 429 by a rate limit.", registry=r
+        )
+        self.append_batch_size = Histogram(
+            "voteflow_append_batch_size",
+            "Votes sent to Redis in one pipelined round trip.",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=r,
+        )
+        self.append_seconds = Histogram(
+            "voteflow_append_seconds",
+            "Duration of one append pipeline round trip.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.live_subscribers = Gauge(
+            "voteflow_live_subscribers", "Open live tally streams (SSE).", registry=r
+        )

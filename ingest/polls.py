@@ -1,0 +1,125 @@
+"""Polls as the edge sees them: read from PostgreSQL, cached, rendered as JSON.
+
+The vote route checks every ballot against a cached copy of its poll, so a
+vote costs no PostgreSQL round trip. A copy lives ``VOTEFLOW_POLL_CACHE_TTL``
+seconds at most; closing a poll drops it at once on every edge through the
+``polls-changed`` channel (see ingest.live). Concurrent misses for one poll
+share a single query (async-lru coalesces them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from async_lru import alru_cache
+
+from voteflow.timeutil import to_us
+
+# Enough for every poll that is live at once on any deployment we know of; a
+# miss beyond it costs one indexed query, not a failure.
+CACHE_SIZE = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class Poll:
+    id: str
+    question: str
+    # option id -> label, in the poll's order
+    labels: dict[str, str]
+    allow_multiple_votes: bool
+    max_choices: int
+    expires_at: datetime | None
+    closed_at: datetime | None
+    created_at: datetime
+
+    def is_open(self, at_us: int) -> bool:
+        if self.closed_at is not None and to_us(self.closed_at) < at_us:
+            return False
+        return self.expires_at is None or at_us < to_us(self.expires_at)
+
+    def to_json(self, now_us: int) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "question": self.question,
+            "options": [{"id": id_, "label": label} for id_, label in self.labels.items()],
+            "allow_multiple_votes": self.allow_multiple_votes,
+            "max_choices": self.max_choices,
+            "expires_at": self.expires_at,
+            "closed": not self.is_open(now_us),
+            "closed_at": self.closed_at,
+            "created_at": self.created_at,
+        }
+
+
+def _poll(row: asyncpg.Record) -> Poll:
+    return Poll(
+        id=str(row["id"]),
+        question=row["question"],
+        labels={
+            str(id_): label for id_, label in zip(row["option_ids"], row["labels"], strict=True)
+        },
+        allow_multiple_votes=row["allow_multiple_votes"],
+        max_choices=row["max_choices"],
+        expires_at=row["expires_at"],
+        closed_at=row["closed_at"],
+        created_at=row["created_at"],
+    )
+
+
+async def fetch_poll(pool: asyncpg.Pool, poll_id: str) -> Poll | None:
+    row = await pool.fetchrow("SELECT * FROM poll_get($1)", poll_id)
+    return None if row is None or row["id"] is None else _poll(row)
+
+
+async def create_poll(
+    pool: asyncpg.Pool,
+    question: str,
+    labels: tuple[str, ...],
+    allow_multiple_votes: bool,
+    max_choices: int,
+    expires_at: datetime | None,
+) -> Poll:
+    async with pool.acquire() as conn, conn.transaction():
+        poll_id = await conn.fetchval(
+            "SELECT create_poll($1, $2, $3, $4, $5)",
+            question,
+            list(labels),
+            allow_multiple_votes,
+            max_choices,
+            expires_at,
+        )
+        row = await conn.fetchrow("SELECT * FROM poll_get($1)", poll_id)
+    return _poll(row)
+
+
+async def close_poll(pool: asyncpg.Pool, poll_id: str, closed_at: datetime) -> Poll | None:
+    """Close a poll now; a poll that is already closed keeps its first close time."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval("SELECT close_poll($1, $2)", poll_id, closed_at):
+            return None
+        row = await conn.fetchrow("SELECT * FROM poll_get($1)", poll_id)
+    return _poll(row)
+
+
+class PollCache:
+    def __init__(self, pool: asyncpg.Pool, ttl: float) -> None:
+        self._pool = pool
+        self._get: Callable[[str], Awaitable[Poll | None]] = alru_cache(
+            maxsize=CACHE_SIZE, ttl=ttl if ttl > 0 else None
+        )(self._fetch)
+        self._ttl = ttl
+
+    async def _fetch(self, poll_id: str) -> Poll | None:
+        return await fetch_poll(self._pool, poll_id)
+
+    async def get(self, poll_id: str) -> Poll | None:
+        if self._ttl <= 0:
+            return await self._fetch(poll_id)
+        return await self._get(poll_id)
+
+    def invalidate(self, poll_id: str) -> None:
+        self._get.cache_invalidate(poll_id)  # type: ignore[attr-defined]

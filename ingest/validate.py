@@ -1,0 +1,184 @@
+"""Turning request bodies into votes and polls, or into a clear 4xx.
+
+Every failure is a :class:`Invalid` value naming the offending field; the
+routes turn it into a response with :func:`ingest.errors.problem`. Nothing here
+touches Redis or PostgreSQL: a ballot is checked against a cached poll.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from voteflow.message import Vote, voter_key
+
+from .polls import Poll
+
+MAX_VOTE_BODY = 4096
+MAX_VOTER_ID = 128
+MAX_QUESTION = 500
+MAX_LABEL = 200
+MIN_OPTIONS, MAX_OPTIONS = 2, 64
+
+
+class Invalid(Exception):
+    """Why a request cannot be accepted: HTTP status, field, human message."""
+
+    def __init__(self, status: int, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Ballot:
+    """A vote request whose fields are well-formed, before its poll is checked."""
+
+    poll_id: str
+    option_ids: tuple[str, ...]
+    voter: str
+    vote_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewPoll:
+    question: str
+    labels: tuple[str, ...]
+    allow_multiple_votes: bool
+    max_choices: int
+    expires_at: datetime | None
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Invalid(400, None, f"body is not valid JSON: {exc.msg}") from None
+
+
+def _object(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise Invalid(422, None, "body must be a JSON object")
+    return data
+
+
+def _uuid(value: Any, field: str) -> str:
+    if not isinstance(value, str) or len(value) > 45:
+        raise Invalid(422, field, f"{field} must be a UUID string")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise Invalid(422, field, f"{field} must be a UUID string") from None
+
+
+def _voter_id(data: dict[str, Any], field: str) -> str | None:
+    value = data.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise Invalid(422, field, f"{field} must be a non-empty string")
+    if len(value) > MAX_VOTER_ID:
+        raise Invalid(422, field, f"{field} must be at most {MAX_VOTER_ID} characters")
+    return value
+
+
+def parse_ballot(body: bytes) -> Ballot:
+    """Check a ``POST /api/vote`` body on its own (rule 1: who the voter is)."""
+    data = _object(parse_json(body))
+    poll_id = _uuid(data.get("poll_id"), "poll_id")
+    raw_options = data.get("option_ids")
+    if not isinstance(raw_options, list):
+        raise Invalid(422, "option_ids", "option_ids must be a list of option ids")
+    if not raw_options:
+        raise Invalid(422, "option_ids", "option_ids must name at least one option")
+    if len(raw_options) > MAX_OPTIONS:
+        raise Invalid(422, "option_ids", f"option_ids has more than {MAX_OPTIONS} entries")
+    option_ids = tuple(_uuid(option, "option_ids") for option in raw_options)
+    if len(set(option_ids)) != len(option_ids):
+        raise Invalid(422, "option_ids", "option_ids has duplicates")
+    user_id = _voter_id(data, "user_id")
+    fingerprint = _voter_id(data, "voter_fingerprint")
+    if user_id is None and fingerprint is None:
+        raise Invalid(422, "voter_fingerprint", "user_id or voter_fingerprint is required")
+    vote_id = data.get("vote_id")
+    return Ballot(
+        poll_id=poll_id,
+        option_ids=option_ids,
+        voter=voter_key(user_id, fingerprint),
+        vote_id=None if vote_id is None else _uuid(vote_id, "vote_id"),
+    )
+
+
+def admit_ballot(ballot: Ballot, poll: Poll, received_us: int) -> Vote:
+    """Check a ballot against its poll (rule 6: refused once the poll is closed)."""
+    if not poll.is_open(received_us):
+        raise Invalid(409, "poll_id", "the poll is closed")
+    for option_id in ballot.option_ids:
+        if option_id not in poll.labels:
+            raise Invalid(422, "option_ids", f"option {option_id} is not an option of this poll")
+    if len(ballot.option_ids) > poll.max_choices:
+        raise Invalid(
+            422, "option_ids", f"this poll allows at most {poll.max_choices} choice(s) per ballot"
+        )
+    return Vote(
+        vote_id=ballot.vote_id or str(uuid.uuid4()),
+        poll_id=ballot.poll_id,
+        voter=ballot.voter,
+        option_ids=ballot.option_ids,
+        received_us=received_us,
+    )
+
+
+def parse_new_poll(body: bytes, now: datetime) -> NewPoll:
+    data = _object(parse_json(body))
+    question = data.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise Invalid(422, "question", "question must be a non-empty string")
+    if len(question) > MAX_QUESTION:
+        raise Invalid(422, "question", f"question must be at most {MAX_QUESTION} characters")
+    labels = data.get("options")
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise Invalid(422, "options", "options must be a list of labels (strings)")
+    if not MIN_OPTIONS <= len(labels) <= MAX_OPTIONS:
+        raise Invalid(422, "options", f"options must have {MIN_OPTIONS} to {MAX_OPTIONS} labels")
+    if any(not label.strip() or len(label) > MAX_LABEL for label in labels):
+        raise Invalid(422, "options", f"each label must be 1 to {MAX_LABEL} characters")
+    if len(set(labels)) != len(labels):
+        raise Invalid(422, "options", "labels must be distinct")
+    allow_multiple = data.get("allow_multiple_votes", False)
+    if not isinstance(allow_multiple, bool):
+        raise Invalid(422, "allow_multiple_votes", "allow_multiple_votes must be true or false")
+    max_choices = data.get("max_choices", 1)
+    if type(max_choices) is not int or not 1 <= max_choices <= len(labels):
+        raise Invalid(
+            422, "max_choices", "max_choices must be an integer from 1 to the number of options"
+        )
+    return NewPoll(
+        question=question,
+        labels=tuple(labels),
+        allow_multiple_votes=allow_multiple,
+        max_choices=max_choices,
+        expires_at=_expires_at(data.get("expires_at"), now),
+    )
+
+
+def _expires_at(value: Any, now: datetime) -> datetime | None:
+    if value is None:
+        return None
+    message = "expires_at must be an RFC 3339 date-time with an offset, or null"
+    if not isinstance(value, str) or len(value) > 64:
+        raise Invalid(422, "expires_at", message)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise Invalid(422, "expires_at", message) from None
+    if parsed.tzinfo is None:
+        raise Invalid(422, "expires_at", message)
+    if parsed <= now:
+        raise Invalid(422, "expires_at", "expires_at must be in the future")
+    return parsed.astimezone(UTC)

@@ -1,0 +1,167 @@
+"""Real servers for the test suite, and a private corner of them for each test.
+
+Once per run: a private PostgreSQL and a private Redis-compatible server
+(voteflow.servers), unless ``VOTEFLOW_TEST_POSTGRES_URL`` /
+``VOTEFLOW_TEST_REDIS_URL`` name servers to use instead. Per test: a database
+of its own, cloned from a migrated template, and a Redis key prefix of its own.
+Every database and key created is removed at the end, so a run never touches
+anything else on a server it shares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from ingest.app import create_app
+from tests.support import InProcessWorker
+from voteflow.migrate import migrate
+from voteflow.servers import PostgresServer, RedisServer
+from voteflow.settings import Settings
+
+RUN_ID = secrets.token_hex(4)
+_counter = itertools.count()
+
+
+def _with_database(server_url: str, database: str) -> str:
+    return server_url.rsplit("/", 1)[0] + "/" + database
+
+
+@pytest.fixture(scope="session")
+def servers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(servers_dir: Path) -> Iterator[str]:
+    url = os.environ.get("VOTEFLOW_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    with PostgresServer(servers_dir / "postgres", durable=False) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_server_url(servers_dir: Path) -> Iterator[str]:
+    url = os.environ.get("VOTEFLOW_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    with RedisServer(servers_dir / "redis", appendonly=False) as server:
+        yield server.url
+
+
+async def _admin(server_url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_server_url: str) -> Iterator[str]:
+    """A migrated database that every test's database is cloned from."""
+    name = f"vftest_{RUN_ID}_template"
+    created: list[str] = []
+
+    async def setup() -> None:
+        await _admin(pg_server_url, f'CREATE DATABASE "{name}"')
+        await migrate(_with_database(pg_server_url, name))
+
+    asyncio.run(setup())
+    yield name
+    # Tests' databases are dropped as they finish; this catches leftovers.
+
+    async def teardown() -> None:
+        conn = await asyncpg.connect(pg_server_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT datname FROM pg_database WHERE datname LIKE $1", f"vftest_{RUN_ID}_%"
+            )
+            created.extend(row["datname"] for row in rows)
+            for db in created:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(teardown())
+
+
+async def _new_database(pg_server_url: str, template: str) -> str:
+    name = f"vftest_{RUN_ID}_{next(_counter)}"
+    await _admin(pg_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    return name
+
+
+@pytest.fixture
+async def database_url(pg_server_url: str, template_database: str) -> AsyncIterator[str]:
+    """A brand-new, migrated database for this test."""
+    name = await _new_database(pg_server_url, template_database)
+    yield _with_database(pg_server_url, name)
+    await _admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def empty_database_url(pg_server_url: str, template_database: str) -> AsyncIterator[str]:
+    """A brand-new database with nothing in it."""
+    name = await _new_database(pg_server_url, "template0")
+    yield _with_database(pg_server_url, name)
+    await _admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def key_prefix(redis_server_url: str) -> Iterator[str]:
+    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"vftest:{RUN_ID}:{next(_counter)}"
+    yield prefix
+    client = redis.Redis.from_url(redis_server_url)
+    try:
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def settings(database_url: str, redis_server_url: str, key_prefix: str) -> Settings:
+    """Settings for an edge and workers confined to this test's database and keys."""
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_server_url,
+        admin_token="test-admin-token",
+        key_prefix=key_prefix,
+        stream_shards=4,
+        batch_size=200,
+        consumers=4,
+        rate_limit_per_ip=0,
+        rate_limit_per_voter=0,
+        worker_metrics_port=0,
+        claim_idle_ms=1000,
+    )
+
+
+@pytest.fixture
+async def edge(settings: Settings) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    """An HTTP edge on a loopback port, with this test's settings."""
+    async with TestClient(TestServer(create_app(settings))) as client:
+        yield client
+
+
+@pytest.fixture
+async def worker(settings: Settings) -> AsyncIterator[InProcessWorker]:
+    """A worker's consumers, running in the test's event loop."""
+    async with InProcessWorker(settings) as running:
+        yield running

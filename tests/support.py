@@ -1,0 +1,96 @@
+"""Helpers the tests share: a worker running in the test's loop, API shortcuts."""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+from aiohttp.test_utils import TestClient
+
+from voteflow.keys import GROUP
+from voteflow.settings import Settings
+from workers.consume import WRITER, Writer
+from workers.reclaim import reclaim
+from workers.worker import SETTINGS, shutdown, startup
+
+ADMIN = {"Authorization": "Bearer test-admin-token"}
+
+
+class InProcessWorker:
+    """The consumers of one worker process, started as arq would start them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.ctx: dict[str, Any] = {SETTINGS: settings}
+
+    async def __aenter__(self) -> InProcessWorker:
+        await startup(self.ctx)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await shutdown(self.ctx)
+
+    @property
+    def writer(self) -> Writer:
+        writer: Writer = self.ctx[WRITER]
+        return writer
+
+    async def reclaim(self) -> int:
+        return await reclaim(self.ctx)
+
+
+async def backlog(redis: Any, settings: Settings) -> int:
+    """Entries not yet delivered plus entries delivered but not acknowledged."""
+    from voteflow.keys import Keys
+
+    keys = Keys(settings.key_prefix, settings.stream_shards)
+    total = 0
+    for stream in keys.streams():
+        if not await redis.exists(stream):
+            continue
+        for group in await redis.xinfo_groups(stream):
+            if group["name"] in (GROUP, GROUP.encode()):
+                total += (group.get("lag") or 0) + group["pending"]
+    return total
+
+
+async def drain(redis: Any, settings: Settings, timeout: float = 60.0) -> None:
+    """Wait until every appended vote is committed and acknowledged."""
+    async with asyncio.timeout(timeout):
+        while await backlog(redis, settings):
+            await asyncio.sleep(0.05)
+
+
+async def create_poll(client: TestClient[Any, Any], **fields: Any) -> dict[str, Any]:
+    body = {"question": "Which one?", "options": ["A", "B", "C"], **fields}
+    response = await client.post("/api/polls", json=body, headers=ADMIN)
+    assert response.status == 201, await response.text()
+    poll: dict[str, Any] = await response.json()
+    return poll
+
+
+async def results(client: TestClient[Any, Any], poll_id: str) -> dict[str, Any]:
+    response = await client.get(f"/api/polls/{poll_id}/results")
+    assert response.status == 200, await response.text()
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+async def recount(database_url: str, poll_id: str) -> dict[str, int]:
+    """The poll's tallies counted again from the votes table alone."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT * FROM poll_recount($1)", poll_id)
+    finally:
+        await conn.close()
+    return {str(row["option_id"]): row["votes"] for row in rows}
+
+
+def votes_by_option(result: dict[str, Any]) -> dict[str, int]:
+    return {option["id"]: option["votes"] for option in result["options"]}

@@ -1,0 +1,210 @@
+"""The ``voteflow`` command: migrate, edge, worker, and up (the whole stack)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+
+import asyncpg
+
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("voteflow")
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def cmd_migrate(settings: Settings) -> int:
+    from .migrate import migrate
+
+    if not settings.database_url:
+        raise SettingsError("VOTEFLOW_DATABASE_URL is not set")
+    applied = asyncio.run(migrate(settings.database_url, vote_partitions=settings.vote_partitions))
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+def cmd_edge(settings: Settings) -> int:
+    from ingest.app import run
+
+    run(settings)
+    return 0
+
+
+def cmd_worker(settings: Settings) -> int:
+    from workers.worker import run
+
+    run(settings)
+    return 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+async def _prepare_database(server_url: str, database: str) -> str:
+    """Create ``database`` on a private server if missing; return its URL."""
+    conn = await asyncpg.connect(server_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await conn.close()
+    return server_url.rsplit("/", 1)[0] + "/" + database
+
+
+async def _demo_poll(database_url: str) -> str:
+    conn = await asyncpg.connect(database_url)
+    try:
+        poll_id = await conn.fetchval(
+            "SELECT create_poll($1, $2, false, 1, NULL)",
+            "Which colour should the new logo be?",
+            ["Blue", "Green", "Orange"],
+        )
+        option_id = await conn.fetchval(
+            "SELECT id FROM options WHERE poll_id = $1 ORDER BY position LIMIT 1", poll_id
+        )
+    finally:
+        await conn.close()
+    return f"{poll_id} {option_id}"
+
+
+def _wait_healthy(url: str, procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args!r} exited with status {proc.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def _children(env: dict[str, str]) -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def cmd_up(settings: Settings, data_dir: Path) -> int:
+    """Run the whole stack in the foreground until Ctrl-C or SIGTERM."""
+    from .migrate import migrate
+    from .servers import PostgresServer, RedisServer
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    env = dict(os.environ)
+    try:
+        with contextlib.ExitStack() as stack:
+            database_url, redis_url = settings.database_url, settings.redis_url
+            if not database_url:
+                pg = stack.enter_context(PostgresServer(data_dir / "postgres"))
+                database_url = asyncio.run(_prepare_database(pg.url, "voteflow"))
+                print(f"private PostgreSQL: {database_url} (data in {data_dir / 'postgres'})")
+            if not redis_url:
+                # appendfsync always: a 202 means the vote is on disk, not only in memory.
+                redis = stack.enter_context(
+                    RedisServer(data_dir / "redis", appendonly=True, appendfsync="always")
+                )
+                redis_url = redis.url
+                print(f"private Redis: {redis_url} (data in {data_dir / 'redis'})")
+            admin_token = settings.admin_token or secrets.token_urlsafe(24)
+            env.update(
+                VOTEFLOW_DATABASE_URL=database_url,
+                VOTEFLOW_REDIS_URL=redis_url,
+                VOTEFLOW_ADMIN_TOKEN=admin_token,
+            )
+            asyncio.run(migrate(database_url, vote_partitions=settings.vote_partitions))
+            poll_id, option_id = asyncio.run(_demo_poll(database_url)).split()
+            procs = stack.enter_context(_children(env))
+            command = [sys.executable, "-m", "voteflow"]
+            names = ("worker", "edge")
+            procs.extend(subprocess.Popen([*command, name], env=env) for name in names)
+            base = f"http://{settings.host}:{settings.port}"
+            _wait_healthy(f"{base}/health", procs, timeout=60)
+            print(
+                f"\nvoteflow is up at {base}\n"
+                f"  demo poll:     {base}/api/polls/{poll_id}\n"
+                f"  results:       {base}/api/polls/{poll_id}/results\n"
+                f"  live (SSE):    curl -N {base}/api/polls/{poll_id}/live\n"
+                f"  metrics:       {base}/metrics\n"
+                f"  admin token:   {admin_token}\n"
+                f"  cast a vote:\n"
+                f"    curl -s -X POST {base}/api/vote -H 'Content-Type: application/json' "
+                f'-d \'{{"poll_id": "{poll_id}", "option_ids": ["{option_id}"], '
+                f'"voter_fingerprint": "newcomer-1"}}\'\n'
+                f"\nCtrl-C stops everything.",
+                flush=True,
+            )
+            while all(proc.poll() is None for proc in procs):
+                time.sleep(0.5)
+            for name, proc in zip(names, procs, strict=True):
+                if proc.returncode is not None:
+                    print(f"{name} exited with status {proc.returncode}", file=sys.stderr)
+            return 1
+    except (KeyboardInterrupt, _Stop):
+        print("\nstopped", file=sys.stderr)
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="voteflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="apply the SQL migrations in sql/")
+    sub.add_parser("edge", help="run the HTTP edge")
+    sub.add_parser("worker", help="run a stream worker (arq)")
+    up = sub.add_parser("up", help="run the whole stack, with private servers if no URL is set")
+    up.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".voteflow"),
+        help="where private servers keep their data (default: .voteflow)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        _logging(settings)
+        if args.command == "migrate":
+            return cmd_migrate(settings)
+        if args.command == "edge":
+            return cmd_edge(settings)
+        if args.command == "worker":
+            return cmd_worker(settings)
+        return cmd_up(settings, args.data_dir.resolve())
+    except SettingsError as exc:
+        print(f"voteflow: {exc}", file=sys.stderr)
+        return 2

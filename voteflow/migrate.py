@@ -1,0 +1,96 @@
+"""Schema migrations: the numbered ``sql/NNNN_*.sql`` files, applied in order.
+
+Each file not applied yet runs in its own transaction and is recorded in
+``schema_migrations`` in that same transaction, so a file is applied entirely
+or not at all. The whole run holds a session-level advisory lock: a second
+process migrating the same database at the same time waits for the first,
+then finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import re
+from pathlib import Path
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+# Files named like 0001_schema.sql; the version recorded is the number.
+_FILE_NAME = re.compile(r"(?P<version>[0-9]{4})_[A-Za-z0-9_]+\.sql")
+
+# One advisory lock key for every voteflow migration run on a database.
+_LOCK = "SELECT pg_advisory_lock(hashtextextended('voteflow.migrate', 0))"
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    text        PRIMARY KEY,
+    applied_at timestamptz DEFAULT now()
+)
+"""
+
+
+def sql_dir() -> Path:
+    """The directory of the migration files.
+
+    An installed wheel carries them as ``voteflow/sql`` (pyproject force-includes
+    them); an editable install finds the repository's ``sql/`` beside the package.
+    """
+    packaged = importlib.resources.files("voteflow") / "sql"
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+def migration_files(directory: Path | None = None) -> list[tuple[str, Path]]:
+    """The migration files as (version, path), in the order they are applied."""
+    directory = sql_dir() if directory is None else directory
+    files: dict[str, Path] = {}
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE_NAME.fullmatch(path.name)
+        if match is None:
+            raise RuntimeError(f"{path}: a migration file is named NNNN_name.sql")
+        version = match["version"]
+        if version in files:
+            raise RuntimeError(f"{path} and {files[version]} have the same number")
+        files[version] = path
+    return sorted(files.items())
+
+
+async def migrate(dsn: str, *, vote_partitions: int = 16) -> list[str]:
+    """Apply the migration files not applied yet; return their names.
+
+    ``vote_partitions`` is the number of hash partitions of the vote tables,
+    used only when the file that creates them is applied.
+    """
+    if not 1 <= vote_partitions <= 9999:
+        raise ValueError(f"vote_partitions must be from 1 to 9999, got {vote_partitions}")
+    files = migration_files()
+    applied: list[str] = []
+    conn = await asyncpg.connect(dsn)
+    try:
+        # A session lock: closing the connection (the finally below, or its
+        # loss) releases it, also after a failed migration.
+        await conn.execute(_LOCK)
+        await conn.execute(_CREATE_TABLE)
+        done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, path in files:
+            if version in done:
+                continue
+            async with conn.transaction():
+                # SET LOCAL: the setting ends with this transaction.
+                await conn.execute(
+                    "SELECT set_config('voteflow.vote_partitions', $1, true)",
+                    str(vote_partitions),
+                )
+                # No arguments: the simple query protocol, which runs a file
+                # of several statements.
+                await conn.execute(path.read_text(encoding="utf-8"))
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            log.info("applied migration %s", path.name)
+            applied.append(path.name)
+    finally:
+        await conn.close()
+    return applied

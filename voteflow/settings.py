@@ -1,0 +1,116 @@
+"""voteflow's settings: every ``VOTEFLOW_*`` environment variable, read once.
+
+Both the edge and the workers build a :class:`Settings` at start-up with
+:func:`Settings.from_env` and pass it down; nothing else reads the environment.
+A bad value stops the process at start-up with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+PREFIX = "VOTEFLOW_"
+
+
+class SettingsError(ValueError):
+    """A ``VOTEFLOW_*`` variable has a value voteflow cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Empty means "none configured": `voteflow up` then starts private servers.
+    database_url: str = ""
+    redis_url: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Empty disables the admin routes (poll creation and closing answer 401).
+    admin_token: str = ""
+    # Requests per minute; 0 turns the limit off. A client may spend the whole
+    # minute's allowance at once (burst), then refills evenly.
+    rate_limit_per_ip: int = 600
+    rate_limit_per_voter: int = 60
+    # Namespace of every Redis key voteflow uses (see voteflow.keys).
+    key_prefix: str = "voteflow"
+    stream_shards: int = 8
+    batch_size: int = 500
+    # Stream consumers per worker process: each reads a batch and commits it
+    # with one cast_vote_atomic call, so this is also the PostgreSQL pool size.
+    consumers: int = 4
+    # A pending message idle this long belongs to a dead consumer and is claimed.
+    claim_idle_ms: int = 30_000
+    # Deliveries after which a message that keeps failing goes to the dead letters.
+    max_deliveries: int = 5
+    # Seconds an edge trusts its cached copy of a poll (closing invalidates it at once).
+    poll_cache_ttl: float = 5.0
+    vote_partitions: int = 16
+    worker_metrics_port: int = 9464
+    # Seconds between SSE heartbeats, so proxies keep idle streams open.
+    sse_heartbeat: float = 15.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            name = PREFIX + field.name.upper()
+            if name not in env:
+                continue
+            raw = env[name].strip()
+            if field.type == "int":
+                try:
+                    values[field.name] = int(raw)
+                except ValueError:
+                    raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+            elif field.type == "float":
+                try:
+                    values[field.name] = float(raw)
+                except ValueError:
+                    raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+            else:
+                values[field.name] = raw
+        values.update(overrides)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                value = getattr(self, name)
+                raise SettingsError(f"{PREFIX}{name.upper()} {rule}, got {value!r}")
+
+        need(0 < self.port < 65536, "port", "must be a TCP port")
+        need(self.rate_limit_per_ip >= 0, "rate_limit_per_ip", "must be >= 0")
+        need(self.rate_limit_per_voter >= 0, "rate_limit_per_voter", "must be >= 0")
+        need(1 <= self.stream_shards <= 1024, "stream_shards", "must be between 1 and 1024")
+        need(1 <= self.batch_size <= 10_000, "batch_size", "must be between 1 and 10000")
+        need(1 <= self.consumers <= 256, "consumers", "must be between 1 and 256")
+        need(self.claim_idle_ms >= 1000, "claim_idle_ms", "must be >= 1000")
+        need(self.max_deliveries >= 1, "max_deliveries", "must be >= 1")
+        need(self.poll_cache_ttl >= 0, "poll_cache_ttl", "must be >= 0")
+        need(1 <= self.vote_partitions <= 1024, "vote_partitions", "must be between 1 and 1024")
+        need(0 <= self.worker_metrics_port < 65536, "worker_metrics_port", "must be a port or 0")
+        need(self.sse_heartbeat > 0, "sse_heartbeat", "must be > 0")
+        need(
+            re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.key_prefix) is not None,
+            "key_prefix",
+            "must be 1-64 characters of letters, digits and _.:-",
+        )
+        need(
+            self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
+            "log_level",
+            "must be DEBUG, INFO, WARNING or ERROR",
+        )
+
+    def require_urls(self) -> None:
+        """The edge and the workers cannot start without both servers."""
+        for name in ("database_url", "redis_url"):
+            if not getattr(self, name):
+                raise SettingsError(
+                    f"{PREFIX}{name.upper()} is not set (`voteflow up` starts private servers)"
+                )

@@ -1,0 +1,230 @@
+"""Stream consumers: read a batch, commit it with one call, acknowledge, publish.
+
+Round trips per batch: one XREADGROUP, one ``cast_vote_atomic`` call, and one
+Redis transaction that acknowledges the batch, moves rejected entries to the
+dead letters and publishes the touched polls' tallies.
+
+A message is acknowledged only after the transaction that wrote it committed.
+A worker that dies in between leaves its messages pending; the reclaim job
+hands them to a live worker, and ``cast_vote_atomic`` counts a vote_id once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from voteflow.keys import GROUP, Keys
+from voteflow.message import FIELD, MessageError, Vote, decode
+from voteflow.settings import Settings
+from voteflow.tally import Tally
+from voteflow.timeutil import now_us
+
+from .metrics import WorkerMetrics
+from .publish import Publisher
+
+log = logging.getLogger(__name__)
+
+# Outcomes of cast_vote_atomic that mean "this message can never be counted":
+# they go to the dead letters with the outcome as the reason.
+REJECTED = frozenset({"unknown_poll", "invalid"})
+# PostgreSQL is away or busy for a while: keep the batch and try again.
+TRANSIENT_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+MAX_BACKOFF = 5.0
+# Where on_startup leaves the Writer in arq's ctx.
+WRITER = "voteflow_writer"
+
+Entry = tuple[bytes, dict[bytes, bytes] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Writer:
+    """What every consumer of a worker process shares."""
+
+    settings: Settings
+    keys: Keys
+    redis: Redis
+    pool: asyncpg.Pool
+    publisher: Publisher
+    metrics: WorkerMetrics
+    consumer: str
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def ensure_groups(redis: Redis, keys: Keys) -> None:
+    for stream in keys.streams():
+        try:
+            # From id 0: votes the edge appended before any worker ran count too.
+            await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+async def consume(writer: Writer, shard: int, stop: asyncio.Event) -> None:
+    """Read and commit batches from one shard until ``stop`` is set.
+
+    A batch in hand is always finished (committed and acknowledged) first; the
+    read blocks for one second at most, so a stop takes effect within that.
+    """
+    stream = writer.keys.stream(shard)
+    backoff = 0.1
+    while not stop.is_set():
+        try:
+            reply = await writer.redis.xreadgroup(
+                GROUP, writer.consumer, {stream: ">"}, count=writer.settings.batch_size, block=1000
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream vanished (a Redis without persistence restarted).
+            await ensure_groups(writer.redis, writer.keys)
+            continue
+        except (RedisError, OSError) as exc:
+            log.warning("shard %d: read failed (%s); retrying in %.1fs", shard, exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+            continue
+        backoff = 0.1
+        if reply:
+            try:
+                await write_batch(writer, shard, reply[0][1])
+            except (RedisError, OSError) as exc:
+                # Committed but not acknowledged: the entries stay pending and
+                # are reclaimed; their second delivery is a duplicate.
+                log.warning("shard %d: acknowledging failed: %s", shard, exc)
+            except asyncpg.PostgresError:
+                # Not a passing outage (transient errors are retried inside):
+                # leave the entries pending. The reclaim job retries them and
+                # dead-letters any that keeps failing.
+                log.exception("shard %d: batch failed; left pending for reclaim", shard)
+
+
+async def write_batch(writer: Writer, shard: int, entries: Sequence[Entry]) -> None:
+    stream = writer.keys.stream(shard)
+    votes: list[Vote] = []
+    raw_of: dict[bytes, bytes] = {}
+    # (poll_id, vote_id) -> entry ids: a retried vote may sit in a batch twice.
+    entries_of: dict[tuple[str, str], list[bytes]] = {}
+    dead: list[tuple[bytes, bytes, str]] = []  # entry id, raw message, reason
+    for entry_id, fields in entries:
+        raw = raw_of[entry_id] = (fields or {}).get(FIELD, b"")
+        try:
+            vote = decode(raw)
+        except MessageError as exc:
+            dead.append((entry_id, raw, f"undecodable: {exc}"))
+            continue
+        votes.append(vote)
+        entries_of.setdefault((vote.poll_id, vote.vote_id), []).append(entry_id)
+    tallies: list[Tally] = []
+    if votes:
+        rows = await _commit(writer, stream, [entry for entry, _ in entries], votes)
+        committed_us = now_us()
+        counts: dict[str, int] = {}
+        for row in rows:
+            outcome = row["outcome"]
+            if outcome == "tally":
+                tallies.append(
+                    Tally(
+                        poll_id=str(row["poll_id"]),
+                        version=row["version"],
+                        total_ballots=row["total_ballots"],
+                        votes={
+                            str(option): n
+                            for option, n in zip(row["option_ids"], row["votes"], strict=True)
+                        },
+                        as_of_us=committed_us,
+                    )
+                )
+                continue
+            counts[outcome] = counts.get(outcome, 0) + 1
+            if outcome in REJECTED:
+                entry_id = entries_of[(str(row["poll_id"]), str(row["vote_id"]))].pop()
+                dead.append((entry_id, raw_of[entry_id], outcome))
+        for outcome, n in counts.items():
+            writer.metrics.votes.labels(outcome).inc(n)
+        observe = writer.metrics.lag_seconds.observe
+        for vote in votes:
+            observe((committed_us - vote.received_us) / 1e6)
+        writer.metrics.batches.inc()
+        writer.metrics.batch_size.observe(len(votes))
+    await _acknowledge(writer, shard, [entry_id for entry_id, _ in entries], dead, tallies)
+
+
+async def _commit(
+    writer: Writer, stream: str, entry_ids: list[bytes], votes: list[Vote]
+) -> list[asyncpg.Record]:
+    """One cast_vote_atomic call; retried with backoff while PostgreSQL is away."""
+    args = [(v.vote_id, v.poll_id, v.voter, list(v.option_ids), v.received_us) for v in votes]
+    backoff = 0.1
+    while True:
+        started = time.perf_counter()
+        try:
+            rows: list[asyncpg.Record] = await writer.pool.fetch(
+                "SELECT * FROM cast_vote_atomic($1::vote_in[])", args
+            )
+        except TRANSIENT_ERRORS as exc:
+            writer.metrics.commit_retries.inc()
+            log.warning(
+                "commit of %d votes failed (%s); retrying in %.1fs", len(votes), exc, backoff
+            )
+            await _keep_ownership(writer, stream, entry_ids)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+            continue
+        writer.metrics.commit_seconds.observe(time.perf_counter() - started)
+        return rows
+
+
+async def _keep_ownership(writer: Writer, stream: str, entry_ids: Sequence[bytes]) -> None:
+    """Reset the entries' idle time so the reclaim job does not take them
+    (and count a delivery) while this consumer is still retrying them."""
+    with contextlib.suppress(RedisError, OSError):
+        await writer.redis.xclaim(stream, GROUP, writer.consumer, 0, list(entry_ids), justid=True)
+
+
+async def _acknowledge(
+    writer: Writer,
+    shard: int,
+    entry_ids: list[bytes],
+    dead: list[tuple[bytes, bytes, str]],
+    tallies: list[Tally],
+) -> None:
+    # One MULTI/EXEC: a rejected entry reaches the dead letters exactly when it
+    # leaves the pending list, never twice and never neither.
+    pipe = writer.redis.pipeline(transaction=True)
+    for entry_id, raw, reason in dead:
+        pipe.xadd(
+            writer.keys.dead_letters(shard),
+            {b"entry": entry_id, FIELD: raw, b"reason": reason.encode()},
+        )
+    if entry_ids:
+        pipe.xack(writer.keys.stream(shard), GROUP, *entry_ids)
+    for tally in tallies:
+        writer.publisher.queue(pipe, tally)
+    replies: list[Any] = await pipe.execute(raise_on_error=False)
+    for _, _, reason in dead:
+        writer.metrics.dead_letters.labels(reason.split(":")[0]).inc()
+    await writer.publisher.retry_unloaded(replies[len(replies) - len(tallies) :], tallies)

@@ -1,0 +1,136 @@
+"""The arq worker: its settings, and the resources it opens and closes.
+
+``voteflow worker`` (or ``arq workers.WorkerSettings``) runs one process. On
+start-up it opens a PostgreSQL pool and a Redis client, creates the consumer
+groups, and starts one stream consumer per shard; arq runs the reclaim cron
+job. On SIGTERM or SIGINT each consumer finishes the batch in hand (commit,
+then acknowledge) and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from arq.connections import RedisSettings
+from arq.cron import cron
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
+
+from voteflow.keys import Keys
+from voteflow.settings import Settings
+
+from .consume import WRITER, Writer, consume, consumer_name, ensure_groups
+from .metrics import WorkerMetrics
+from .publish import Publisher
+from .reclaim import reclaim
+
+log = logging.getLogger(__name__)
+
+SETTINGS = "voteflow_settings"
+CONSUMERS = "voteflow_consumers"
+STOP = "voteflow_stop"
+METRICS_RUNNER = "voteflow_metrics_runner"
+# A consumer still committing after this long is cancelled; its batch stays
+# pending and another worker reclaims it.
+SHUTDOWN_GRACE = 20.0
+# The reclaim cron job's ticks, in seconds past the minute.
+RECLAIM_EVERY = 5
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx[SETTINGS]
+    keys = Keys(settings.key_prefix, settings.stream_shards)
+    metrics = WorkerMetrics()
+    redis = Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2, health_check_interval=15,
+        # Every shard's consumer holds a connection in a blocking read.
+        max_connections=settings.stream_shards + 8,
+    )  # fmt: skip
+    pool = await asyncpg.create_pool(
+        settings.database_url, min_size=1, max_size=settings.consumers, timeout=5
+    )
+    publisher = Publisher(redis, keys)
+    await publisher.load()
+    await ensure_groups(redis, keys)
+    writer = Writer(settings, keys, redis, pool, publisher, metrics, consumer_name())
+    ctx[WRITER] = writer
+    ctx[METRICS_RUNNER] = await _serve_metrics(metrics, settings.worker_metrics_port)
+    stop = ctx[STOP] = asyncio.Event()
+    ctx[CONSUMERS] = [
+        asyncio.create_task(consume(writer, shard, stop), name=f"consume-{shard}")
+        for shard in range(keys.shards)
+    ]
+    log.info("worker %s consuming %d shards", writer.consumer, keys.shards)
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    if STOP in ctx:
+        ctx[STOP].set()
+        consumers = ctx[CONSUMERS]
+        _, late = await asyncio.wait(consumers, timeout=SHUTDOWN_GRACE)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*consumers, return_exceptions=True)
+    if METRICS_RUNNER in ctx:
+        await ctx[METRICS_RUNNER].cleanup()
+    if WRITER in ctx:
+        writer: Writer = ctx[WRITER]
+        await writer.pool.close()
+        await writer.redis.aclose()
+
+
+async def _serve_metrics(metrics: WorkerMetrics, port: int) -> web.AppRunner:
+    async def get_metrics(request: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", get_metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1" if port == 0 else "0.0.0.0", port)
+    await site.start()
+    with contextlib.suppress(Exception):
+        bound = runner.addresses[0][1]
+        log.info("worker metrics on port %s", bound)
+    return runner
+
+
+def worker_settings(settings: Settings) -> dict[str, Any]:
+    """arq's settings for a voteflow worker."""
+    settings.require_urls()
+    keys = Keys(settings.key_prefix, settings.stream_shards)
+    return {
+        "functions": [],
+        "cron_jobs": [
+            cron(
+                reclaim,
+                second=set(range(0, 60, RECLAIM_EVERY)),
+                run_at_startup=True,
+                timeout=60,
+            )
+        ],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "ctx": {SETTINGS: settings},
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "queue_name": keys.arq_queue(),
+        "health_check_key": keys.arq_health(),
+        "keep_result": 0,
+        "max_jobs": 4,
+        "handle_signals": True,
+    }
+
+
+def run(settings: Settings) -> None:
+    import uvloop
+
+    asyncio.set_event_loop(uvloop.new_event_loop())
+    from arq.worker import run_worker
+
+    run_worker(worker_settings(settings))
