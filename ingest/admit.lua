@@ -1,11 +1,15 @@
--- Admit one vote: enforce the rate limits, then append it to its stream shard.
--- One script, so that a vote over a limit is never appended and a vote that is
--- appended always paid for its place in the limits: both happen or neither.
+-- Admit one vote: enforce the rate limits, drop a retry of a vote already
+-- queued, and append the vote to its stream shard. One script, so that a vote
+-- over a limit is never appended, and two concurrent retries of one vote_id
+-- append it once.
 --
 -- KEYS[1] stream shard   KEYS[2] per-IP limiter   KEYS[3] per-voter limiter
+-- KEYS[4] (optional) the vote_id's idempotency key, when the client chose the vote_id
 -- ARGV[1] per-IP limit   ARGV[2] per-voter limit  (requests per minute; 0 = off)
 -- ARGV[3] the message field name   ARGV[4] the encoded vote message
--- Returns {1, entry id} when appended, {0, milliseconds until allowed} when limited.
+-- ARGV[5] seconds the idempotency key is kept
+-- Returns {1, entry id} when appended, {2, ""} when the vote_id was already
+-- queued (nothing appended), {0, milliseconds until allowed} when limited.
 --
 -- The limiters are GCRA (generic cell rate algorithm): each key holds the
 -- "theoretical arrival time" of the next request, in ms. A limit of N per
@@ -43,5 +47,10 @@ if ip_tat then
 end
 if voter_tat then
   redis.call('SET', KEYS[3], voter_tat, 'PX', math.ceil(voter_tat - now))
+end
+-- A retry keeps the first receipt's place: appending it again with a later
+-- receive time could let it overtake a ballot the voter cast after it.
+if KEYS[4] and redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[5]) == false then
+  return {2, ''}
 end
 return {1, redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[4])}

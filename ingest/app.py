@@ -195,7 +195,9 @@ async def post_vote(request: web.Request) -> web.Response:
         edge.metrics.votes_rejected.labels(str(exc.status)).inc()
         raise
     try:
-        await edge.appender.append(vote, request.remote or "unknown")
+        appended = await edge.appender.append(
+            vote, request.remote or "unknown", ballot.vote_id is not None
+        )
     except Limited as exc:
         edge.metrics.rate_limited.inc()
         return problem(
@@ -206,7 +208,10 @@ async def post_vote(request: web.Request) -> web.Response:
         return problem(
             503, "the vote could not be queued, retry later", None, RETRY_AFTER_UNAVAILABLE
         )
-    edge.metrics.votes_accepted.inc()
+    if appended:
+        edge.metrics.votes_accepted.inc()
+    else:
+        edge.metrics.votes_retried.inc()
     return json_response({"vote_id": vote.vote_id, "status": "queued"}, 202)
 
 
@@ -264,7 +269,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=8, timeout=5)
     polls = PollCache(pool, settings.poll_cache_ttl)
     appender = Appender(
-        redis, keys, settings.rate_limit_per_ip, settings.rate_limit_per_voter, metrics
+        redis,
+        keys,
+        settings.rate_limit_per_ip,
+        settings.rate_limit_per_voter,
+        settings.idempotency_window,
+        metrics,
     )
     hub = live.TallyHub(redis, keys, polls, metrics)
     await appender.start()

@@ -49,8 +49,9 @@ class Unavailable(Exception):
 
 @dataclass(slots=True)
 class _Request:
+    numkeys: int
     keys_and_args: tuple[str | int | bytes, ...]
-    done: asyncio.Future[bytes]
+    done: asyncio.Future[bool]
 
 
 class Appender:
@@ -60,11 +61,13 @@ class Appender:
         keys: Keys,
         limit_per_ip: int,
         limit_per_voter: int,
+        idempotency_window: int,
         metrics: EdgeMetrics,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._limits = (limit_per_ip, limit_per_voter)
+        self._window = idempotency_window
         self._metrics = metrics
         self._script = redis.register_script((Path(__file__).parent / "admit.lua").read_text())
         self._waiting: list[_Request] = []
@@ -88,21 +91,24 @@ class Appender:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def append(self, vote: Vote, client_ip: str) -> bytes:
-        """Admit and append one vote; returns its stream entry id.
+    async def append(self, vote: Vote, client_ip: str, client_chose_id: bool) -> bool:
+        """Admit and append one vote.
 
-        Raises :class:`Limited` when over a rate limit and :class:`Unavailable`
-        when Redis did not confirm the append.
+        Returns True when appended, False when the client's vote_id was
+        already queued (a retry). Raises :class:`Limited` when over a rate
+        limit and :class:`Unavailable` when Redis did not confirm the append.
         """
+        shard = vote.shard(self._keys.shards)
+        keys = [
+            self._keys.stream(shard),
+            self._keys.rate_ip(client_ip),
+            self._keys.rate_voter(vote.voter),
+        ]
+        if client_chose_id:
+            keys.append(self._keys.vote_seen(shard, vote.poll_id, vote.vote_id))
         request = _Request(
-            (
-                self._keys.stream(vote.shard(self._keys.shards)),
-                self._keys.rate_ip(client_ip),
-                self._keys.rate_voter(vote.voter),
-                *self._limits,
-                FIELD,
-                vote.encode(),
-            ),
+            len(keys),
+            (*keys, *self._limits, FIELD, vote.encode(), self._window),
             asyncio.get_running_loop().create_future(),
         )
         self._waiting.append(request)
@@ -137,15 +143,15 @@ class Appender:
                 continue
             if isinstance(reply, BaseException):
                 request.done.set_exception(Unavailable(str(reply)))
-            elif reply[0] == 1:
-                request.done.set_result(reply[1])
-            else:
+            elif reply[0] == 0:
                 request.done.set_exception(Limited(int(reply[1])))
+            else:
+                request.done.set_result(reply[0] == 1)
 
     async def _send(self, batch: list[_Request]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
         for request in batch:
-            pipe.evalsha(self._script.sha, 3, *request.keys_and_args)  # type: ignore[arg-type]
+            pipe.evalsha(self._script.sha, request.numkeys, *request.keys_and_args)  # type: ignore[arg-type]
         try:
             return list(await pipe.execute(raise_on_error=False))
         except (RedisError, OSError) as exc:

@@ -18,6 +18,7 @@ class EdgeMetrics:
     requests: Counter = field(init=False)
     request_seconds: Histogram = field(init=False)
     votes_accepted: Counter = field(init=False)
+    votes_retried: Counter = field(init=False)
     votes_rejected: Counter = field(init=False)
     rate_limited: Counter = field(init=False)
     append_batch_size: Histogram = field(init=False)
@@ -41,6 +42,11 @@ class EdgeMetrics:
         )
         self.votes_accepted = Counter(
             "voteflow_votes_accepted", "Votes appended to a stream (answered 202).", registry=r
+        )
+        self.votes_retried = Counter(
+            "voteflow_votes_retried",
+            "Retries of a vote_id already queued (answered 202, not queued again).",
+            registry=r,
         )
         self.votes_rejected = Counter(
             "voteflow_votes_rejected",

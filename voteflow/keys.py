@@ -45,6 +45,10 @@ class Keys:
         """Edges drop their cached copy of the poll named in a message here."""
         return f"{self.prefix}:polls-changed"
 
+    def vote_seen(self, shard: int, poll_id: str, vote_id: str) -> str:
+        """Marks a client-chosen vote_id as queued; in its stream shard's slot."""
+        return f"{self.prefix}:seen:{{s{shard}}}:{poll_id}:{vote_id}"
+
     def rate_ip(self, ip: str) -> str:
         return f"{self.prefix}:rl:{{ip:{ip}}}"
 

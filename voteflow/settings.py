@@ -35,6 +35,9 @@ class Settings:
     rate_limit_per_voter: int = 60
     # Namespace of every Redis key voteflow uses (see voteflow.keys).
     key_prefix: str = "voteflow"
+    # Seconds an edge remembers a client-chosen vote_id, so that a retry is
+    # answered 202 without being queued twice (about 150 bytes of Redis each).
+    idempotency_window: int = 86_400
     stream_shards: int = 8
     batch_size: int = 500
     # Stream consumers per worker process: each reads a batch and commits it
@@ -87,6 +90,7 @@ class Settings:
         need(0 < self.port < 65536, "port", "must be a TCP port")
         need(self.rate_limit_per_ip >= 0, "rate_limit_per_ip", "must be >= 0")
         need(self.rate_limit_per_voter >= 0, "rate_limit_per_voter", "must be >= 0")
+        need(self.idempotency_window >= 1, "idempotency_window", "must be >= 1")
         need(1 <= self.stream_shards <= 1024, "stream_shards", "must be between 1 and 1024")
         need(1 <= self.batch_size <= 10_000, "batch_size", "must be between 1 and 10000")
         need(1 <= self.consumers <= 256, "consumers", "must be between 1 and 256")

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Sequence
@@ -70,7 +71,8 @@ class Writer:
 
 
 def consumer_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    # Unique per worker, even for two workers in one process (tests do that).
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 async def ensure_groups(redis: Redis, keys: Keys) -> None:
