@@ -1,0 +1,132 @@
+"""What operators rely on: health, readiness, metrics, and dead letters."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
+
+from ingest.app import create_app
+from tests.support import InProcessWorker, create_poll, drain
+from voteflow.keys import Keys
+from voteflow.message import FIELD, Vote
+from voteflow.servers import free_port
+from voteflow.settings import Settings
+from voteflow.timeutil import now_us
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+async def test_health_and_readiness(edge: Client) -> None:
+    assert (await edge.get("/health")).status == 200
+    response = await edge.get("/ready")
+    assert response.status == 200
+    assert await response.json() == {"ready": True, "redis": "ok", "postgres": "ok"}
+
+
+async def test_readiness_is_503_when_redis_is_unreachable(settings: Settings) -> None:
+    # A port nothing listens on: the edge starts, but is not ready.
+    broken = Settings(**{**_fields(settings), "redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    async with TestClient(TestServer(create_app(broken))) as client:
+        assert (await client.get("/health")).status == 200
+        response = await client.get("/ready")
+        assert response.status == 503
+        body = await response.json()
+        assert body["ready"] is False
+        assert body["redis"].startswith("unavailable")
+        assert body["postgres"] == "ok"
+        # A vote that cannot be queued is a 503 with Retry-After, never a 202.
+        poll = await create_poll(client)
+        vote = {
+            "poll_id": poll["id"],
+            "option_ids": [poll["options"][0]["id"]],
+            "voter_fingerprint": "f",
+        }
+        response = await client.post("/api/vote", json=vote)
+        assert response.status == 503
+        assert int(response.headers["Retry-After"]) >= 1
+        # Results still come from PostgreSQL.
+        response = await client.get(f"/api/polls/{poll['id']}/results")
+        assert response.status == 200
+
+
+def _fields(settings: Settings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in settings.__slots__}
+
+
+async def test_edge_metrics_count_requests_and_votes(edge: Client) -> None:
+    poll = await create_poll(edge)
+    body = {
+        "poll_id": poll["id"],
+        "option_ids": [poll["options"][0]["id"]],
+        "voter_fingerprint": "v",
+    }
+    assert (await edge.post("/api/vote", json=body)).status == 202
+    assert (await edge.post("/api/vote", data=b"{")).status == 400
+    text = await (await edge.get("/metrics")).text()
+    assert 'voteflow_http_requests_total{method="POST",route="/api/vote",status="202"} 1.0' in text
+    assert 'voteflow_http_requests_total{method="POST",route="/api/vote",status="400"} 1.0' in text
+    assert "voteflow_votes_accepted_total 1.0" in text
+    assert 'voteflow_votes_rejected_total{reason="400"} 1.0' in text
+    assert "voteflow_http_request_seconds_bucket" in text
+
+
+async def test_worker_metrics_are_served_on_their_own_port(
+    edge: Client, worker: InProcessWorker, redis: aioredis.Redis, settings: Settings
+) -> None:
+    poll = await create_poll(edge)
+    body = {
+        "poll_id": poll["id"],
+        "option_ids": [poll["options"][0]["id"]],
+        "voter_fingerprint": "v",
+    }
+    assert (await edge.post("/api/vote", json=body)).status == 202
+    await drain(redis, settings)
+    port = worker.ctx["voteflow_metrics_runner"].addresses[0][1]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    assert 'voteflow_votes_committed_total{outcome="counted"} 1.0' in text
+    assert "voteflow_batches_total 1.0" in text
+    assert "voteflow_end_to_end_lag_seconds_count 1.0" in text
+    assert "voteflow_commit_seconds_count 1.0" in text
+
+
+async def test_poison_messages_go_to_dead_letters_and_do_not_block_the_shard(
+    edge: Client, worker: InProcessWorker, redis: aioredis.Redis, settings: Settings
+) -> None:
+    keys = Keys(settings.key_prefix, settings.stream_shards)
+    poll = await create_poll(edge)
+    unknown = Vote(str(uuid.uuid4()), str(uuid.uuid4()), "f:x", (str(uuid.uuid4()),), now_us())
+    foreign = Vote(str(uuid.uuid4()), poll["id"], "f:y", (str(uuid.uuid4()),), now_us())
+    stream = keys.stream(0)
+    await redis.xadd(stream, {FIELD: b"not json"})
+    await redis.xadd(stream, {b"other": b"field"})
+    await redis.xadd(stream, {FIELD: unknown.encode()})
+    await redis.xadd(stream, {FIELD: foreign.encode()})
+    good = {
+        "poll_id": poll["id"],
+        "option_ids": [poll["options"][0]["id"]],
+        "voter_fingerprint": "z",
+    }
+    assert (await edge.post("/api/vote", json=good)).status == 202
+    await drain(redis, settings)
+    dead = await redis.xrange(keys.dead_letters(0))
+    reasons = sorted(fields[b"reason"].decode().split(":")[0] for _, fields in dead)
+    assert reasons == ["invalid", "undecodable", "undecodable", "unknown_poll"]
+    results = await (await edge.get(f"/api/polls/{poll['id']}/results")).json()
+    assert results["total_ballots"] == 1
