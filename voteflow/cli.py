@@ -29,6 +29,9 @@ def _logging(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.log_level.upper() != "DEBUG":
+        # arq logs every run of the 5-second reclaim job at INFO.
+        logging.getLogger("arq.worker").setLevel(logging.WARNING)
 
 
 def cmd_migrate(settings: Settings) -> int:
