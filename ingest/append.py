@@ -83,9 +83,11 @@ class Appender:
 
     async def close(self) -> None:
         """Send what is waiting, answer it, then stop."""
-        while self._waiting:
-            self._wakeup.set()
-            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while self._waiting:
+                    self._wakeup.set()
+                    await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -122,7 +124,15 @@ class Appender:
             while self._waiting:
                 batch = self._waiting[:MAX_PIPELINE]
                 del self._waiting[:MAX_PIPELINE]
-                await self._flush(batch)
+                try:
+                    await self._flush(batch)
+                except Exception as exc:
+                    # Never leave a request waiting forever, and never stop
+                    # flushing: answer this batch 503 and go on.
+                    log.exception("append of %d votes failed", len(batch))
+                    for request in batch:
+                        if not request.done.done():
+                            request.done.set_exception(Unavailable(str(exc)))
 
     async def _flush(self, batch: list[_Request]) -> None:
         self._metrics.append_batch_size.observe(len(batch))

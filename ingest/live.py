@@ -138,6 +138,13 @@ class TallyHub:
                 feed.offer(decode(raw))
 
     def _dispatch(self, message: dict[str, Any]) -> None:
+        try:
+            self._route(message)
+        except (ValueError, KeyError, TypeError):
+            # A message voteflow did not write (or a bug): drop it, keep listening.
+            log.exception("dropped a malformed message on %r", message.get("channel"))
+
+    def _route(self, message: dict[str, Any]) -> None:
         channel = message["channel"].decode()
         if message["type"] == "message":
             self._polls.invalidate(message["data"].decode())

@@ -91,6 +91,18 @@ async def consume(writer: Writer, shard: int, stop: asyncio.Event) -> None:
     A batch in hand is always finished (committed and acknowledged) first; the
     read blocks for one second at most, so a stop takes effect within that.
     """
+    while not stop.is_set():
+        try:
+            await _consume(writer, shard, stop)
+        except Exception:
+            # A consumer must outlive any single failure, or its shard would
+            # silently stop being written by this process. What it held stays
+            # pending and is reclaimed.
+            log.exception("shard %d: consumer failed; restarting in 1s", shard)
+            await asyncio.sleep(1.0)
+
+
+async def _consume(writer: Writer, shard: int, stop: asyncio.Event) -> None:
     stream = writer.keys.stream(shard)
     backoff = 0.1
     while not stop.is_set():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 from redis.exceptions import RedisError
 
 from voteflow.keys import GROUP
@@ -49,10 +50,28 @@ async def reclaim_shard(writer: Writer, shard: int) -> int:
             poison = [e for e in claimed if deliveries.get(e[0], 0) > settings.max_deliveries]
             if poison:
                 await _dead_letter(writer, shard, poison)
-            await write_batch(writer, shard, [e for e in claimed if e not in poison])
+            await _write_isolating_failures(writer, shard, [e for e in claimed if e not in poison])
         if start in (b"0-0", "0-0"):
             break
     return claimed_total
+
+
+async def _write_isolating_failures(writer: Writer, shard: int, entries: list[Any]) -> None:
+    """Commit reclaimed entries as one batch; if PostgreSQL refuses the batch,
+    commit them one by one, so that one bad entry is left pending (and dead-
+    lettered after its deliveries run out) without holding back the others."""
+    if not entries:
+        return
+    try:
+        await write_batch(writer, shard, entries)
+        return
+    except asyncpg.PostgresError:
+        log.warning("shard %d: reclaimed batch failed; retrying entry by entry", shard)
+    for entry in entries:
+        try:
+            await write_batch(writer, shard, [entry])
+        except asyncpg.PostgresError:
+            log.exception("shard %d: entry %r failed; left pending", shard, entry[0])
 
 
 async def _deliveries(writer: Writer, stream: str, first: bytes, last: bytes) -> dict[bytes, int]:
