@@ -104,6 +104,8 @@ async def test_worker_metrics_are_served_on_their_own_port(
     assert "voteflow_batches_total 1.0" in text
     assert "voteflow_end_to_end_lag_seconds_count 1.0" in text
     assert "voteflow_commit_seconds_count 1.0" in text
+    assert 'voteflow_stream_backlog{shard="0"}' in text
+    assert 'voteflow_stream_pending{shard="0"}' in text
 
 
 async def test_poison_messages_go_to_dead_letters_and_do_not_block_the_shard(

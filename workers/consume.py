@@ -136,6 +136,26 @@ async def _consume(writer: Writer, shard: int, stop: asyncio.Event) -> None:
                 log.exception("shard %d: batch failed; left pending for reclaim", shard)
 
 
+async def watch_backlog(writer: Writer, stop: asyncio.Event, every: float = 5.0) -> None:
+    """Keep this process's backlog gauges current (every worker reports the
+    same figures; dashboards take the max over workers)."""
+    while not stop.is_set():
+        for shard, stream in enumerate(writer.keys.streams()):
+            with contextlib.suppress(RedisError, OSError):
+                for group in await writer.redis.xinfo_groups(stream):
+                    if group["name"] == GROUP.encode():
+                        # lag is None when Redis cannot tell (entries deleted
+                        # mid-stream); the length is then an upper bound.
+                        lag = group.get("lag")
+                        if lag is None:
+                            lag = await writer.redis.xlen(stream)
+                        writer.metrics.backlog.labels(str(shard)).set(lag)
+                        writer.metrics.pending.labels(str(shard)).set(group["pending"])
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every):
+                await stop.wait()
+
+
 async def write_batch(writer: Writer, shard: int, entries: Sequence[Entry]) -> None:
     stream = writer.keys.stream(shard)
     votes: list[Vote] = []

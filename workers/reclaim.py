@@ -8,8 +8,7 @@ tick, whatever the number of workers):
   times without being committed goes to the dead letters instead, so one
   poison message can never block its shard;
 - trims each stream below its oldest entry not yet acknowledged (never an
-  entry a worker still has to commit);
-- refreshes the backlog gauges, and forgets consumers that left long ago.
+  entry a worker still has to commit), and forgets consumers that left long ago.
 """
 
 from __future__ import annotations
@@ -100,16 +99,13 @@ async def _dead_letter(writer: Writer, shard: int, entries: list[Any]) -> None:
 
 
 async def trim_shard(writer: Writer, shard: int) -> None:
-    """Drop entries every consumer has acknowledged, and refresh the gauges."""
+    """Drop entries every consumer has acknowledged."""
     stream = writer.keys.stream(shard)
     groups = {g["name"]: g for g in await writer.redis.xinfo_groups(stream)}
     group = groups.get(GROUP.encode())
     if group is None:
         return
     summary = await writer.redis.xpending(stream, GROUP)
-    writer.metrics.pending.labels(str(shard)).set(summary["pending"])
-    lag = group.get("lag")
-    writer.metrics.backlog.labels(str(shard)).set(lag if lag is not None else 0)
     if summary["pending"]:
         # Keep the oldest pending entry and everything after it.
         min_id = summary["min"]

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from voteflow.keys import Keys
 from voteflow.settings import Settings
 
-from .consume import WRITER, Writer, consume, consumer_name, ensure_groups
+from .consume import WRITER, Writer, consume, consumer_name, ensure_groups, watch_backlog
 from .metrics import WorkerMetrics
 from .publish import Publisher
 from .reclaim import reclaim
@@ -62,8 +62,11 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx[METRICS_RUNNER] = await _serve_metrics(metrics, settings.worker_metrics_port)
     stop = ctx[STOP] = asyncio.Event()
     ctx[CONSUMERS] = [
-        asyncio.create_task(consume(writer, shard, stop), name=f"consume-{shard}")
-        for shard in range(keys.shards)
+        *(
+            asyncio.create_task(consume(writer, shard, stop), name=f"consume-{shard}")
+            for shard in range(keys.shards)
+        ),
+        asyncio.create_task(watch_backlog(writer, stop), name="watch-backlog"),
     ]
     log.info("worker %s consuming %d shards", writer.consumer, keys.shards)
 
