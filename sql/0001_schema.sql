@@ -172,8 +172,9 @@ BEGIN
 END
 $$;
 
--- Closes a poll at p_closed_at unless it is closed already (the first close
--- time stays). Returns false if the poll does not exist.
+-- Closes a poll at p_closed_at, or later if batches in flight hold it, unless
+-- it is closed already (the first close time stays). Returns false if the
+-- poll does not exist.
 CREATE FUNCTION close_poll(p_poll_id uuid, p_closed_at timestamptz) RETURNS boolean
 LANGUAGE plpgsql
 AS $$
@@ -182,8 +183,17 @@ BEGIN
         RAISE EXCEPTION 'close_poll: p_closed_at must not be null'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    UPDATE polls SET closed_at = p_closed_at WHERE id = p_poll_id AND closed_at IS NULL;
-    RETURN FOUND OR EXISTS (SELECT FROM polls WHERE id = p_poll_id);
+    -- Wait for the batches that read the poll open (they hold it FOR SHARE)
+    -- to commit; from then on every batch sees closed_at. The close takes
+    -- effect no earlier than that moment, so no vote those batches counted was
+    -- received after closed_at (rule 6).
+    PERFORM FROM polls WHERE id = p_poll_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    UPDATE polls SET closed_at = greatest(p_closed_at, clock_timestamp())
+    WHERE id = p_poll_id AND closed_at IS NULL;
+    RETURN true;
 END
 $$;
 

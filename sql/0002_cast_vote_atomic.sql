@@ -14,13 +14,21 @@
 --   5. version grows by one per batch that changed the poll's tallies.
 --
 -- Concurrency (READ COMMITTED): batches may overlap in polls, voters and even
--- vote_ids. Every lock is taken in one global order: phase (a) votes rows,
+-- vote_ids. Locks are taken in one global order of phases: (0) polls rows,
+-- shared (close_poll takes nothing else, so it closes no cycle), (a) votes rows,
 -- (b) voter_ballots rows, (c) tallies rows, (d) poll_counters rows, and within
--- a phase sorted by key. A transaction therefore only ever waits for a key
--- that comes after every key it holds in the same phase, or for a phase it has
--- already finished, so no cycle of waits (deadlock) can form. Each phase is a
--- statement of its own: under READ COMMITTED each statement sees what the
--- transactions it waited for committed.
+-- a phase in key order. A transaction in a phase only waits for a transaction
+-- that holds the key it wants, and so is in the same phase or a later one
+-- (e.g. (a) waiting on a vote row that (b) of another batch marks not
+-- counted). Around a cycle of waits, phases can then never decrease, so all
+-- would be in one phase, where keys are taken in ascending order: each waits
+-- for a key greater than every key it holds, which cannot close a cycle. So
+-- no deadlock. Each phase is a statement of its own, because under READ
+-- COMMITTED a statement sees only what committed before it began, and the
+-- next phase must see what the transactions it waited for committed.
+--
+-- No loop over votes: each step is one set-based statement over the batch,
+-- carried from step to step in the array w.
 
 -- One vote as a worker passes it. received_us: microseconds since the Unix
 -- epoch at which the edge received the vote.
@@ -74,7 +82,12 @@ BEGIN
     -- Check each vote against its poll; decide what needs no lock: unknown
     -- poll, invalid, a repeat of a vote_id earlier in the batch (rule 3: the
     -- first counts), received after close, and for single-vote polls which of
-    -- a voter's ballots in this batch is the latest (rule 1).
+    -- a voter's ballots in this batch is the latest (rule 1). The polls rows
+    -- are read FOR SHARE, in id order, before any other lock (phase 0): many
+    -- batches share them, while close_poll waits until the batches that read
+    -- the poll open have committed, and only then sets closed_at. So a vote
+    -- counted as received before the close really was (rule 6), however
+    -- close and batches interleave.
     WITH input AS (
         SELECT t.ord::int AS ord, t.vote_id, t.poll_id, t.voter COLLATE "C" AS voter,
                t.option_ids,
@@ -91,6 +104,8 @@ BEGIN
                ARRAY(SELECT o.id FROM options AS o WHERE o.poll_id = p.id) AS option_set
         FROM polls AS p
         WHERE p.id IN (SELECT i.poll_id FROM input AS i)
+        ORDER BY p.id
+        FOR SHARE OF p
     ),
     checked AS (
         SELECT i.*,
@@ -101,7 +116,8 @@ BEGIN
                    WHEN p.id IS NULL THEN 'unknown_poll'
                    WHEN i.vote_id IS NULL
                      OR i.received_at IS NULL
-                     OR i.voter IS NULL OR i.voter = '' OR length(i.voter) > 128
+                     -- "u:" or "f:" and an id of at most 128 characters
+                     OR i.voter IS NULL OR i.voter = '' OR length(i.voter) > 130
                      OR i.option_ids IS NULL
                      OR array_ndims(i.option_ids) <> 1
                      OR cardinality(i.option_ids) NOT BETWEEN 1 AND p.max_choices
@@ -139,7 +155,7 @@ BEGIN
     SELECT array_agg(ROW(
                r.ord, r.vote_id, r.poll_id, r.voter, r.option_ids, r.received_at, r.single,
                r.closed, r.latest, r.outcome
-           )::cast_vote_work ORDER BY r.ord)
+           )::cast_vote_work)
     INTO w
     FROM ranked AS r;
 
@@ -173,7 +189,7 @@ BEGIN
                    WHEN NOT x.latest THEN 'replaced'
                    ELSE 'pending'
                END
-           )::cast_vote_work ORDER BY x.ord)
+           )::cast_vote_work)
     INTO w
     FROM unnest(w) AS x
     LEFT JOIN inserted AS ins
@@ -197,7 +213,7 @@ BEGIN
                    x.ord, x.vote_id, x.poll_id, x.voter, x.option_ids, x.received_at, x.single,
                    x.closed, x.latest,
                    CASE WHEN ins.voter IS NOT NULL THEN 'counted' ELSE x.outcome END
-               )::cast_vote_work ORDER BY x.ord)
+               )::cast_vote_work)
         INTO w
         FROM unnest(w) AS x
         LEFT JOIN inserted AS ins
@@ -206,30 +222,28 @@ BEGIN
 
     IF EXISTS (SELECT FROM unnest(w) AS x WHERE x.outcome = 'pending') THEN
         -- A voter with a current ballot: lock it, sorted by (poll_id, voter).
-        -- The locked row is the latest committed version, whatever this
-        -- statement's snapshot.
-        SELECT array_agg(b ORDER BY b.poll_id, b.voter)
-        INTO replaced
-        FROM (
-            SELECT vb.*
-            FROM voter_ballots AS vb
-            WHERE (vb.poll_id, vb.voter) IN (
-                SELECT x.poll_id, x.voter FROM unnest(w) AS x WHERE x.outcome = 'pending')
-            ORDER BY vb.poll_id, vb.voter
-            FOR UPDATE
-        ) AS b;
+        -- Only the lock is used from this statement: a row that another
+        -- transaction updated meanwhile is locked in its latest version but,
+        -- as PostgreSQL rechecks the join against it, may be left out of the
+        -- result. The next statement reads the locked rows afresh.
+        PERFORM
+        FROM voter_ballots AS vb
+        WHERE (vb.poll_id, vb.voter) IN (
+            SELECT x.poll_id, x.voter FROM unnest(w) AS x WHERE x.outcome = 'pending')
+        ORDER BY vb.poll_id, vb.voter
+        FOR UPDATE;
 
         -- The later of the stored and the batch's ballot becomes (or stays)
-        -- current and counted; the other is marked not counted. Rows are
-        -- locked already (the vote rows of a voter's ballots are only written
-        -- under that voter's voter_ballots lock), so the order of these
-        -- updates does not matter.
+        -- current and counted; the other is marked not counted. The rows
+        -- touched are locked already (a voter's vote rows are only written
+        -- under that voter's voter_ballots lock, or are this batch's own), so
+        -- the order of these updates does not matter.
         WITH compared AS (
             SELECT x.ord, x.poll_id, x.voter, x.vote_id, x.received_at, x.option_ids,
-                   s.vote_id AS stored_vote_id,
+                   s AS stored,
                    (x.received_at, x.vote_id) > (s.received_at, s.vote_id) AS later
             FROM unnest(w) AS x
-            JOIN unnest(replaced) AS s ON s.poll_id = x.poll_id AND s.voter = x.voter
+            JOIN voter_ballots AS s ON s.poll_id = x.poll_id AND s.voter = x.voter
             WHERE x.outcome = 'pending'
         ),
         new_current AS (
@@ -243,17 +257,16 @@ BEGIN
             SET counted = false
             FROM compared AS c
             WHERE v.poll_id = c.poll_id
-              AND v.vote_id = CASE WHEN c.later THEN c.stored_vote_id ELSE c.vote_id END
+              AND v.vote_id = CASE WHEN c.later THEN (c.stored).vote_id ELSE c.vote_id END
         )
         SELECT array_agg(ROW(
                    x.ord, x.vote_id, x.poll_id, x.voter, x.option_ids, x.received_at, x.single,
                    x.closed, x.latest,
                    CASE WHEN c.later THEN 'counted' WHEN NOT c.later THEN 'replaced'
                         ELSE x.outcome END
-               )::cast_vote_work ORDER BY x.ord),
-               -- keep only the stored ballots this batch replaced
-               (SELECT array_agg(s) FROM unnest(replaced) AS s
-                JOIN compared AS c ON c.poll_id = s.poll_id AND c.voter = s.voter AND c.later)
+               )::cast_vote_work),
+               -- the stored ballots this batch replaced
+               (SELECT array_agg(c.stored) FROM compared AS c WHERE c.later)
         INTO w, replaced
         FROM unnest(w) AS x
         LEFT JOIN compared AS c ON c.ord = x.ord;
@@ -302,8 +315,10 @@ BEGIN
     ) AS b;
 
     IF delta_poll IS NOT NULL THEN
-        -- (c) Lock the tallies that change, sorted by (poll_id, option_id),
-        -- then apply the deltas.
+        -- (c) Rule 4: lock the tallies that change, sorted by (poll_id,
+        -- option_id), then apply the deltas (the lock alone is used from the
+        -- first statement, as in (b)). Several batches on one hot poll
+        -- queue here, for the short rest of their transaction only.
         PERFORM
         FROM tallies AS t
         WHERE (t.poll_id, t.option_id) IN (

@@ -75,6 +75,16 @@ async def test_voter_is_user_id_if_present_else_fingerprint(
     assert result["total_ballots"] == 2
 
 
+async def test_voter_ids_of_the_longest_allowed_length_are_counted(
+    edge: Client, worker: InProcessWorker, redis: aioredis.Redis, settings: Settings
+) -> None:
+    poll = await create_poll(edge)
+    await cast(edge, poll, "A", user_id="u" * 128)
+    await cast(edge, poll, "B", voter_fingerprint="f" * 128)
+    result = await settle(edge, redis, settings, poll)
+    assert result["total_ballots"] == 2
+
+
 async def test_later_ballot_replaces_earlier_in_single_vote_poll(
     edge: Client, worker: InProcessWorker, redis: aioredis.Redis, settings: Settings
 ) -> None:
