@@ -4,7 +4,7 @@
 -- append it once.
 --
 -- KEYS[1] stream shard   KEYS[2] per-IP limiter   KEYS[3] per-voter limiter
--- KEYS[4] (optional) the vote_id's idempotency key, when the client chose the vote_id
+-- KEYS[4] the vote_id's idempotency key
 -- ARGV[1] per-IP limit   ARGV[2] per-voter limit  (requests per minute; 0 = off)
 -- ARGV[3] the message field name   ARGV[4] the encoded vote message
 -- ARGV[5] seconds the idempotency key is kept
@@ -49,8 +49,10 @@ if voter_tat then
   redis.call('SET', KEYS[3], voter_tat, 'PX', math.ceil(voter_tat - now))
 end
 -- A retry keeps the first receipt's place: appending it again with a later
--- receive time could let it overtake a ballot the voter cast after it.
-if KEYS[4] and redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[5]) == false then
+-- receive time could let it overtake a ballot the voter cast after it. Every
+-- vote_id is remembered, the edge's own too: a client may resend the vote_id
+-- it got in its 202.
+if redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[5]) == false then
   return {2, ''}
 end
 return {1, redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[4])}

@@ -195,9 +195,7 @@ async def post_vote(request: web.Request) -> web.Response:
         edge.metrics.votes_rejected.labels(str(exc.status)).inc()
         raise
     try:
-        appended = await edge.appender.append(
-            vote, request.remote or "unknown", ballot.vote_id is not None
-        )
+        appended = await edge.appender.append(vote, request.remote or "unknown")
     except Limited as exc:
         edge.metrics.rate_limited.inc()
         return problem(

@@ -49,7 +49,6 @@ class Unavailable(Exception):
 
 @dataclass(slots=True)
 class _Request:
-    numkeys: int
     keys_and_args: tuple[str | int | bytes, ...]
     done: asyncio.Future[bool]
 
@@ -93,24 +92,25 @@ class Appender:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def append(self, vote: Vote, client_ip: str, client_chose_id: bool) -> bool:
+    async def append(self, vote: Vote, client_ip: str) -> bool:
         """Admit and append one vote.
 
-        Returns True when appended, False when the client's vote_id was
-        already queued (a retry). Raises :class:`Limited` when over a rate
-        limit and :class:`Unavailable` when Redis did not confirm the append.
+        Returns True when appended, False when its vote_id was already queued
+        (a retry). Raises :class:`Limited` when over a rate limit and
+        :class:`Unavailable` when Redis did not confirm the append.
         """
         shard = vote.shard(self._keys.shards)
-        keys = [
-            self._keys.stream(shard),
-            self._keys.rate_ip(client_ip),
-            self._keys.rate_voter(vote.voter),
-        ]
-        if client_chose_id:
-            keys.append(self._keys.vote_seen(shard, vote.poll_id, vote.vote_id))
         request = _Request(
-            len(keys),
-            (*keys, *self._limits, FIELD, vote.encode(), self._window),
+            (
+                self._keys.stream(shard),
+                self._keys.rate_ip(client_ip),
+                self._keys.rate_voter(vote.voter),
+                self._keys.vote_seen(shard, vote.poll_id, vote.vote_id),
+                *self._limits,
+                FIELD,
+                vote.encode(),
+                self._window,
+            ),
             asyncio.get_running_loop().create_future(),
         )
         self._waiting.append(request)
@@ -161,7 +161,7 @@ class Appender:
     async def _send(self, batch: list[_Request]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
         for request in batch:
-            pipe.evalsha(self._script.sha, request.numkeys, *request.keys_and_args)  # type: ignore[arg-type]
+            pipe.evalsha(self._script.sha, 4, *request.keys_and_args)  # type: ignore[arg-type]
         try:
             return list(await pipe.execute(raise_on_error=False))
         except (RedisError, OSError) as exc:

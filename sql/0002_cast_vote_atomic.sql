@@ -78,6 +78,10 @@ DECLARE
     delta_votes bigint[];
     ballots_poll uuid[];
     ballots_delta bigint[];
+    -- Ballots that became their voter's latest of the batch after (a) found
+    -- the first choice already recorded.
+    promoted_vote uuid[];
+    promoted_poll uuid[];
 BEGIN
     -- Check each vote against its poll; decide what needs no lock: unknown
     -- poll, invalid, a repeat of a vote_id earlier in the batch (rule 3: the
@@ -168,6 +172,10 @@ BEGIN
     -- returned: a duplicate (rule 3). A ballot is inserted counted unless it
     -- was received after close or, in a single-vote poll, the same voter has a
     -- later ballot in this batch; the latest one is 'pending' until (b).
+    -- Which ballot is a voter's latest is decided again among those actually
+    -- recorded: when the latest of the batch turns out to be a duplicate (a
+    -- resent vote_id), the next one is the voter's latest, and is marked
+    -- counted below (rule 1: a resent ballot must not hide a later one).
     WITH inserted AS (
         INSERT INTO votes AS v (poll_id, vote_id, voter, option_ids, received_at, counted)
         SELECT x.poll_id, x.vote_id, x.voter, x.option_ids, x.received_at,
@@ -177,23 +185,46 @@ BEGIN
         ORDER BY x.poll_id, x.vote_id
         ON CONFLICT ON CONSTRAINT votes_pkey DO NOTHING
         RETURNING v.poll_id, v.vote_id
+    ),
+    recorded AS (
+        SELECT x.*, ins.vote_id IS NOT NULL AS new,
+               ins.vote_id IS NOT NULL AND x.single AND NOT x.closed AS contender
+        FROM unnest(w) AS x
+        LEFT JOIN inserted AS ins
+               ON x.outcome IS NULL AND ins.poll_id = x.poll_id AND ins.vote_id = x.vote_id
+    ),
+    reranked AS (
+        SELECT r.*,
+               r.contender AND row_number() OVER (
+                   PARTITION BY r.poll_id, r.voter, r.contender
+                   ORDER BY r.received_at DESC, r.vote_id DESC) = 1 AS recorded_latest
+        FROM recorded AS r
     )
     SELECT array_agg(ROW(
                x.ord, x.vote_id, x.poll_id, x.voter, x.option_ids, x.received_at, x.single,
-               x.closed, x.latest,
+               x.closed, x.recorded_latest,
                CASE
                    WHEN x.outcome IS NOT NULL THEN x.outcome
-                   WHEN ins.vote_id IS NULL THEN 'duplicate'
+                   WHEN NOT x.new THEN 'duplicate'
                    WHEN x.closed THEN 'closed'
                    WHEN NOT x.single THEN 'counted'  -- rule 2
-                   WHEN NOT x.latest THEN 'replaced'
+                   WHEN NOT x.recorded_latest THEN 'replaced'
                    ELSE 'pending'
                END
-           )::cast_vote_work)
-    INTO w
-    FROM unnest(w) AS x
-    LEFT JOIN inserted AS ins
-           ON x.outcome IS NULL AND ins.poll_id = x.poll_id AND ins.vote_id = x.vote_id;
+           )::cast_vote_work),
+           array_agg(x.vote_id) FILTER (WHERE x.recorded_latest AND NOT x.latest),
+           array_agg(x.poll_id) FILTER (WHERE x.recorded_latest AND NOT x.latest)
+    INTO w, promoted_vote, promoted_poll
+    FROM reranked AS x;
+
+    IF promoted_vote IS NOT NULL THEN
+        -- Rows this transaction has just inserted: no other transaction can
+        -- hold them, so no lock order is at stake.
+        UPDATE votes AS v
+        SET counted = true
+        FROM unnest(promoted_poll, promoted_vote) AS p(poll_id, vote_id)
+        WHERE v.poll_id = p.poll_id AND v.vote_id = p.vote_id;
+    END IF;
 
     -- (b) Rule 1, for the batch's latest ballot of each (poll, voter).
     IF EXISTS (SELECT FROM unnest(w) AS x WHERE x.outcome = 'pending') THEN

@@ -293,6 +293,22 @@ async def test_late_replay_of_replaced_ballot_does_not_count(conn: asyncpg.Conne
     assert await recorded(conn, poll) == {earlier[0]: False, later[0]: True}
 
 
+async def test_resent_ballot_does_not_hide_a_later_one_in_the_same_batch(
+    conn: asyncpg.Connection,
+) -> None:
+    poll = await create_poll(conn)
+    first = ballot(poll, "u:ann", [0], T0)
+    await cast(conn, [first])
+    # ann votes again, then her client resends the first vote_id, which the
+    # edge stamped later: both reach the workers in one batch.
+    later = ballot(poll, "u:ann", [1], T0 + SECOND)
+    resent = ballot(poll, "u:ann", [0], T0 + 2 * SECOND, vote_id=first[0])
+    result = await cast(conn, [later, resent])
+    assert result.outcomes == ["counted", "duplicate"]
+    assert await tallies(conn, poll) == TallyRow(2, 1, [0, 1, 0, 0], poll.options)
+    assert await recorded(conn, poll) == {first[0]: False, later[0]: True}
+
+
 async def test_equal_received_at_is_decided_by_vote_id_order(conn: asyncpg.Connection) -> None:
     ids = sorted((uuid.uuid4() for _ in range(2)), key=lambda u: u.int)
     low, high = str(ids[0]), str(ids[1])

@@ -46,7 +46,7 @@ class Keys:
         return f"{self.prefix}:polls-changed"
 
     def vote_seen(self, shard: int, poll_id: str, vote_id: str) -> str:
-        """Marks a client-chosen vote_id as queued; in its stream shard's slot."""
+        """Marks a vote_id as queued; in its stream shard's slot."""
         return f"{self.prefix}:seen:{{s{shard}}}:{poll_id}:{vote_id}"
 
     def rate_ip(self, ip: str) -> str:

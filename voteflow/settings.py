@@ -35,9 +35,9 @@ class Settings:
     rate_limit_per_voter: int = 60
     # Namespace of every Redis key voteflow uses (see voteflow.keys).
     key_prefix: str = "voteflow"
-    # Seconds an edge remembers a client-chosen vote_id, so that a retry is
-    # answered 202 without being queued twice (about 150 bytes of Redis each).
-    idempotency_window: int = 86_400
+    # Seconds the edges remember a queued vote_id, so that a retry is answered
+    # 202 without being queued again (about 150 bytes of Redis per vote).
+    idempotency_window: int = 3600
     stream_shards: int = 8
     batch_size: int = 500
     # Stream consumers per worker process: each reads a batch and commits it
