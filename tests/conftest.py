@@ -20,11 +20,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 import redis
+import redis.asyncio as aioredis
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from ingest.app import create_app
-from tests.support import InProcessWorker
+from tests.support import InProcessWorker, edge_client
 from voteflow.migrate import migrate
 from voteflow.servers import PostgresServer, RedisServer
 from voteflow.settings import Settings
@@ -154,9 +154,16 @@ def settings(database_url: str, redis_server_url: str, key_prefix: str) -> Setti
 
 
 @pytest.fixture
+async def redis_client(redis_server_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
 async def edge(settings: Settings) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     """An HTTP edge on a loopback port, with this test's settings."""
-    async with TestClient(TestServer(create_app(settings))) as client:
+    async with edge_client(settings) as client:
         yield client
 
 

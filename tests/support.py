@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
 import asyncpg
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
+from ingest.app import create_app
 from voteflow.keys import GROUP
 from voteflow.settings import Settings
 from workers.consume import WRITER, Writer
@@ -16,6 +19,22 @@ from workers.reclaim import reclaim
 from workers.worker import SETTINGS, shutdown, startup
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
+
+
+@contextlib.asynccontextmanager
+async def edge_client(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
+    """An HTTP edge on a loopback port, and a client for it."""
+    async with TestClient(TestServer(create_app(settings))) as client:
+        yield client
+
+
+def ballot(poll: dict[str, Any], voter: str = "v", option: int = 0) -> dict[str, Any]:
+    """A valid vote body for one option of ``poll``."""
+    return {
+        "poll_id": poll["id"],
+        "option_ids": [poll["options"][option]["id"]],
+        "voter_fingerprint": voter,
+    }
 
 
 class InProcessWorker:

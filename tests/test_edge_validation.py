@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,23 +13,16 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from tests.support import ADMIN, create_poll
+from tests.support import ADMIN, create_poll, edge_client
 from voteflow.keys import Keys
 from voteflow.settings import Settings
 
 Client = TestClient[Any, Any]
 
 
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(settings.redis_url)
-    yield client
-    await client.aclose()
-
-
-async def queued(redis: aioredis.Redis, settings: Settings) -> int:
+async def queued(redis_client: aioredis.Redis, settings: Settings) -> int:
     keys = Keys(settings.key_prefix, settings.stream_shards)
-    return sum([await redis.xlen(stream) for stream in keys.streams()])
+    return sum([await redis_client.xlen(stream) for stream in keys.streams()])
 
 
 async def vote(client: Client, body: Any, **kwargs: Any) -> tuple[int, dict[str, Any]]:
@@ -78,7 +72,7 @@ BAD_BALLOTS = [
 async def test_malformed_ballot_is_422_naming_the_field_and_appends_nothing(
     edge: Client,
     poll: dict[str, Any],
-    redis: aioredis.Redis,
+    redis_client: aioredis.Redis,
     settings: Settings,
     field: str,
     change: dict[str, Any],
@@ -87,7 +81,7 @@ async def test_malformed_ballot_is_422_naming_the_field_and_appends_nothing(
     assert status == 422
     assert body["field"] == field
     assert body["error"]
-    assert await queued(redis, settings) == 0
+    assert await queued(redis_client, settings) == 0
 
 
 async def test_duplicate_options_are_422(edge: Client, poll: dict[str, Any]) -> None:
@@ -104,12 +98,12 @@ async def test_more_options_than_max_choices_is_422(edge: Client, poll: dict[str
 
 
 async def test_option_of_another_poll_is_422(
-    edge: Client, poll: dict[str, Any], redis: aioredis.Redis, settings: Settings
+    edge: Client, poll: dict[str, Any], redis_client: aioredis.Redis, settings: Settings
 ) -> None:
     other = await create_poll(edge)
     status, body = await vote(edge, ballot(poll, option_ids=[other["options"][0]["id"]]))
     assert (status, body["field"]) == (422, "option_ids")
-    assert await queued(redis, settings) == 0
+    assert await queued(redis_client, settings) == 0
 
 
 @pytest.mark.parametrize("raw", [b"{", b"not json", b"", b"\xff\xfe", b'{"poll_id": }'])
@@ -126,7 +120,7 @@ async def test_json_that_is_not_an_object_is_422(edge: Client, raw: bytes) -> No
 
 
 async def test_body_over_4_kib_is_413_even_when_chunked(
-    edge: Client, poll: dict[str, Any], redis: aioredis.Redis, settings: Settings
+    edge: Client, poll: dict[str, Any], redis_client: aioredis.Redis, settings: Settings
 ) -> None:
     big = ballot(poll, padding="x" * 5000)
     status, body = await vote(edge, big)
@@ -141,7 +135,7 @@ async def test_body_over_4_kib_is_413_even_when_chunked(
 
     response = await edge.post("/api/vote", data=chunks())
     assert response.status == 413
-    assert await queued(redis, settings) == 0
+    assert await queued(redis_client, settings) == 0
 
 
 async def test_unknown_poll_is_404(edge: Client, poll: dict[str, Any]) -> None:
@@ -150,7 +144,7 @@ async def test_unknown_poll_is_404(edge: Client, poll: dict[str, Any]) -> None:
 
 
 async def test_vote_on_closed_poll_is_409(
-    edge: Client, poll: dict[str, Any], redis: aioredis.Redis, settings: Settings
+    edge: Client, poll: dict[str, Any], redis_client: aioredis.Redis, settings: Settings
 ) -> None:
     response = await edge.post(f"/api/polls/{poll['id']}/close", headers=ADMIN)
     assert response.status == 200
@@ -158,7 +152,7 @@ async def test_vote_on_closed_poll_is_409(
     status, body = await vote(edge, ballot(poll))
     assert status == 409
     assert "closed" in body["error"]
-    assert await queued(redis, settings) == 0
+    assert await queued(redis_client, settings) == 0
 
 
 async def test_vote_on_expired_poll_is_409(edge: Client) -> None:
@@ -171,21 +165,10 @@ async def test_vote_on_expired_poll_is_409(edge: Client) -> None:
 
 
 async def test_rate_limit_per_voter_is_429_with_retry_after(
-    database_url: str, redis_server_url: str, key_prefix: str
+    settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    from aiohttp.test_utils import TestServer
-
-    from ingest.app import create_app
-
-    settings = Settings(
-        database_url=database_url,
-        redis_url=redis_server_url,
-        admin_token="test-admin-token",
-        key_prefix=key_prefix,
-        rate_limit_per_voter=3,
-        rate_limit_per_ip=0,
-    )
-    async with TestClient(TestServer(create_app(settings))) as client:
+    limited = replace(settings, rate_limit_per_voter=3, rate_limit_per_ip=0)
+    async with edge_client(limited) as client:
         poll = await create_poll(client)
         statuses = [(await client.post("/api/vote", json=ballot(poll))).status for _ in range(3)]
         assert statuses == [202, 202, 202]
@@ -193,38 +176,21 @@ async def test_rate_limit_per_voter_is_429_with_retry_after(
         assert response.status == 429
         assert int(response.headers["Retry-After"]) >= 1
         # Another voter is not limited by the first one's allowance.
-        assert (
-            await client.post("/api/vote", json=ballot(poll, voter_fingerprint="g"))
-        ).status == 202
-        redis = aioredis.Redis.from_url(redis_server_url)
-        try:
-            assert await queued(redis, settings) == 4
-        finally:
-            await redis.aclose()
+        other = await client.post("/api/vote", json=ballot(poll, voter_fingerprint="g"))
+        assert other.status == 202
+    assert await queued(redis_client, settings) == 4
 
 
-async def test_rate_limit_per_ip_is_429(
-    database_url: str, redis_server_url: str, key_prefix: str
-) -> None:
-    from aiohttp.test_utils import TestServer
-
-    from ingest.app import create_app
-
-    settings = Settings(
-        database_url=database_url,
-        redis_url=redis_server_url,
-        admin_token="test-admin-token",
-        key_prefix=key_prefix,
-        rate_limit_per_voter=0,
-        rate_limit_per_ip=2,
-    )
-    async with TestClient(TestServer(create_app(settings))) as client:
+async def test_rate_limit_per_ip_is_429(settings: Settings, redis_client: aioredis.Redis) -> None:
+    limited = replace(settings, rate_limit_per_voter=0, rate_limit_per_ip=2)
+    async with edge_client(limited) as client:
         poll = await create_poll(client)
         statuses = [
             (await client.post("/api/vote", json=ballot(poll, voter_fingerprint=f"v{i}"))).status
             for i in range(3)
         ]
         assert statuses == [202, 202, 429]
+    assert await queued(redis_client, settings) == 2
 
 
 BAD_POLLS = [

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
-import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from ingest.app import create_app
-from tests.support import InProcessWorker, create_poll, drain
+from tests.support import InProcessWorker, ballot, create_poll, drain, edge_client
 from voteflow.keys import Keys
 from voteflow.message import FIELD, Vote
 from voteflow.servers import free_port
@@ -20,13 +18,6 @@ from voteflow.settings import Settings
 from voteflow.timeutil import now_us
 
 Client = TestClient[Any, Any]
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(settings.redis_url)
-    yield client
-    await client.aclose()
 
 
 async def test_health_and_readiness(edge: Client) -> None:
@@ -38,8 +29,8 @@ async def test_health_and_readiness(edge: Client) -> None:
 
 async def test_readiness_is_503_when_redis_is_unreachable(settings: Settings) -> None:
     # A port nothing listens on: the edge starts, but is not ready.
-    broken = Settings(**{**_fields(settings), "redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-    async with TestClient(TestServer(create_app(broken))) as client:
+    broken = replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    async with edge_client(broken) as client:
         assert (await client.get("/health")).status == 200
         response = await client.get("/ready")
         assert response.status == 503
@@ -62,17 +53,9 @@ async def test_readiness_is_503_when_redis_is_unreachable(settings: Settings) ->
         assert response.status == 200
 
 
-def _fields(settings: Settings) -> dict[str, Any]:
-    return {name: getattr(settings, name) for name in settings.__slots__}
-
-
 async def test_edge_metrics_count_requests_and_votes(edge: Client) -> None:
     poll = await create_poll(edge)
-    body = {
-        "poll_id": poll["id"],
-        "option_ids": [poll["options"][0]["id"]],
-        "voter_fingerprint": "v",
-    }
+    body = ballot(poll)
     assert (await edge.post("/api/vote", json=body)).status == 202
     assert (await edge.post("/api/vote", data=b"{")).status == 400
     text = await (await edge.get("/metrics")).text()
@@ -84,16 +67,12 @@ async def test_edge_metrics_count_requests_and_votes(edge: Client) -> None:
 
 
 async def test_worker_metrics_are_served_on_their_own_port(
-    edge: Client, worker: InProcessWorker, redis: aioredis.Redis, settings: Settings
+    edge: Client, worker: InProcessWorker, redis_client: aioredis.Redis, settings: Settings
 ) -> None:
     poll = await create_poll(edge)
-    body = {
-        "poll_id": poll["id"],
-        "option_ids": [poll["options"][0]["id"]],
-        "voter_fingerprint": "v",
-    }
+    body = ballot(poll)
     assert (await edge.post("/api/vote", json=body)).status == 202
-    await drain(redis, settings)
+    await drain(redis_client, settings)
     port = worker.ctx["voteflow_metrics_runner"].addresses[0][1]
     async with (
         aiohttp.ClientSession() as session,
@@ -109,25 +88,25 @@ async def test_worker_metrics_are_served_on_their_own_port(
 
 
 async def test_poison_messages_go_to_dead_letters_and_do_not_block_the_shard(
-    edge: Client, worker: InProcessWorker, redis: aioredis.Redis, settings: Settings
+    edge: Client, worker: InProcessWorker, redis_client: aioredis.Redis, settings: Settings
 ) -> None:
     keys = Keys(settings.key_prefix, settings.stream_shards)
     poll = await create_poll(edge)
     unknown = Vote(str(uuid.uuid4()), str(uuid.uuid4()), "f:x", (str(uuid.uuid4()),), now_us())
     foreign = Vote(str(uuid.uuid4()), poll["id"], "f:y", (str(uuid.uuid4()),), now_us())
     stream = keys.stream(0)
-    await redis.xadd(stream, {FIELD: b"not json"})
-    await redis.xadd(stream, {b"other": b"field"})
-    await redis.xadd(stream, {FIELD: unknown.encode()})
-    await redis.xadd(stream, {FIELD: foreign.encode()})
+    await redis_client.xadd(stream, {FIELD: b"not json"})
+    await redis_client.xadd(stream, {b"other": b"field"})
+    await redis_client.xadd(stream, {FIELD: unknown.encode()})
+    await redis_client.xadd(stream, {FIELD: foreign.encode()})
     good = {
         "poll_id": poll["id"],
         "option_ids": [poll["options"][0]["id"]],
         "voter_fingerprint": "z",
     }
     assert (await edge.post("/api/vote", json=good)).status == 202
-    await drain(redis, settings)
-    dead = await redis.xrange(keys.dead_letters(0))
+    await drain(redis_client, settings)
+    dead = await redis_client.xrange(keys.dead_letters(0))
     reasons = sorted(fields[b"reason"].decode().split(":")[0] for _, fields in dead)
     assert reasons == ["invalid", "undecodable", "undecodable", "unknown_poll"]
     results = await (await edge.get(f"/api/polls/{poll['id']}/results")).json()
