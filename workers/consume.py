@@ -159,44 +159,40 @@ async def watch_backlog(writer: Writer, stop: asyncio.Event, every: float = 5.0)
 async def write_batch(writer: Writer, shard: int, entries: Sequence[Entry]) -> None:
     stream = writer.keys.stream(shard)
     votes: list[Vote] = []
-    raw_of: dict[bytes, bytes] = {}
-    # (poll_id, vote_id) -> entry ids: a retried vote may sit in a batch twice.
-    entries_of: dict[tuple[str, str], list[bytes]] = {}
+    decoded: list[tuple[bytes, bytes]] = []  # entry id and raw message of each vote
     dead: list[tuple[bytes, bytes, str]] = []  # entry id, raw message, reason
     for entry_id, fields in entries:
-        raw = raw_of[entry_id] = (fields or {}).get(FIELD, b"")
+        raw = (fields or {}).get(FIELD, b"")
         try:
-            vote = decode(raw)
+            votes.append(decode(raw))
         except MessageError as exc:
             dead.append((entry_id, raw, f"undecodable: {exc}"))
             continue
-        votes.append(vote)
-        entries_of.setdefault((vote.poll_id, vote.vote_id), []).append(entry_id)
+        decoded.append((entry_id, raw))
     tallies: list[Tally] = []
     if votes:
         rows = await _commit(writer, stream, [entry for entry, _ in entries], votes)
         committed_us = now_us()
         counts: dict[str, int] = {}
-        for row in rows:
+        # One row per vote, in the order given, then one per poll.
+        for row, (entry_id, raw) in zip(rows[: len(votes)], decoded, strict=True):
             outcome = row["outcome"]
-            if outcome == "tally":
-                tallies.append(
-                    Tally(
-                        poll_id=str(row["poll_id"]),
-                        version=row["version"],
-                        total_ballots=row["total_ballots"],
-                        votes={
-                            str(option): n
-                            for option, n in zip(row["option_ids"], row["votes"], strict=True)
-                        },
-                        as_of_us=committed_us,
-                    )
-                )
-                continue
             counts[outcome] = counts.get(outcome, 0) + 1
             if outcome in REJECTED:
-                entry_id = entries_of[(str(row["poll_id"]), str(row["vote_id"]))].pop()
-                dead.append((entry_id, raw_of[entry_id], outcome))
+                dead.append((entry_id, raw, outcome))
+        for row in rows[len(votes) :]:
+            tallies.append(
+                Tally(
+                    poll_id=str(row["poll_id"]),
+                    version=row["version"],
+                    total_ballots=row["total_ballots"],
+                    votes={
+                        str(option): n
+                        for option, n in zip(row["option_ids"], row["votes"], strict=True)
+                    },
+                    as_of_us=committed_us,
+                )
+            )
         for outcome, n in counts.items():
             writer.metrics.votes.labels(outcome).inc(n)
         observe = writer.metrics.lag_seconds.observe
