@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from tests.cluster import Cluster
 from tests.support import InProcessWorker, edge_client
 from voteflow.migrate import migrate
 from voteflow.servers import PostgresServer, RedisServer
@@ -158,6 +159,21 @@ async def redis_client(redis_server_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_server_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def cluster(
+    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path
+) -> AsyncIterator[Cluster]:
+    """Edge and worker processes on this test's database and key prefix; each
+    is stopped at the end and must have exited with status 0 (or been killed
+    by the test)."""
+    running = Cluster(settings, tmp_path, redis_client)
+    try:
+        yield running
+    finally:
+        problems = await running.close()
+    assert not problems, "\n".join(problems)
 
 
 @pytest.fixture
