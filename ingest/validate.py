@@ -76,6 +76,14 @@ def _uuid(value: Any, field: str) -> str:
         raise Invalid(422, field, f"{field} must be a UUID string") from None
 
 
+def _text(value: str, field: str) -> str:
+    # PostgreSQL text cannot hold NUL; one such vote would make the workers'
+    # whole batch fail, so it is refused here, with the field named.
+    if "\x00" in value:
+        raise Invalid(422, field, f"{field} must not contain NUL characters")
+    return value
+
+
 def _voter_id(data: dict[str, Any], field: str) -> str | None:
     value = data.get(field)
     if value is None:
@@ -84,7 +92,7 @@ def _voter_id(data: dict[str, Any], field: str) -> str | None:
         raise Invalid(422, field, f"{field} must be a non-empty string")
     if len(value) > MAX_VOTER_ID:
         raise Invalid(422, field, f"{field} must be at most {MAX_VOTER_ID} characters")
-    return value
+    return _text(value, field)
 
 
 def parse_ballot(body: bytes) -> Ballot:
@@ -141,6 +149,7 @@ def parse_new_poll(body: bytes, now: datetime) -> NewPoll:
         raise Invalid(422, "question", "question must be a non-empty string")
     if len(question) > MAX_QUESTION:
         raise Invalid(422, "question", f"question must be at most {MAX_QUESTION} characters")
+    _text(question, "question")
     labels = data.get("options")
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise Invalid(422, "options", "options must be a list of labels (strings)")
@@ -150,6 +159,8 @@ def parse_new_poll(body: bytes, now: datetime) -> NewPoll:
         raise Invalid(422, "options", f"each label must be 1 to {MAX_LABEL} characters")
     if len(set(labels)) != len(labels):
         raise Invalid(422, "options", "labels must be distinct")
+    for label in labels:
+        _text(label, "options")
     allow_multiple = data.get("allow_multiple_votes", False)
     if not isinstance(allow_multiple, bool):
         raise Invalid(422, "allow_multiple_votes", "allow_multiple_votes must be true or false")

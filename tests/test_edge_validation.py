@@ -63,6 +63,8 @@ BAD_BALLOTS = [
     ("voter_fingerprint", {"voter_fingerprint": "x" * 129}),
     ("user_id", {"user_id": "x" * 129}),
     ("user_id", {"user_id": ["u"]}),
+    ("user_id", {"user_id": "a\x00b"}),
+    ("voter_fingerprint", {"voter_fingerprint": "\x00"}),
     ("vote_id", {"vote_id": "not-a-uuid"}),
     ("vote_id", {"vote_id": 5}),
 ]
@@ -202,6 +204,8 @@ BAD_POLLS = [
     ("options", {"options": ["a", "a"]}),
     ("options", {"options": ["a", ""]}),
     ("options", {"options": ["a", 2]}),
+    ("options", {"options": ["a", "b\x00"]}),
+    ("question", {"question": "why\x00"}),
     ("options", {"options": "a,b"}),
     ("allow_multiple_votes", {"allow_multiple_votes": "yes"}),
     ("max_choices", {"max_choices": 0}),

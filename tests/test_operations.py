@@ -95,7 +95,9 @@ async def test_poison_messages_go_to_dead_letters_and_do_not_block_the_shard(
     unknown = Vote(str(uuid.uuid4()), str(uuid.uuid4()), "f:x", (str(uuid.uuid4()),), now_us())
     foreign = Vote(str(uuid.uuid4()), poll["id"], "f:y", (str(uuid.uuid4()),), now_us())
     stream = keys.stream(0)
+    nul = Vote(str(uuid.uuid4()), poll["id"], "f:\x00", (poll["options"][0]["id"],), now_us())
     await redis_client.xadd(stream, {FIELD: b"not json"})
+    await redis_client.xadd(stream, {FIELD: nul.encode()})
     await redis_client.xadd(stream, {b"other": b"field"})
     await redis_client.xadd(stream, {FIELD: unknown.encode()})
     await redis_client.xadd(stream, {FIELD: foreign.encode()})
@@ -108,6 +110,6 @@ async def test_poison_messages_go_to_dead_letters_and_do_not_block_the_shard(
     await drain(redis_client, settings)
     dead = await redis_client.xrange(keys.dead_letters(0))
     reasons = sorted(fields[b"reason"].decode().split(":")[0] for _, fields in dead)
-    assert reasons == ["invalid", "undecodable", "undecodable", "unknown_poll"]
+    assert reasons == ["invalid", "undecodable", "undecodable", "undecodable", "unknown_poll"]
     results = await (await edge.get(f"/api/polls/{poll['id']}/results")).json()
     assert results["total_ballots"] == 1

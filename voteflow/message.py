@@ -89,4 +89,6 @@ def decode(raw: bytes) -> Vote:
         raise MessageError("a member has the wrong type")
     if not all(_UUID.fullmatch(value) for value in (vote_id, poll_id, *option_ids)):
         raise MessageError("an id is not a canonical UUID")
+    if "\x00" in voter:
+        raise MessageError("the voter holds a NUL character")
     return Vote(vote_id, poll_id, voter, tuple(option_ids), received_us)
