@@ -91,6 +91,8 @@ class Cluster:
             VOTEFLOW_RATE_LIMIT_PER_IP="0",
             VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
             VOTEFLOW_STREAM_SHARDS=str(self.settings.stream_shards),
+            VOTEFLOW_BATCH_SIZE=str(self.settings.batch_size),
+            VOTEFLOW_CLAIM_IDLE_MS=str(self.settings.claim_idle_ms),
         )
         log_path = self.log_dir / f"{role}-{len(self.processes)}.log"
         with log_path.open("wb") as log:

@@ -1,0 +1,162 @@
+"""Nothing acknowledged is lost: faults injected into real processes.
+
+Each test runs edges and workers as OS processes, breaks one at a precise
+moment, and then checks that every vote answered 202 is in PostgreSQL exactly
+once and that the results equal both the rules' prediction and a recount.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from tests.cluster import (
+    REQUEST_TIMEOUT,
+    Cluster,
+    Process,
+    check_counted_once,
+    create_poll,
+    option_ids_of,
+    until,
+)
+from tests.support import drain
+from voteflow.keys import GROUP
+from voteflow.settings import Settings
+
+VOTES = 300
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(settings.database_url)
+    yield conn
+    await conn.close()
+
+
+async def send_votes(
+    session: aiohttp.ClientSession, edge: Process, poll: dict[str, Any], n: int
+) -> dict[str, dict[str, Any]]:
+    """n ballots of distinct voters at once; returns the accepted ones by vote_id."""
+    options = option_ids_of(poll)
+    bodies = [
+        {
+            "poll_id": poll["id"],
+            "option_ids": [options[i % len(options)]],
+            "voter_fingerprint": f"voter-{i}",
+            "vote_id": str(uuid.uuid4()),
+        }
+        for i in range(n)
+    ]
+
+    async def send(body: dict[str, Any]) -> int:
+        async with session.post(f"{edge.url}/api/vote", json=body) as response:
+            return response.status
+
+    statuses = await asyncio.gather(*(send(body) for body in bodies))
+    assert set(statuses) == {202}
+    return {body["vote_id"]: body for body in bodies}
+
+
+async def pending_of(cluster: Cluster, worker: Process) -> int:
+    """Entries delivered to the worker and not acknowledged, over all shards."""
+    return sum(c["pending"] for c in await cluster.consumers_of(worker) if c is not None)
+
+
+async def waiting_on_locks(db: asyncpg.Connection) -> list[int]:
+    """Backends of other sessions blocked on a lock: the worker's batches."""
+    rows = await db.fetch(
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return [row["pid"] for row in rows]
+
+
+async def test_worker_killed_before_commit_leaves_its_batch_to_another_worker(
+    cluster: Cluster, settings: Settings, redis_client: aioredis.Redis, db: asyncpg.Connection
+) -> None:
+    (edge,), _ = await cluster.start(edges=1)
+    async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
+        poll = await create_poll(session, edge, ["A", "B", "C"], allow_multiple_votes=True)
+        accepted = await send_votes(session, edge, poll, VOTES)
+        # Hold the poll's counters row: the worker's batches stop just short
+        # of their commit, holding everything else they wrote.
+        async with db.transaction():
+            await db.execute("SELECT FROM poll_counters WHERE poll_id = $1 FOR UPDATE", poll["id"])
+            _, (doomed,) = await cluster.start(workers=1)
+            await until(
+                lambda: _equals(pending_of(cluster, doomed), VOTES),
+                timeout=20,
+                what="the worker holds every vote",
+            )
+            await until(lambda: _any(waiting_on_locks(db)), 20, "the worker's batches wait")
+            in_flight = await pending_of(cluster, doomed)
+            doomed.popen.kill()
+            assert await doomed.wait(10) is not None
+            # PostgreSQL rolls back what a dead client left running.
+            for pid in await waiting_on_locks(db):
+                await db.execute("SELECT pg_terminate_backend($1)", pid)
+        assert await db.fetchval("SELECT count(*) FROM votes") == 0
+        print(f"votes in flight when the worker was killed: {in_flight}")
+        await cluster.start(workers=1)
+        await drain(redis_client, settings, timeout=60)
+        await check_counted_once(session, edge, settings, poll, accepted)
+    assert in_flight == VOTES
+
+
+async def test_worker_killed_between_commit_and_ack_is_counted_once(
+    cluster: Cluster, settings: Settings, redis_client: aioredis.Redis, db: asyncpg.Connection
+) -> None:
+    (edge,), _ = await cluster.start(edges=1)
+    async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
+        poll = await create_poll(session, edge, ["A", "B", "C"], allow_multiple_votes=True)
+        accepted = await send_votes(session, edge, poll, VOTES)
+        async with db.transaction():
+            await db.execute("SELECT FROM poll_counters WHERE poll_id = $1 FOR UPDATE", poll["id"])
+            _, (doomed,) = await cluster.start(workers=1)
+            await until(
+                lambda: _equals(pending_of(cluster, doomed), VOTES),
+                timeout=20,
+                what="the worker holds every vote",
+            )
+            await until(lambda: _any(waiting_on_locks(db)), 20, "the worker's batches wait")
+            # Redis stops executing writes (the acknowledgements among them)...
+            await redis_client.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+        # ...and the batches commit as the counters row is released.
+        try:
+            await until(
+                lambda: _equals(db.fetchval("SELECT count(*) FROM votes"), VOTES),
+                timeout=20,
+                what="the worker committed every vote",
+            )
+            in_flight = VOTES
+            doomed.popen.kill()
+            assert await doomed.wait(10) is not None
+        finally:
+            await redis_client.execute_command("CLIENT", "UNPAUSE")
+        # The acknowledgements died with the worker: the votes are still pending.
+        assert await pending_of(cluster, doomed) == VOTES
+        print(f"votes committed but not acknowledged when the worker was killed: {in_flight}")
+        await cluster.start(workers=1)
+        await drain(redis_client, settings, timeout=60)
+        await check_counted_once(session, edge, settings, poll, accepted)
+        counters = await db.fetchrow(
+            "SELECT total_ballots FROM poll_counters WHERE poll_id = $1", poll["id"]
+        )
+        assert counters["total_ballots"] == VOTES
+    consumers = await redis_client.xinfo_consumers(cluster.keys.stream(0), GROUP)
+    assert all(c["pending"] == 0 for c in consumers)
+
+
+async def _any(pids: Any) -> bool:
+    return bool(await pids)
+
+
+async def _equals(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
