@@ -25,6 +25,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from voteflow.keys import Keys
+from voteflow.outages import POSTGRES_DOWN, REDIS_DOWN
 from voteflow.settings import Settings
 from voteflow.timeutil import now_us
 
@@ -42,17 +43,8 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
 # What a client should wait before retrying when Redis or PostgreSQL is away.
 RETRY_AFTER_UNAVAILABLE = 1
-# Errors that mean a server voteflow depends on is away: 503, never a 4xx.
-UNAVAILABLE_ERRORS = (
-    RedisError,
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    # the server is starting or shutting down, or out of connections
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-)
+# A server voteflow depends on is away: 503, never a 4xx.
+UNAVAILABLE_ERRORS = POSTGRES_DOWN + REDIS_DOWN
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,8 @@ share a single query (async-lru coalesces them).
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +19,10 @@ from typing import Any
 import asyncpg
 from async_lru import alru_cache
 
+from voteflow.outages import POSTGRES_DOWN
 from voteflow.timeutil import to_us
+
+log = logging.getLogger(__name__)
 
 # Enough for every poll that is live at once on any deployment we know of; a
 # miss beyond it costs one indexed query, not a failure.
@@ -106,15 +111,36 @@ async def close_poll(pool: asyncpg.Pool, poll_id: str, closed_at: datetime) -> P
 
 
 class PollCache:
+    """Polls by id, each read from PostgreSQL at most once per ``ttl``.
+
+    While PostgreSQL is away, the last copy read of a poll keeps being served
+    (stale-if-error): votes for a live poll are still checked and queued, and
+    the streams absorb them until the workers can write again.
+    """
+
     def __init__(self, pool: asyncpg.Pool, ttl: float) -> None:
         self._pool = pool
         self._get: Callable[[str], Awaitable[Poll | None]] = alru_cache(
             maxsize=CACHE_SIZE, ttl=ttl if ttl > 0 else None
         )(self._fetch)
         self._ttl = ttl
+        self._last_read: OrderedDict[str, Poll] = OrderedDict()
 
     async def _fetch(self, poll_id: str) -> Poll | None:
-        return await fetch_poll(self._pool, poll_id)
+        try:
+            poll = await fetch_poll(self._pool, poll_id)
+        except POSTGRES_DOWN as exc:
+            stale = self._last_read.get(poll_id)
+            if stale is None:
+                raise
+            log.warning("PostgreSQL unavailable (%r); serving poll %s as last read", exc, poll_id)
+            return stale
+        if poll is not None:
+            self._last_read[poll_id] = poll
+            self._last_read.move_to_end(poll_id)
+            if len(self._last_read) > CACHE_SIZE:
+                self._last_read.popitem(last=False)
+        return poll
 
     async def get(self, poll_id: str) -> Poll | None:
         if self._ttl <= 0:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,14 +22,17 @@ import redis.asyncio as aioredis
 from tests.cluster import (
     REQUEST_TIMEOUT,
     Cluster,
+    Flood,
     Process,
     check_counted_once,
     create_poll,
     option_ids_of,
     until,
 )
-from tests.support import drain
+from tests.support import backlog, drain
 from voteflow.keys import GROUP
+from voteflow.migrate import migrate
+from voteflow.servers import PostgresServer
 from voteflow.settings import Settings
 
 VOTES = 300
@@ -152,6 +157,56 @@ async def test_worker_killed_between_commit_and_ack_is_counted_once(
         assert counters["total_ballots"] == VOTES
     consumers = await redis_client.xinfo_consumers(cluster.keys.stream(0), GROUP)
     assert all(c["pending"] == 0 for c in consumers)
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL of this test's own, which it may stop and restart."""
+    with PostgresServer(tmp_path / "postgres", durable=True) as server:
+        yield server
+
+
+async def test_postgres_outage_is_absorbed_by_the_streams_and_nothing_is_lost(
+    own_postgres: PostgresServer,
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+) -> None:
+    await migrate(own_postgres.url)
+    settings = replace(settings, database_url=own_postgres.url)
+    cluster = Cluster(settings, tmp_path, redis_client)
+    try:
+        (edge,), (worker,) = await cluster.start(edges=1, workers=1)
+        async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
+            poll = await create_poll(session, edge, ["A", "B"], allow_multiple_votes=True)
+            flood = Flood(session, edge, poll)
+            sending = flood.run(clients=16)
+            try:
+                await until(lambda: len(flood.accepted) >= 300, 30, "300 votes accepted")
+                own_postgres.kill()
+                at_outage = len(flood.accepted)
+                # Longer than the edge's poll cache lives: it keeps the last copy.
+                await asyncio.sleep(settings.poll_cache_ttl + 3)
+                async with session.get(f"{edge.url}/ready") as response:
+                    assert response.status == 503
+                    assert (await response.json())["postgres"].startswith("unavailable")
+                accepted_during_outage = len(flood.accepted) - at_outage
+                in_flight = await backlog(redis_client, settings)
+                own_postgres.start()
+            finally:
+                await flood.finish(sending)
+            assert worker.popen.poll() is None, worker.log_tail()  # retried, did not crash
+            await drain(redis_client, settings, timeout=60)
+            await check_counted_once(session, edge, settings, flood.poll, flood.accepted)
+        assert set(flood.statuses) == {202}, flood.statuses
+        assert accepted_during_outage > 0
+        print(
+            f"PostgreSQL outage: {accepted_during_outage} votes accepted while it was down, "
+            f"{in_flight} queued when it returned, 0 lost"
+        )
+    finally:
+        problems = await cluster.close()
+    assert not problems, "\n".join(problems)
 
 
 async def _any(pids: Any) -> bool:

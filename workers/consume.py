@@ -28,6 +28,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, MessageError, Vote, decode
+from voteflow.outages import POSTGRES_DOWN
 from voteflow.settings import Settings
 from voteflow.tally import Tally
 from voteflow.timeutil import now_us
@@ -41,15 +42,7 @@ log = logging.getLogger(__name__)
 # they go to the dead letters with the outcome as the reason.
 REJECTED = frozenset({"unknown_poll", "invalid"})
 # PostgreSQL is away or busy for a while: keep the batch and try again.
-TRANSIENT_ERRORS = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.TransactionRollbackError,
-    asyncpg.exceptions.InsufficientResourcesError,
-)
+TRANSIENT_ERRORS = (*POSTGRES_DOWN, asyncpg.exceptions.TransactionRollbackError)
 MAX_BACKOFF = 5.0
 # Where on_startup leaves the Writer in arq's ctx.
 WRITER = "voteflow_writer"
