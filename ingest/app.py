@@ -197,8 +197,12 @@ async def post_vote(request: web.Request) -> web.Response:
         )
     except Unavailable:
         edge.metrics.votes_rejected.labels("unavailable").inc()
-        return problem(
-            503, "the vote could not be queued, retry later", None, RETRY_AFTER_UNAVAILABLE
+        # The vote_id lets a client that did not choose one retry idempotently:
+        # the append may have happened without being confirmed.
+        return json_response(
+            {"error": "the vote could not be queued, retry later", "vote_id": vote.vote_id},
+            503,
+            {"Retry-After": str(RETRY_AFTER_UNAVAILABLE)},
         )
     if appended:
         edge.metrics.votes_accepted.inc()

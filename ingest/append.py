@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from purgatory import AsyncCircuitBreakerFactory
+from purgatory.domain.model import OpenedState
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from voteflow.keys import Keys
 from voteflow.message import FIELD, Vote
+from voteflow.outages import REDIS_DOWN
 
 from .metrics import EdgeMetrics
 
@@ -33,6 +36,15 @@ log = logging.getLogger(__name__)
 # Largest pipeline sent at once; beyond it Redis would stall other clients
 # while it works through one reply, and the edge would hold a larger buffer.
 MAX_PIPELINE = 1024
+# Longest wait for Redis to confirm a pipeline before its requests get 503.
+APPEND_TIMEOUT = 2.0
+# Consecutive failed round trips that open the breaker, and how long it stays
+# open before a probe is let through.
+BREAKER = "redis-append"
+BREAKER_THRESHOLD = 3
+BREAKER_OPEN_SECONDS = 1.0
+# What leaves a pipeline unconfirmed: Redis away, or the breaker open.
+UNCONFIRMED: tuple[type[BaseException], ...] = (OpenedState, *REDIS_DOWN)
 
 
 class Limited(Exception):
@@ -69,6 +81,9 @@ class Appender:
         self._window = idempotency_window
         self._metrics = metrics
         self._script = redis.register_script((Path(__file__).parent / "admit.lua").read_text())
+        self._breaker = AsyncCircuitBreakerFactory(
+            default_threshold=BREAKER_THRESHOLD, default_ttl=BREAKER_OPEN_SECONDS
+        )
         self._waiting: list[_Request] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -136,18 +151,21 @@ class Appender:
 
     async def _flush(self, batch: list[_Request]) -> None:
         self._metrics.append_batch_size.observe(len(batch))
-        with self._metrics.append_seconds.time():
-            replies = await self._send(batch)
-            if any(isinstance(reply, NoScriptError) for reply in replies):
-                # Redis restarted and forgot the script: load it and resend only
-                # the calls it refused (they changed nothing).
-                retry = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-                with contextlib.suppress(RedisError, OSError):
-                    await self._redis.script_load(self._script.script)
-                for i, reply in zip(
-                    retry, await self._send([batch[i] for i in retry]), strict=True
-                ):
-                    replies[i] = reply
+        replies: list[Any]
+        try:
+            # The breaker opens after consecutive failed round trips: then the
+            # requests waiting are answered 503 at once, not after a timeout
+            # each, until a probe succeeds again (half-open).
+            async with await self._breaker.get_breaker(BREAKER):
+                with self._metrics.append_seconds.time():
+                    async with asyncio.timeout(APPEND_TIMEOUT):
+                        replies = await self._send_reloading(batch)
+        except UNCONFIRMED as exc:
+            # Some of these may have been appended, but none is confirmed: the
+            # client retries with the vote_id of its 503, and a vote_id is
+            # queued and counted once.
+            log.warning("append of %d votes failed: %r", len(batch), exc)
+            replies = [exc] * len(batch)
         for request, reply in zip(batch, replies, strict=True):
             if request.done.done():  # the client went away
                 continue
@@ -158,15 +176,20 @@ class Appender:
             else:
                 request.done.set_result(reply[0] == 1)
 
+    async def _send_reloading(self, batch: list[_Request]) -> list[Any]:
+        replies = await self._send(batch)
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            # Redis restarted and forgot the script: load it and resend only
+            # the calls it refused (they changed nothing).
+            retry = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            await self._redis.script_load(self._script.script)
+            for i, reply in zip(retry, await self._send([batch[i] for i in retry]), strict=True):
+                replies[i] = reply
+        return replies
+
     async def _send(self, batch: list[_Request]) -> list[Any]:
+        """One round trip; a reply per request, an exception for a failed one."""
         pipe = self._redis.pipeline(transaction=False)
         for request in batch:
             pipe.evalsha(self._script.sha, 4, *request.keys_and_args)  # type: ignore[arg-type]
-        try:
-            return list(await pipe.execute(raise_on_error=False))
-        except (RedisError, OSError) as exc:
-            # The connection failed mid-way: some of these may have been
-            # appended, but none is confirmed. The client retries with the same
-            # vote_id, and the workers count a vote_id once.
-            log.warning("append pipeline of %d failed: %s", len(batch), exc)
-            return [exc] * len(batch)
+        return list(await pipe.execute(raise_on_error=False))

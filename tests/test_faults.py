@@ -8,9 +8,10 @@ once and that the results equal both the rules' prediction and a recount.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,19 @@ from tests.cluster import (
     Process,
     check_counted_once,
     create_poll,
+    get_results,
     option_ids_of,
+    stored_vote_ids,
     until,
 )
-from tests.support import backlog, drain
+from tests.support import backlog, drain, recount, votes_by_option
 from voteflow.keys import GROUP
 from voteflow.migrate import migrate
-from voteflow.servers import PostgresServer
+from voteflow.servers import PostgresServer, RedisServer
 from voteflow.settings import Settings
 
 VOTES = 300
+MAX_VOTES_PER_CLIENT = 5000
 
 
 @pytest.fixture
@@ -215,3 +219,103 @@ async def _any(pids: Any) -> bool:
 
 async def _equals(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, persisting every append before it answers."""
+    with RedisServer(tmp_path / "redis", appendonly=True, appendfsync="always") as server:
+        yield server
+
+
+@dataclass
+class Answer:
+    vote_id: str
+    status: int  # 0: no answer (connection error)
+    seconds: float
+    retry_after: str | None
+
+
+async def test_redis_outage_answers_503_fast_and_recovers_without_losing_a_202(
+    own_redis: RedisServer, settings: Settings, tmp_path: Path
+) -> None:
+    settings = replace(settings, redis_url=own_redis.url)
+    redis = aioredis.Redis.from_url(own_redis.url)
+    cluster = Cluster(settings, tmp_path, redis)
+    answers: list[Answer] = []
+    stop = asyncio.Event()
+    try:
+        (edge,), (worker,) = await cluster.start(edges=1, workers=1)
+        async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
+            poll = await create_poll(session, edge, ["A", "B"], allow_multiple_votes=True)
+            options = option_ids_of(poll)
+
+            async def client(n: int) -> None:
+                for i in range(MAX_VOTES_PER_CLIENT):
+                    if stop.is_set():
+                        return
+                    body = {
+                        "poll_id": poll["id"],
+                        "option_ids": [options[i % 2]],
+                        "voter_fingerprint": f"c{n}",
+                        "vote_id": str(uuid.uuid4()),
+                    }
+                    started = time.monotonic()
+                    try:
+                        async with session.post(f"{edge.url}/api/vote", json=body) as response:
+                            await response.read()
+                            status, retry = response.status, response.headers.get("Retry-After")
+                    except aiohttp.ClientError:
+                        status, retry = 0, None
+                    answers.append(
+                        Answer(body["vote_id"], status, time.monotonic() - started, retry)
+                    )
+                    if status != 202:
+                        await asyncio.sleep(0.05)
+
+            sending = asyncio.gather(*(client(n) for n in range(16)))
+            try:
+                await until(lambda: len(answers) >= 300, 30, "300 votes answered")
+                own_redis.kill()
+                down_from = len(answers)
+                await asyncio.sleep(5)
+                down = answers[down_from:]
+                own_redis.start()
+                up_from = len(answers)
+                await until(
+                    lambda: any(a.status == 202 for a in answers[up_from:]),
+                    30,
+                    "the edge accepts votes again by itself",
+                )
+                await asyncio.sleep(1)
+            finally:
+                stop.set()
+                async with asyncio.timeout(30):
+                    await sending
+            # The worker rode out the outage: the same process drains the backlog.
+            assert worker.popen.poll() is None, worker.log_tail()
+            await drain(redis, settings, timeout=60)
+            accepted = {a.vote_id for a in answers if a.status == 202}
+            stored = set(await stored_vote_ids(settings.database_url, poll["id"]))
+            unconfirmed = {a.vote_id for a in answers if a.status != 202}
+            result = await get_results(session, edge, poll["id"])
+        # Every 202 is counted; a vote that was not confirmed may or may not be.
+        assert accepted <= stored
+        assert stored <= accepted | unconfirmed
+        assert votes_by_option(result) == await recount(settings.database_url, poll["id"])
+        assert result["total_ballots"] == len(stored)
+        # While Redis was down: 503 with Retry-After, answered promptly.
+        during = [a for a in down if a.status != 202]
+        assert during, "no request was answered while Redis was down"
+        assert {a.status for a in during} == {503}
+        assert all(a.retry_after for a in during)
+        assert max(a.seconds for a in down) < 3.0
+        print(
+            f"Redis outage: {len(during)} votes answered 503 while it was down "
+            f"(slowest answer {max(a.seconds for a in down):.2f}s), "
+            f"{len(accepted)} accepted in all, 0 lost"
+        )
+    finally:
+        problems = await cluster.close()
+        await redis.aclose()
+    assert not problems, "\n".join(problems)

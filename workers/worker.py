@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -20,6 +21,10 @@ from arq.connections import RedisSettings
 from arq.cron import cron
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from voteflow.keys import Keys
 from voteflow.settings import Settings
@@ -40,6 +45,10 @@ METRICS_RUNNER = "voteflow_metrics_runner"
 SHUTDOWN_GRACE = 20.0
 # The reclaim cron job's ticks, in seconds past the minute.
 RECLAIM_EVERY = 5
+# A worker rides out a Redis outage this long (retries 2 s apart at most),
+# then exits for its supervisor to restart it.
+REDIS_OUTAGE_TOLERANCE = 300
+REDIS_RETRIES = REDIS_OUTAGE_TOLERANCE // 2
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -121,7 +130,13 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "on_startup": startup,
         "on_shutdown": shutdown,
         "ctx": {SETTINGS: settings},
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": replace(
+            RedisSettings.from_dsn(settings.redis_url),
+            # arq's own loop does not survive a Redis outage; its commands
+            # retry with backoff instead, for up to REDIS_OUTAGE_TOLERANCE.
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), REDIS_RETRIES),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
+        ),
         "queue_name": keys.arq_queue(),
         "health_check_key": keys.arq_health(),
         "keep_result": 0,
