@@ -8,8 +8,10 @@
 -- ARGV[1] per-IP limit   ARGV[2] per-voter limit  (requests per minute; 0 = off)
 -- ARGV[3] the message field name   ARGV[4] the encoded vote message
 -- ARGV[5] seconds the idempotency key is kept
+-- ARGV[6] most entries a shard may hold before votes for it are shed (0 = no limit)
 -- Returns {1, entry id} when appended, {2, ""} when the vote_id was already
--- queued (nothing appended), {0, milliseconds until allowed} when limited.
+-- queued (nothing appended), {0, milliseconds until allowed} when limited,
+-- {3, ""} when the shard's backlog is full (nothing appended).
 --
 -- The limiters are GCRA (generic cell rate algorithm): each key holds the
 -- "theoretical arrival time" of the next request, in ms. A limit of N per
@@ -17,6 +19,14 @@
 -- per subject, expiring by itself, no sorted sets to trim.
 
 local WINDOW = 60000
+
+-- Workers trim what they acknowledge, so a shard's length is its backlog.
+-- Past the limit, refuse (the client retries later) rather than let Redis
+-- memory grow until it is full.
+local max_backlog = tonumber(ARGV[6])
+if max_backlog > 0 and redis.call('XLEN', KEYS[1]) >= max_backlog then
+  return {3, ''}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 

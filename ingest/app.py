@@ -30,7 +30,7 @@ from voteflow.settings import Settings
 from voteflow.timeutil import now_us
 
 from . import live
-from .append import Appender, Limited, Unavailable
+from .append import Appender, Limited, Overloaded, Unavailable
 from .metrics import EdgeMetrics
 from .polls import Poll, PollCache, close_poll, create_poll
 from .results import current_tally
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
 # What a client should wait before retrying when Redis or PostgreSQL is away.
 RETRY_AFTER_UNAVAILABLE = 1
+# What a client should wait when a shard's backlog is full (shed load).
+RETRY_AFTER_OVERLOADED = 2
 # A server voteflow depends on is away: 503, never a 4xx.
 UNAVAILABLE_ERRORS = POSTGRES_DOWN + REDIS_DOWN
 
@@ -195,6 +197,12 @@ async def post_vote(request: web.Request) -> web.Response:
         return problem(
             429, "too many votes, slow down", None, max(1, math.ceil(exc.retry_after_ms / 1000))
         )
+    except Overloaded:
+        edge.metrics.votes_rejected.labels("overloaded").inc()
+        return problem(
+            503, "voteflow is taking in more votes than it can write; retry shortly", None,
+            RETRY_AFTER_OVERLOADED,
+        )  # fmt: skip
     except Unavailable:
         edge.metrics.votes_rejected.labels("unavailable").inc()
         # The vote_id lets a client that did not choose one retry idempotently:
@@ -270,6 +278,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         settings.rate_limit_per_ip,
         settings.rate_limit_per_voter,
         settings.idempotency_window,
+        settings.max_backlog,
         metrics,
     )
     hub = live.TallyHub(redis, keys, polls, metrics)

@@ -59,6 +59,10 @@ class Unavailable(Exception):
     """Redis did not confirm the append; the client should retry later."""
 
 
+class Overloaded(Exception):
+    """The vote's stream shard holds its most entries; nothing was appended."""
+
+
 @dataclass(slots=True)
 class _Request:
     keys_and_args: tuple[str | int | bytes, ...]
@@ -73,12 +77,14 @@ class Appender:
         limit_per_ip: int,
         limit_per_voter: int,
         idempotency_window: int,
+        max_backlog: int,
         metrics: EdgeMetrics,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._limits = (limit_per_ip, limit_per_voter)
         self._window = idempotency_window
+        self._max_backlog = max_backlog
         self._metrics = metrics
         self._script = redis.register_script((Path(__file__).parent / "admit.lua").read_text())
         self._breaker = AsyncCircuitBreakerFactory(
@@ -111,7 +117,8 @@ class Appender:
         """Admit and append one vote.
 
         Returns True when appended, False when its vote_id was already queued
-        (a retry). Raises :class:`Limited` when over a rate limit and
+        (a retry). Raises :class:`Limited` when over a rate limit,
+        :class:`Overloaded` when its shard's backlog is full, and
         :class:`Unavailable` when Redis did not confirm the append.
         """
         shard = vote.shard(self._keys.shards)
@@ -125,6 +132,7 @@ class Appender:
                 FIELD,
                 vote.encode(),
                 self._window,
+                self._max_backlog,
             ),
             asyncio.get_running_loop().create_future(),
         )
@@ -173,6 +181,8 @@ class Appender:
                 request.done.set_exception(Unavailable(str(reply)))
             elif reply[0] == 0:
                 request.done.set_exception(Limited(int(reply[1])))
+            elif reply[0] == 3:
+                request.done.set_exception(Overloaded())
             else:
                 request.done.set_result(reply[0] == 1)
 

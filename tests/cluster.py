@@ -93,6 +93,7 @@ class Cluster:
             VOTEFLOW_STREAM_SHARDS=str(self.settings.stream_shards),
             VOTEFLOW_BATCH_SIZE=str(self.settings.batch_size),
             VOTEFLOW_CLAIM_IDLE_MS=str(self.settings.claim_idle_ms),
+            VOTEFLOW_MAX_BACKLOG=str(self.settings.max_backlog),
         )
         log_path = self.log_dir / f"{role}-{len(self.processes)}.log"
         with log_path.open("wb") as log:

@@ -64,6 +64,14 @@ class InProcessWorker:
         return await reclaim(self.ctx)
 
 
+async def pause(worker: InProcessWorker) -> None:
+    """Stop a worker's consumers; its reclaim job stays callable."""
+    from workers.worker import CONSUMERS, STOP
+
+    worker.ctx[STOP].set()
+    await asyncio.gather(*worker.ctx[CONSUMERS])
+
+
 async def backlog(redis: Any, settings: Settings) -> int:
     """Entries not yet delivered plus entries delivered but not acknowledged."""
     from voteflow.keys import Keys

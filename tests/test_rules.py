@@ -16,6 +16,7 @@ from tests.support import (
     InProcessWorker,
     create_poll,
     drain,
+    pause,
     recount,
     results,
     votes_by_option,
@@ -24,7 +25,6 @@ from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, Vote, decode
 from voteflow.settings import Settings
 from voteflow.timeutil import now_us
-from workers.worker import CONSUMERS, STOP
 
 Client = TestClient[Any, Any]
 
@@ -197,7 +197,7 @@ async def test_message_redelivered_after_its_batch_committed_counts_once(
     keys = Keys(settings.key_prefix, settings.stream_shards)
     # This test plays the dying worker: it reads the votes before the running
     # worker can, commits them, and never acknowledges them.
-    await worker_pause(worker)
+    await pause(worker)
     await cast(edge, poll, "A", voter_fingerprint="v1")
     await cast(edge, poll, "B", voter_fingerprint="v2")
     taken = 0
@@ -218,12 +218,6 @@ async def test_message_redelivered_after_its_batch_committed_counts_once(
     result = await settle(edge, redis_client, settings, poll)
     assert await tallies(edge, poll) == {"A": 1, "B": 1, "C": 0}
     assert result["total_ballots"] == 2
-
-
-async def worker_pause(worker: InProcessWorker) -> None:
-    """Stop the worker's consumers (its reclaim job stays callable)."""
-    worker.ctx[STOP].set()
-    await asyncio.gather(*worker.ctx[CONSUMERS])
 
 
 def as_rows(votes: list[Vote]) -> list[tuple[Any, ...]]:

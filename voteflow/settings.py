@@ -39,6 +39,10 @@ class Settings:
     # 202 without being queued again (about 150 bytes of Redis per vote).
     idempotency_window: int = 3600
     stream_shards: int = 8
+    # Entries a stream shard may hold (not yet written by the workers) before
+    # the edges answer its votes 503: the spike is queued, but Redis memory
+    # stays bounded (about 300 bytes per queued vote). 0: no limit.
+    max_backlog: int = 100_000
     batch_size: int = 500
     # Stream consumers per worker process: each reads a batch and commits it
     # with one cast_vote_atomic call, so this is also the PostgreSQL pool size.
@@ -91,6 +95,7 @@ class Settings:
         need(self.rate_limit_per_ip >= 0, "rate_limit_per_ip", "must be >= 0")
         need(self.rate_limit_per_voter >= 0, "rate_limit_per_voter", "must be >= 0")
         need(self.idempotency_window >= 1, "idempotency_window", "must be >= 1")
+        need(self.max_backlog >= 0, "max_backlog", "must be >= 0")
         need(1 <= self.stream_shards <= 1024, "stream_shards", "must be between 1 and 1024")
         need(1 <= self.batch_size <= 10_000, "batch_size", "must be between 1 and 10000")
         need(1 <= self.consumers <= 256, "consumers", "must be between 1 and 256")

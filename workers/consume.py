@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, MessageError, Vote, decode
@@ -33,6 +33,7 @@ from voteflow.settings import Settings
 from voteflow.tally import Tally
 from voteflow.timeutil import now_us
 
+from .ack import Acknowledger
 from .metrics import WorkerMetrics
 from .publish import Publisher
 
@@ -59,6 +60,7 @@ class Writer:
     redis: Redis
     pool: asyncpg.Pool
     publisher: Publisher
+    acknowledger: Acknowledger
     metrics: WorkerMetrics
     consumer: str
 
@@ -244,10 +246,17 @@ async def _acknowledge(
             {b"entry": entry_id, FIELD: raw, b"reason": reason.encode()},
         )
     if entry_ids:
-        pipe.xack(writer.keys.stream(shard), GROUP, *entry_ids)
+        writer.acknowledger.queue(pipe, writer.keys.stream(shard), entry_ids)
     for tally in tallies:
         writer.publisher.queue(pipe, tally)
     replies: list[Any] = await pipe.execute(raise_on_error=False)
+    if entry_ids and isinstance(replies[len(dead)], NoScriptError):
+        # Redis restarted and forgot the scripts: the entries are still
+        # pending; acknowledge them again once the scripts are back.
+        await writer.acknowledger.load()
+        retry = writer.redis.pipeline(transaction=True)
+        writer.acknowledger.queue(retry, writer.keys.stream(shard), entry_ids)
+        await retry.execute()
     for _, _, reason in dead:
         writer.metrics.dead_letters.labels(reason.split(":")[0]).inc()
     await writer.publisher.retry_unloaded(replies[len(replies) - len(tallies) :], tallies)

@@ -7,8 +7,8 @@ tick, whatever the number of workers):
   commits them like any batch; an entry delivered ``VOTEFLOW_MAX_DELIVERIES``
   times without being committed goes to the dead letters instead, so one
   poison message can never block its shard;
-- trims each stream below its oldest entry not yet acknowledged (never an
-  entry a worker still has to commit), and forgets consumers that left long ago.
+- forgets consumers that left long ago. (Acknowledged entries are trimmed
+  as they are acknowledged, see ack.lua.)
 """
 
 from __future__ import annotations
@@ -98,26 +98,9 @@ async def _dead_letter(writer: Writer, shard: int, entries: list[Any]) -> None:
     log.error("shard %d: %d entries dead-lettered after too many deliveries", shard, len(entries))
 
 
-async def trim_shard(writer: Writer, shard: int) -> None:
-    """Drop entries every consumer has acknowledged."""
+async def forget_gone_consumers(writer: Writer, shard: int) -> None:
+    """Drop consumers with nothing pending that have been silent for long."""
     stream = writer.keys.stream(shard)
-    groups = {g["name"]: g for g in await writer.redis.xinfo_groups(stream)}
-    group = groups.get(GROUP.encode())
-    if group is None:
-        return
-    summary = await writer.redis.xpending(stream, GROUP)
-    if summary["pending"]:
-        # Keep the oldest pending entry and everything after it.
-        min_id = summary["min"]
-    else:
-        last = group["last-delivered-id"]
-        last = last.decode() if isinstance(last, bytes) else last
-        if last == "0-0":
-            return
-        ms, seq = last.split("-")
-        # Everything up to the last delivered entry is acknowledged.
-        min_id = f"{ms}-{int(seq) + 1}"
-    await writer.redis.xtrim(stream, minid=min_id, approximate=True)
     for consumer in await writer.redis.xinfo_consumers(stream, GROUP):
         if consumer["pending"] == 0 and consumer["idle"] > FORGET_CONSUMER_MS:
             await writer.redis.xgroup_delconsumer(stream, GROUP, consumer["name"])
@@ -130,7 +113,7 @@ async def reclaim(ctx: dict[str, Any]) -> int:
     for shard in range(writer.keys.shards):
         try:
             total += await reclaim_shard(writer, shard)
-            await trim_shard(writer, shard)
+            await forget_gone_consumers(writer, shard)
         except RedisError as exc:
             log.warning("reclaim of shard %d failed: %s", shard, exc)
     return total

@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from voteflow.keys import Keys
 from voteflow.settings import Settings
 
+from .ack import Acknowledger
 from .consume import WRITER, Writer, consume, consumer_name, ensure_groups, watch_backlog
 from .metrics import WorkerMetrics
 from .publish import Publisher
@@ -65,8 +66,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     publisher = Publisher(redis, keys)
     await publisher.load()
+    acknowledger = Acknowledger(redis)
+    await acknowledger.load()
     await ensure_groups(redis, keys)
-    writer = Writer(settings, keys, redis, pool, publisher, metrics, consumer_name())
+    writer = Writer(settings, keys, redis, pool, publisher, acknowledger, metrics, consumer_name())
     ctx[WRITER] = writer
     ctx[METRICS_RUNNER] = await _serve_metrics(metrics, settings.worker_metrics_port)
     stop = ctx[STOP] = asyncio.Event()
