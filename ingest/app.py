@@ -32,6 +32,7 @@ from voteflow.timeutil import now_us
 from . import live
 from .append import Appender, Limited, Overloaded, Unavailable
 from .metrics import EdgeMetrics
+from .openapi import get_openapi
 from .polls import Poll, PollCache, close_poll, create_poll
 from .results import current_tally
 from .validate import MAX_VOTE_BODY, Invalid, admit_ballot, parse_ballot, parse_new_poll
@@ -101,6 +102,8 @@ async def observe(
         response = await handler(request)
     except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body too large
         response = problem(exc.status, exc.reason)
+        if "Allow" in exc.headers:  # a 405 must name the methods allowed
+            response.headers["Allow"] = exc.headers["Allow"]
     except Invalid as exc:
         response = problem(exc.status, exc.message, exc.field)
     except UNAVAILABLE_ERRORS as exc:
@@ -315,6 +318,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/health", get_health)
     app.router.add_get("/ready", get_ready)
     app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/api/openapi.json", get_openapi)
     return app
 
 

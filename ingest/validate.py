@@ -192,4 +192,7 @@ def _expires_at(value: Any, now: datetime) -> datetime | None:
         raise Invalid(422, "expires_at", message)
     if parsed <= now:
         raise Invalid(422, "expires_at", "expires_at must be in the future")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # after 9999-12-31T23:59:59.999999Z
+        raise Invalid(422, "expires_at", message) from None
