@@ -31,6 +31,7 @@ from voteflow.timeutil import now_us
 
 from . import live
 from .append import Appender, Limited, Overloaded, Unavailable
+from .clientip import Network, client_ip, parse_networks
 from .metrics import EdgeMetrics
 from .openapi import get_openapi
 from .polls import Poll, PollCache, close_poll, create_poll
@@ -60,6 +61,7 @@ class Edge:
     appender: Appender
     hub: live.TallyHub
     metrics: EdgeMetrics
+    proxies: tuple[Network, ...]
 
 
 EDGE = web.AppKey("edge", Edge)
@@ -194,7 +196,7 @@ async def post_vote(request: web.Request) -> web.Response:
         edge.metrics.votes_rejected.labels(str(exc.status)).inc()
         raise
     try:
-        appended = await edge.appender.append(vote, request.remote or "unknown")
+        appended = await edge.appender.append(vote, client_ip(request, edge.proxies))
     except Limited as exc:
         edge.metrics.rate_limited.inc()
         return problem(
@@ -287,7 +289,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     hub = live.TallyHub(redis, keys, polls, metrics)
     await appender.start()
     await hub.start()
-    app[EDGE] = Edge(settings, keys, redis, pool, polls, appender, hub, metrics)
+    proxies = parse_networks(settings.trusted_proxies)
+    app[EDGE] = Edge(settings, keys, redis, pool, polls, appender, hub, metrics, proxies)
     try:
         yield
     finally:

@@ -7,6 +7,7 @@ A bad value stops the process at start-up with a message naming the variable.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -33,6 +34,9 @@ class Settings:
     # minute's allowance at once (burst), then refills evenly.
     rate_limit_per_ip: int = 600
     rate_limit_per_voter: int = 60
+    # Comma-separated addresses or networks of the proxies in front of the
+    # edges; only from these is X-Forwarded-For believed (see ingest.clientip).
+    trusted_proxies: str = ""
     # Namespace of every Redis key voteflow uses (see voteflow.keys).
     key_prefix: str = "voteflow"
     # Seconds the edges remember a queued vote_id, so that a retry is answered
@@ -94,6 +98,11 @@ class Settings:
         need(0 < self.port < 65536, "port", "must be a TCP port")
         need(self.rate_limit_per_ip >= 0, "rate_limit_per_ip", "must be >= 0")
         need(self.rate_limit_per_voter >= 0, "rate_limit_per_voter", "must be >= 0")
+        try:
+            for part in filter(None, (p.strip() for p in self.trusted_proxies.split(","))):
+                ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            need(False, "trusted_proxies", "must list IP addresses or networks, comma-separated")
         need(self.idempotency_window >= 1, "idempotency_window", "must be >= 1")
         need(self.max_backlog >= 0, "max_backlog", "must be >= 0")
         need(1 <= self.stream_shards <= 1024, "stream_shards", "must be between 1 and 1024")

@@ -1,0 +1,56 @@
+"""The client address that per-IP rate limits count against.
+
+``X-Forwarded-For`` is believed only when the direct peer is a trusted proxy
+(``VOTEFLOW_TRUSTED_PROXIES``); from any other peer the header is ignored, so
+a client cannot dodge its limit by forging it. Behind a chain of proxies, the
+addresses are read from the right and trusted proxies skipped: the first one
+that is not a trusted proxy is the client (what nginx's real_ip_recursive
+does). aiohttp-remotes' XForwardedStrict was not used: it refuses requests
+with the header from untrusted peers instead of ignoring it, and wants the
+exact chain of proxies.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+from aiohttp import web
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(spec: str) -> tuple[Network, ...]:
+    """``"10.0.0.0/8, 127.0.0.1"`` -> networks; raises ValueError naming a bad one."""
+    networks = []
+    for item in (part.strip() for part in spec.split(",")):
+        if item:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+def _trusted(address: str, proxies: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in proxies)
+
+
+def client_ip(request: web.Request, proxies: Sequence[Network]) -> str:
+    peer = request.remote or "unknown"
+    if not proxies or not _trusted(peer, proxies):
+        return peer
+    hops = _hops(request.headers.getall("X-Forwarded-For", ()))
+    for hop in reversed(hops):
+        if not _trusted(hop, proxies):
+            return hop
+    # Every address is a trusted proxy: the leftmost is as far as we can see.
+    return hops[0] if hops else peer
+
+
+def _hops(values: Iterable[str]) -> list[str]:
+    return [hop.strip() for value in values for hop in value.split(",") if hop.strip()]
