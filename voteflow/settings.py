@@ -61,6 +61,13 @@ class Settings:
     worker_metrics_port: int = 9464
     # Seconds between SSE heartbeats, so proxies keep idle streams open.
     sse_heartbeat: float = 15.0
+    # Slow or stuck clients: most open connections per edge process, and the
+    # seconds a client has to send its request headers, then its body.
+    max_connections: int = 10_000
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    # Seconds an idle keep-alive connection stays open.
+    keepalive_timeout: float = 75.0
     log_level: str = "INFO"
 
     @classmethod
@@ -114,6 +121,10 @@ class Settings:
         need(1 <= self.vote_partitions <= 1024, "vote_partitions", "must be between 1 and 1024")
         need(0 <= self.worker_metrics_port < 65536, "worker_metrics_port", "must be a port or 0")
         need(self.sse_heartbeat > 0, "sse_heartbeat", "must be > 0")
+        need(self.max_connections >= 1, "max_connections", "must be >= 1")
+        need(self.header_timeout > 0, "header_timeout", "must be > 0")
+        need(self.body_timeout > 0, "body_timeout", "must be > 0")
+        need(self.keepalive_timeout > 0, "keepalive_timeout", "must be > 0")
         need(
             re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.key_prefix) is not None,
             "key_prefix",
