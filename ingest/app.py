@@ -106,6 +106,8 @@ async def observe(
         response = problem(exc.status, exc.reason)
         if "Allow" in exc.headers:  # a 405 must name the methods allowed
             response.headers["Allow"] = exc.headers["Allow"]
+    except web.RequestPayloadError:  # e.g. a Content-Encoding that does not decode
+        response = problem(400, "the body could not be read or decoded")
     except Invalid as exc:
         response = problem(exc.status, exc.message, exc.field)
     except UNAVAILABLE_ERRORS as exc:

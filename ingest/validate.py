@@ -7,6 +7,7 @@ touches Redis or PostgreSQL: a ballot is checked against a cached poll.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +18,13 @@ import orjson
 from voteflow.message import Vote, voter_key
 
 from .polls import Poll
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+# RFC 3339 date-time (section 5.6): "T" between date and time,
+# "Z" or a +hh:mm offset; either letter in either case.
+_RFC_3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
 
 MAX_VOTE_BODY = 4096
 MAX_VOTER_ID = 128
@@ -68,12 +76,11 @@ def _object(data: Any) -> dict[str, Any]:
 
 
 def _uuid(value: Any, field: str) -> str:
-    if not isinstance(value, str) or len(value) > 45:
+    # uuid.UUID alone would also take braces, "urn:" prefixes, missing hyphens
+    # and non-ASCII digits; the API speaks the 8-4-4-4-12 hexadecimal form.
+    if not isinstance(value, str) or _UUID.fullmatch(value) is None:
         raise Invalid(422, field, f"{field} must be a UUID string")
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise Invalid(422, field, f"{field} must be a UUID string") from None
+    return value.lower()
 
 
 def _text(value: str, field: str) -> str:
@@ -182,11 +189,11 @@ def _expires_at(value: Any, now: datetime) -> datetime | None:
     if value is None:
         return None
     message = "expires_at must be an RFC 3339 date-time with an offset, or null"
-    if not isinstance(value, str) or len(value) > 64:
+    if not isinstance(value, str) or len(value) > 64 or _RFC_3339.fullmatch(value) is None:
         raise Invalid(422, "expires_at", message)
     try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
+        parsed = datetime.fromisoformat(value.upper())
+    except ValueError:  # well-formed, but no such date or time (February 30th)
         raise Invalid(422, "expires_at", message) from None
     if parsed.tzinfo is None:
         raise Invalid(422, "expires_at", message)
