@@ -1,4 +1,4 @@
-"""The ``voteflow`` command: migrate, edge, worker, and up (the whole stack)."""
+"""The ``voteflow`` command: migrate, edge, worker, up (the whole stack), and audit."""
 
 from __future__ import annotations
 
@@ -56,6 +56,12 @@ def cmd_worker(settings: Settings) -> int:
 
     run(settings)
     return 0
+
+
+def cmd_audit(settings: Settings, poll_id: str | None, as_json: bool) -> int:
+    from .audit import run
+
+    return asyncio.run(run(settings, poll_id=poll_id, as_json=as_json))
 
 
 class _Stop(Exception):
@@ -197,6 +203,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=Path(".voteflow"),
         help="where private servers keep their data (default: .voteflow)",
     )
+    audit = sub.add_parser(
+        "audit",
+        help="check a live deployment's tallies, snapshots and streams (read-only)",
+        description="Check, read-only, that every poll's tallies equal a recount from the "
+        "votes table (and, in single-vote polls, agree with voter_ballots), that no published "
+        "snapshot is ahead of or differs from PostgreSQL (an older one is a 'stale' warning), "
+        "and report each stream shard's backlog, oldest pending entry and dead letters.",
+        epilog="exit status: 0 consistent, no dead letters; 1 a mismatch found; "
+        "2 the audit could not run (settings, a server unreachable, migrations not applied, "
+        "no such poll); 3 consistent, but dead letters exist",
+    )
+    audit.add_argument("--poll", metavar="ID", help="audit this poll only (streams still all)")
+    audit.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -207,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_edge(settings)
         if args.command == "worker":
             return cmd_worker(settings)
+        if args.command == "audit":
+            return cmd_audit(settings, args.poll, args.json)
         return cmd_up(settings, args.data_dir.resolve())
     except SettingsError as exc:
         print(f"voteflow: {exc}", file=sys.stderr)
