@@ -36,6 +36,7 @@ from .metrics import EdgeMetrics
 from .openapi import get_openapi
 from .polls import Poll, PollCache, close_poll, create_poll
 from .results import current_tally
+from .serve import read_body, serve
 from .validate import MAX_VOTE_BODY, Invalid, admit_ballot, parse_ballot, parse_new_poll
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,10 @@ async def _poll(edge: Edge, request: web.Request) -> Poll:
 async def post_poll(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     _require_admin(request, edge)
-    new = parse_new_poll(await request.read(), datetime.now(UTC))
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise Invalid(413, None, f"a poll body must be at most {MAX_BODY} bytes")
+    body = await read_body(request, edge.settings.body_timeout)
+    new = parse_new_poll(body, datetime.now(UTC))
     poll = await create_poll(
         edge.pool,
         new.question,
@@ -183,7 +187,7 @@ async def post_vote(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_VOTE_BODY:
         edge.metrics.votes_rejected.labels("too_large").inc()
         raise Invalid(413, None, f"a vote body must be at most {MAX_VOTE_BODY} bytes")
-    body = await request.read()
+    body = await read_body(request, edge.settings.body_timeout)
     if len(body) > MAX_VOTE_BODY:
         edge.metrics.votes_rejected.labels("too_large").inc()
         raise Invalid(413, None, f"a vote body must be at most {MAX_VOTE_BODY} bytes")
@@ -328,14 +332,4 @@ def create_app(settings: Settings) -> web.Application:
 
 
 def run(settings: Settings) -> None:
-    import uvloop
-
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        access_log=None,
-        loop=uvloop.new_event_loop(),
-        shutdown_timeout=10,
-        print=lambda line: log.info("%s", line),
-    )
+    serve(create_app(settings), settings)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import replace
 from typing import Any
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
@@ -113,3 +115,20 @@ async def test_poison_messages_go_to_dead_letters_and_do_not_block_the_shard(
     assert reasons == ["invalid", "undecodable", "undecodable", "undecodable", "unknown_poll"]
     results = await (await edge.get(f"/api/polls/{poll['id']}/results")).json()
     assert results["total_ballots"] == 1
+
+
+async def test_admin_token_is_never_logged(
+    edge: Client, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = {"Authorization": "Bearer not-the-token-but-secret-too"}
+    right = {"Authorization": f"Bearer {settings.admin_token}"}
+    body = {"question": "Q?", "options": ["a", "b"]}
+    assert (await edge.post("/api/polls", json=body, headers=wrong)).status == 401
+    response = await edge.post("/api/polls", json=body, headers=right)
+    assert response.status == 201
+    poll = await response.json()
+    assert (await edge.post(f"/api/polls/{poll['id']}/close", headers=right)).status == 200
+    assert caplog.records, "nothing was logged at all: the check would prove nothing"
+    assert settings.admin_token not in caplog.text
+    assert "not-the-token-but-secret-too" not in caplog.text
