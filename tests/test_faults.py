@@ -87,6 +87,23 @@ async def waiting_on_locks(db: asyncpg.Connection) -> list[int]:
     return [row["pid"] for row in rows]
 
 
+async def start_worker_held_short_of_commit(
+    cluster: Cluster, poll: dict[str, Any], db: asyncpg.Connection
+) -> Process:
+    """Start a worker while ``db`` (in a transaction) holds the poll's counters
+    row: the worker takes every queued vote and its batches stop just short of
+    their commit, holding everything else they wrote."""
+    await db.execute("SELECT FROM poll_counters WHERE poll_id = $1 FOR UPDATE", poll["id"])
+    _, (worker,) = await cluster.start(workers=1)
+    await until(
+        lambda: _equals(pending_of(cluster, worker), VOTES),
+        timeout=20,
+        what="the worker holds every vote",
+    )
+    await until(lambda: _any(waiting_on_locks(db)), 20, "the worker's batches wait")
+    return worker
+
+
 async def test_worker_killed_before_commit_leaves_its_batch_to_another_worker(
     cluster: Cluster, settings: Settings, redis_client: aioredis.Redis, db: asyncpg.Connection
 ) -> None:
@@ -94,17 +111,8 @@ async def test_worker_killed_before_commit_leaves_its_batch_to_another_worker(
     async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
         poll = await create_poll(session, edge, ["A", "B", "C"], allow_multiple_votes=True)
         accepted = await send_votes(session, edge, poll, VOTES)
-        # Hold the poll's counters row: the worker's batches stop just short
-        # of their commit, holding everything else they wrote.
         async with db.transaction():
-            await db.execute("SELECT FROM poll_counters WHERE poll_id = $1 FOR UPDATE", poll["id"])
-            _, (doomed,) = await cluster.start(workers=1)
-            await until(
-                lambda: _equals(pending_of(cluster, doomed), VOTES),
-                timeout=20,
-                what="the worker holds every vote",
-            )
-            await until(lambda: _any(waiting_on_locks(db)), 20, "the worker's batches wait")
+            doomed = await start_worker_held_short_of_commit(cluster, poll, db)
             in_flight = await pending_of(cluster, doomed)
             doomed.popen.kill()
             assert await doomed.wait(10) is not None
@@ -127,14 +135,7 @@ async def test_worker_killed_between_commit_and_ack_is_counted_once(
         poll = await create_poll(session, edge, ["A", "B", "C"], allow_multiple_votes=True)
         accepted = await send_votes(session, edge, poll, VOTES)
         async with db.transaction():
-            await db.execute("SELECT FROM poll_counters WHERE poll_id = $1 FOR UPDATE", poll["id"])
-            _, (doomed,) = await cluster.start(workers=1)
-            await until(
-                lambda: _equals(pending_of(cluster, doomed), VOTES),
-                timeout=20,
-                what="the worker holds every vote",
-            )
-            await until(lambda: _any(waiting_on_locks(db)), 20, "the worker's batches wait")
+            doomed = await start_worker_held_short_of_commit(cluster, poll, db)
             # Redis stops executing writes (the acknowledgements among them)...
             await redis_client.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
         # ...and the batches commit as the counters row is released.
