@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 
 # Seconds in-flight requests get to finish once SIGINT or SIGTERM arrives.
 SHUTDOWN_TIMEOUT = 10.0
-# Connections waiting in the kernel to be accepted (aiohttp's default).
-BACKLOG = 128
+# Connections waiting in the kernel to be accepted. A spike opens thousands at
+# once: they should wait here (the kernel caps it at net.core.somaxconn), not
+# be dropped and retried after a second by the clients' TCP stacks.
+BACKLOG = 4096
 # File descriptors a process needs besides its clients' connections: Redis and
 # PostgreSQL pools, the listening socket, logs, the interpreter's own files.
 FD_HEADROOM = 256
