@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format typecheck migrate clean
+.PHONY: run test lint format migrate bench loadtest clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+## bench: HTTP ceiling, edge and naive baseline side by side with wrk (apt-get install wrk); JSON in bench/results/
+bench: $(STAMP)
+	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+
+## loadtest: the Locust profile against a private stack (500 users at the peak), then the exactly-once verdict
+loadtest: $(STAMP)
+	$(BIN)/python -m loadtest.run $(LOADTEST_ARGS)
 
 ## migrate: apply sql/ migrations to $VOTEFLOW_DATABASE_URL
 migrate: $(STAMP)

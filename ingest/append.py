@@ -1,10 +1,10 @@
 """Appending admitted votes to their stream shards, many requests per round trip.
 
 Round trips: one per *batch* of requests, not one per request. Requests that
-arrive while a pipeline is in flight wait in a list; when it returns, the
-flusher sends all of them as the next pipeline. Under load the batches grow by
-themselves and Redis sees a few large pipelines instead of thousands of small
-commands; when idle, a lone request goes out at once.
+arrive while PIPELINES_IN_FLIGHT pipelines are in flight wait in a list; when
+one returns, the flusher sends all of them as the next pipeline. Under load
+the batches grow by themselves and Redis sees a few large pipelines instead of
+thousands of small commands; when idle, a lone request goes out at once.
 
 Each entry of the pipeline is one call of ``admit.lua``: the rate limits and the
 XADD, atomically. A request's future resolves only with the reply to its own
@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 # Largest pipeline sent at once; beyond it Redis would stall other clients
 # while it works through one reply, and the edge would hold a larger buffer.
 MAX_PIPELINE = 1024
+# Pipelines sent before the first is answered. With appendfsync always, Redis
+# answers a pipeline only after its fsync; while one waits on the disk, the
+# next ones are already on their way, and Redis fsyncs them together.
+PIPELINES_IN_FLIGHT = 4
 # Longest wait for Redis to confirm a pipeline before its requests get 503.
 APPEND_TIMEOUT = 2.0
 # Consecutive failed round trips that open the breaker, and how long it stays
@@ -91,6 +95,7 @@ class Appender:
             default_threshold=BREAKER_THRESHOLD, default_ttl=BREAKER_OPEN_SECONDS
         )
         self._waiting: list[_Request] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -105,7 +110,7 @@ class Appender:
         """Send what is waiting, answer it, then stop."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(10):
-                while self._waiting:
+                while self._waiting or self._in_flight:
                     self._wakeup.set()
                     await asyncio.sleep(0.01)
         if self._task is not None:
@@ -145,17 +150,26 @@ class Appender:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._waiting:
+                if len(self._in_flight) >= PIPELINES_IN_FLIGHT:
+                    # Requests gather in the list meanwhile: the next batch grows.
+                    await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 batch = self._waiting[:MAX_PIPELINE]
                 del self._waiting[:MAX_PIPELINE]
-                try:
-                    await self._flush(batch)
-                except Exception as exc:
-                    # Never leave a request waiting forever, and never stop
-                    # flushing: answer this batch 503 and go on.
-                    log.exception("append of %d votes failed", len(batch))
-                    for request in batch:
-                        if not request.done.done():
-                            request.done.set_exception(Unavailable(str(exc)))
+                task = asyncio.create_task(self._flush_answering(batch))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+
+    async def _flush_answering(self, batch: list[_Request]) -> None:
+        try:
+            await self._flush(batch)
+        except Exception as exc:
+            # Never leave a request waiting forever, and never stop flushing:
+            # answer this batch 503 and go on.
+            log.exception("append of %d votes failed", len(batch))
+            for request in batch:
+                if not request.done.done():
+                    request.done.set_exception(Unavailable(str(exc)))
 
     async def _flush(self, batch: list[_Request]) -> None:
         self._metrics.append_batch_size.observe(len(batch))

@@ -353,7 +353,7 @@ def _run_as_kwargs(
 ) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "env": {k: v for k, v in os.environ.items() if not k.startswith("PG")},
-        "preexec_fn": _die_with_parent(death_signal),
+        "preexec_fn": die_with_parent(death_signal),
     }
     if run_as is not None:
         # extra_groups=[] drops root's supplementary groups too.
@@ -361,7 +361,7 @@ def _run_as_kwargs(
     return kwargs
 
 
-def _die_with_parent(death_signal: signal.Signals) -> Callable[[], None] | None:
+def die_with_parent(death_signal: signal.Signals) -> Callable[[], None] | None:
     """A preexec_fn asking the kernel to signal the child when we die (Linux only).
 
     subprocess calls it after switching to `user=`/`group=`, which matters: a

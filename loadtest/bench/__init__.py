@@ -1,0 +1,24 @@
+"""`make bench`: voteflow's throughput next to what bounds it, in one run.
+
+    python -m loadtest.bench [--stages 1,2,3] [--repeats 5] [--duration 10] [--connections 64]
+
+Stages, each a module here, each measured with wrk (``vote.lua``: a new
+voter and vote_id on every request):
+
+1. ``ceiling``: the HTTP ceiling, a bare aiohttp + uvloop + orjson app in one
+   process (``ceiling_app``) that parses the vote and answers 202.
+2. ``edge``: the real edge (``python -m voteflow edge``) appending to Redis
+   Streams (``appendfsync always``), no worker running; ratio to (1).
+3. ``naive``: the design voteflow replaces (``naive_app``): SELECT, DELETE,
+   INSERT in PostgreSQL per vote; the ratio of (2) to it.
+
+Stages 4-7 (drain, end to end, spike, cost per process) are to come as
+modules of their own, registered in ``cli.STAGES``.
+
+The stages run in rounds, one repeat of each per round, so the shared
+machine's noise falls on each alike; ratios are taken within a round. The
+table and ``bench/results/<UTC timestamp>.json`` show medians and spreads,
+the server's CPU seconds per 1,000 requests and wrk's own CPU use. Every
+process the bench starts (private PostgreSQL and Redis, the edge, the apps,
+wrk) is stopped when it ends, also on Ctrl-C.
+"""

@@ -1,0 +1,219 @@
+"""The command line of the bench: which stages, how long, how many times; the run itself."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from types import FrameType
+from typing import Any
+
+from . import report, wrk
+from .ceiling import HttpCeiling
+from .edge import Edge
+from .naive import Naive
+from .stack import Bench, Options
+from .stage import Sample, Stage
+
+# The stages built so far, by number. Each is a module of its own with a Stage
+# subclass (stage.py); a new one is registered here and runs in the rounds
+# like the others.
+STAGES: dict[int, type[Stage]] = {1: HttpCeiling, 2: Edge, 3: Naive}
+# Issue 5's later stages, not built yet.
+PLANNED = {
+    4: "drain: 1,000,000 queued votes written by the workers, against a PostgreSQL ceiling",
+    5: "end to end at a steady load",
+    6: "a spike of 50,000 votes",
+    7: "cost per process",
+}
+
+
+def _stages(text: str) -> list[int]:
+    try:
+        numbers = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of stage numbers: {text!r}") from None
+    for n in numbers:
+        if n in PLANNED:
+            raise argparse.ArgumentTypeError(f"stage {n} ({PLANNED[n]}) is not built yet")
+        if n not in STAGES:
+            raise argparse.ArgumentTypeError(f"no stage {n}; stages: {sorted(STAGES)}")
+    if not numbers:
+        raise argparse.ArgumentTypeError("no stage given")
+    return numbers
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    stage_list = "\n".join(
+        [f"  {n} {cls.name}: {cls.title}" for n, cls in STAGES.items()]
+        + [f"  {n} (not built yet) {what}" for n, what in PLANNED.items()]
+    )
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench",
+        description="voteflow's throughput next to what bounds it, measured side by side in "
+        "one run, with wrk. The stages run in rounds (each stage once per round) after one "
+        "warm-up each; the table shows medians over the rounds.",
+        epilog=f"stages:\n{stage_list}\n\nexit status: 0 done, 1 the bench failed, 2 wrk "
+        "missing or bad arguments, 130 interrupted",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--stages",
+        type=_stages,
+        default=sorted(STAGES),
+        help="comma-separated stage numbers (default: all built)",
+    )
+    parser.add_argument("--repeats", type=_positive, default=5, help="rounds (default: 5)")
+    parser.add_argument(
+        "--duration", type=_positive, default=10, help="seconds per measured run (default: 10)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_positive,
+        default=None,
+        help="seconds of the warm-up run of each stage (default: a third of --duration, 1-3)",
+    )
+    parser.add_argument(
+        "--connections", type=_positive, default=64, help="wrk's open connections (default: 64)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive,
+        default=1,
+        help="wrk's threads (default: 1; each drives its share of the connections)",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=report.RESULTS_DIR,
+        help=f"where the JSON goes (default: {report.RESULTS_DIR})",
+    )
+    args = parser.parse_args(argv)
+    if args.threads > args.connections:
+        parser.error("--threads must not exceed --connections")
+    if args.warmup is None:
+        args.warmup = min(3, max(1, args.duration // 3))
+    return args
+
+
+def _progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _measure(
+    options: Options, numbers: list[int], machine: dict[str, Any]
+) -> tuple[list[Stage], dict[int, list[Sample]]]:
+    stages = [STAGES[n]() for n in numbers]
+    samples: dict[int, list[Sample]] = {n: [] for n in numbers}
+    with ExitStack() as stack:
+        work_dir = Path(
+            stack.enter_context(
+                TemporaryDirectory(prefix="voteflow-bench-", ignore_cleanup_errors=True)
+            )
+        )
+        machine["data_filesystem"] = report.filesystem(work_dir)
+        bench = Bench(options, stack, work_dir)
+        try:
+            for stage in stages:
+                _progress(f"starting stage {stage.number} {stage.name}")
+                stage.start(bench)
+            for stage in stages:
+                _progress(f"warming up {stage.name} ({options.warmup}s)")
+                stage.warm_up()
+            for round_ in range(1, options.repeats + 1):
+                for stage in stages:
+                    sample = stage.measure()
+                    samples[stage.number].append(sample)
+                    _progress(
+                        f"round {round_}/{options.repeats} {stage.number} {stage.name}: "
+                        f"{sample.rate:,.0f} {stage.unit}, p99 {sample.p99_ms:.1f} ms, "
+                        f"non-2xx {sample.non_2xx}, server CPU {sample.server_cpu_percent:.0f}%, "
+                        f"wrk CPU {sample.wrk_cpu_percent:.0f}%"
+                    )
+        finally:
+            # Stopping is bounded (each process gets seconds, then SIGKILL):
+            # let a second Ctrl-C not cut it short.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _progress("stopping everything the bench started")
+    return stages, samples
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    wrk_path = wrk.find()
+    if wrk_path is None:
+        print(wrk.MISSING, file=sys.stderr)
+        return 2
+    options = Options(
+        repeats=args.repeats,
+        duration=args.duration,
+        warmup=args.warmup,
+        connections=args.connections,
+        threads=args.threads,
+        wrk=wrk_path,
+    )
+    started = datetime.now(UTC)
+    machine: dict[str, Any] = {
+        "wrk": wrk.version(wrk_path),
+        "loadavg_before": list(os.getloadavg()),
+    }
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        stages, samples = _measure(options, args.stages, machine)
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"bench: failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    machine["loadavg_after"] = list(os.getloadavg())
+    rows = report.rows(stages, samples)
+    settings = {
+        "stages": args.stages,
+        "repeats": options.repeats,
+        "duration_s": options.duration,
+        "warmup_s": options.warmup,
+        "connections": options.connections,
+        "wrk_threads": options.threads,
+    }
+    path = report.write_json(rows, started, settings, machine, args.results_dir)
+    print(
+        f"\nvoteflow bench, {started:%Y-%m-%d %H:%M} UTC: {options.repeats} round(s) of "
+        f"{options.duration}s per stage, {options.connections} connections, wrk "
+        f"{options.threads} thread(s), {os.cpu_count()} CPUs, server data on "
+        f"{machine['data_filesystem']}\n"
+    )
+    print(report.table(rows))
+    print()
+    print(report.notes(rows))
+    before, after = (
+        " ".join(f"{x:.2f}" for x in machine[k]) for k in ("loadavg_before", "loadavg_after")
+    )
+    print(f"  machine load average (1, 5, 15 min): {before} before, {after} after")
+    print(f"\nwritten to {path}")
+    return 0

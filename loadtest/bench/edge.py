@@ -1,0 +1,133 @@
+"""Stage 2, the edge: votes/s of ``python -m voteflow edge`` appending to Redis
+Streams, with no worker running, so that the edge alone is measured.
+
+Private PostgreSQL and Redis (``appendfsync always``, as `voteflow up`), the
+migrations, a poll created through the admin API; rate limits off and
+VOTEFLOW_MAX_BACKLOG=0 (no shedding). Before each repeat Redis is emptied and
+its append-only file rewritten, so each repeat starts alike; after it, the
+stream entries are counted (every 202 must be one).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import time
+import urllib.request
+from dataclasses import replace
+from typing import Any
+
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from voteflow.keys import Keys
+from voteflow.servers import HOST, free_port
+
+from .stack import Bench
+from .stage import Sample, WrkStage
+
+KEY_PREFIX = "bench"
+SHARDS = 8  # VOTEFLOW_STREAM_SHARDS' default
+AOF_REWRITE_TIMEOUT = 60.0
+
+
+class Edge(WrkStage):
+    number = 2
+    name = "edge"
+    title = "voteflow edge -> Redis Streams (appendfsync always), no worker"
+    ratio = (2, 1)
+
+    def start(self, bench: Bench) -> None:
+        super().start(bench)
+        servers = bench.servers()
+        port = free_port()
+        token = secrets.token_urlsafe(16)
+        env = bench.child_env(
+            VOTEFLOW_DATABASE_URL=servers.database_url,
+            VOTEFLOW_REDIS_URL=servers.redis.url,
+            VOTEFLOW_ADMIN_TOKEN=token,
+            VOTEFLOW_HOST=HOST,
+            VOTEFLOW_PORT=str(port),
+            VOTEFLOW_KEY_PREFIX=KEY_PREFIX,
+            VOTEFLOW_STREAM_SHARDS=str(SHARDS),
+            VOTEFLOW_RATE_LIMIT_PER_IP="0",
+            VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
+            VOTEFLOW_MAX_BACKLOG="0",
+            VOTEFLOW_LOG_LEVEL="WARNING",
+        )
+        edge = bench.spawn("edge", [sys.executable, "-m", "voteflow", "edge"], env)
+        self.url = f"http://{HOST}:{port}"
+        edge.wait_http(f"{self.url}/health")
+        self.server = edge
+        assert servers.redis.pid is not None
+        self.store_pid = servers.redis.pid
+        self.redis = redis.Redis.from_url(servers.redis.url, socket_timeout=10)
+        bench.stack.callback(self.redis.close)
+        self.keys = Keys(KEY_PREFIX, SHARDS)
+        poll = _create_poll(self.url, token)
+        self.poll_id = poll["id"]
+        self.option_ids = [option["id"] for option in poll["options"]]
+
+    def reset(self) -> None:
+        # Nothing of the edge's lives in Redis between requests but the
+        # script cache, which FLUSHDB keeps.
+        self.redis.flushdb()
+        self.redis.bgrewriteaof()  # type: ignore[no-untyped-call]
+        deadline = time.monotonic() + AOF_REWRITE_TIMEOUT
+        while True:
+            info: dict[str, Any] = self.redis.info("persistence")  # type: ignore[assignment]
+            if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("Redis did not finish rewriting its append-only file")
+            time.sleep(0.05)
+
+    def measure(self) -> Sample:
+        """A repeat, and how the edge's appender fared meanwhile (from its /metrics)."""
+        before = self._append_totals()
+        sample = super().measure()
+        used = {k: v - before.get(k, 0.0) for k, v in self._append_totals().items()}
+        pipelines = used.get("voteflow_append_batch_size_count", 0.0)
+        waited = used.get("voteflow_append_seconds_sum", 0.0)
+        if not pipelines:
+            return sample
+        extra = {
+            "redis_pipelines_per_s": pipelines / sample.seconds,
+            "votes_per_pipeline": used["voteflow_append_batch_size_sum"] / pipelines,
+            "pipeline_round_trip_ms": 1000 * waited / pipelines,
+            # Near 1: a pipeline was always in flight, so the edge waited on
+            # Redis (and its fsync) rather than on its own CPU.
+            "appender_busy_fraction": waited / sample.seconds,
+        }
+        return replace(sample, extra=extra)
+
+    def _append_totals(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        totals = {}
+        for family in text_string_to_metric_families(text):
+            if family.name in ("voteflow_append_batch_size", "voteflow_append_seconds"):
+                for sample in family.samples:
+                    if sample.name.endswith(("_sum", "_count")):
+                        totals[sample.name] = float(sample.value)
+        return totals
+
+    def stored(self) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.keys.streams():
+            pipe.xlen(stream)
+        return sum(pipe.execute())
+
+
+def _create_poll(url: str, token: str) -> dict[str, Any]:
+    body = {"question": "Which one?", "options": ["A", "B", "C", "D"]}
+    request = urllib.request.Request(
+        f"{url}/api/polls",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        poll: dict[str, Any] = json.load(response)
+    return poll

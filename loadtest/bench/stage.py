@@ -1,0 +1,149 @@
+"""What a stage is, and the stage measured by wrk against one server process.
+
+A stage is started once (it brings up what it measures, on the run's
+ExitStack), warmed up once, then measured once per round. The bench runs its
+stages in rounds (1, 2, 3, then 1, 2, 3 again ...) so that the machine's
+noise falls on all of them alike, and its ratios are taken within a round.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from . import wrk
+from .procs import Child, cpu_seconds, tree_cpu, tree_cpu_used
+from .stack import Bench
+
+# Seconds after wrk stops before its last requests are counted in storage:
+# the server finishes the ones wrk stopped waiting for.
+SETTLE = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One measured repeat of a stage."""
+
+    rate: float  # answers 202 per second
+    requests: int  # answers of any status
+    accepted: int  # answers 202
+    non_2xx: int
+    socket_errors: int
+    timeouts: int
+    seconds: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    wrk_cpu_percent: float  # of one core
+    server_cpu_seconds: float  # the process under test
+    server_cpu_percent: float  # of one core; 100: the server saturates a core
+    store_cpu_seconds: float | None  # Redis, or every PostgreSQL process; None: no store
+    stored: int | None  # votes found in storage after the run; None: not counted
+    # Figures particular to a stage (the edge's Redis pipelines, say), by name.
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def server_cpu_per_1k(self) -> float:
+        return 1000 * self.server_cpu_seconds / max(self.requests, 1)
+
+    @property
+    def store_cpu_per_1k(self) -> float | None:
+        if self.store_cpu_seconds is None:
+            return None
+        return 1000 * self.store_cpu_seconds / max(self.requests, 1)
+
+
+class Stage(ABC):
+    number: ClassVar[int]
+    name: ClassVar[str]
+    # What the row's figure counts, and what the stage is.
+    unit: ClassVar[str] = "votes/s"
+    title: ClassVar[str]
+    # The row's ratio: (numerator stage, denominator stage) of the rates in
+    # each round where both ran; None: no ratio on this row.
+    ratio: ClassVar[tuple[int, int] | None] = None
+
+    @abstractmethod
+    def start(self, bench: Bench) -> None:
+        """Bring up what the stage measures; register its stopping on bench.stack."""
+
+    @abstractmethod
+    def warm_up(self) -> None:
+        """An unmeasured run, before the first repeat."""
+
+    @abstractmethod
+    def measure(self) -> Sample:
+        """One repeat."""
+
+
+class WrkStage(Stage):
+    """wrk with ``vote.lua`` against one server process; its store's CPU counted too.
+
+    A subclass's start() sets what is declared below, after calling
+    super().start(bench).
+    """
+
+    url: str
+    poll_id: str
+    option_ids: list[str]
+    server: Child  # the process under test
+    store_pid: int | None = None  # Redis, or the postmaster (its backends are counted too)
+
+    def start(self, bench: Bench) -> None:
+        self.bench = bench
+
+    def reset(self) -> None:
+        """Before each repeat: bring storage back to where the first repeat found it."""
+
+    def stored(self) -> int | None:
+        """After each repeat: how many votes storage holds (None: not counted)."""
+        return None
+
+    def _wrk(self, duration: int) -> wrk.WrkRun:
+        options = self.bench.options
+        return wrk.run(
+            options.wrk,
+            self.url,
+            duration=duration,
+            connections=options.connections,
+            threads=options.threads,
+            poll_id=self.poll_id,
+            option_ids=self.option_ids,
+        )
+
+    def warm_up(self) -> None:
+        self._wrk(self.bench.options.warmup)
+        time.sleep(SETTLE)
+
+    def measure(self) -> Sample:
+        self.reset()
+        server_before = cpu_seconds(self.server.pid)
+        store_before = tree_cpu(self.store_pid) if self.store_pid else {}
+        run = self._wrk(self.bench.options.duration)
+        self.server.check_alive()  # else its CPU cannot be read, and the run means nothing
+        server_used = cpu_seconds(self.server.pid) - server_before
+        store_used = None
+        if self.store_pid:
+            store_used = tree_cpu_used(store_before, tree_cpu(self.store_pid))
+        time.sleep(SETTLE)
+        return Sample(
+            rate=run.accepted / run.seconds,
+            requests=run.requests,
+            accepted=run.accepted,
+            non_2xx=run.non_2xx,
+            socket_errors=run.socket_errors,
+            timeouts=run.timeouts,
+            seconds=run.seconds,
+            p50_ms=run.p50_ms,
+            p95_ms=run.p95_ms,
+            p99_ms=run.p99_ms,
+            max_ms=run.max_ms,
+            wrk_cpu_percent=run.cpu_percent,
+            server_cpu_seconds=server_used,
+            server_cpu_percent=100 * server_used / run.wall_seconds,
+            store_cpu_seconds=store_used,
+            stored=self.stored(),
+        )

@@ -1,0 +1,335 @@
+"""`make loadtest`: a private stack, the Locust profile against it, then the verdict.
+
+    python -m loadtest.run [--scale 0.01] [--time-scale 1.0] [--workers 1] [--processes 1]
+
+Starts everything it needs in a temporary directory (a private PostgreSQL and
+Redis from voteflow.servers, migrated, one edge and --workers workers, rate
+limits off since every simulated user comes from 127.0.0.1), runs
+loadtest/locustfile.py headless with the reference stages scaled by --scale
+(users) and --time-scale (durations), checks with loadtest.verdict that every
+vote answered 202 is in PostgreSQL exactly once, and stops every process it
+started. Reports (Locust's CSV and HTML, the edge's and workers' logs, the
+ledger) go to loadtest/results/<time>/.
+
+Exit status: 0 when the thresholds and the verdict pass; 1 when either fails;
+2 when the stack could not be started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any, cast
+
+import asyncpg
+import redis
+
+from loadtest import verdict
+from loadtest.profile import ENV_LEDGER, ENV_SCALE, ENV_TIME_SCALE, Profile
+from voteflow.keys import GROUP, Keys
+from voteflow.migrate import migrate
+from voteflow.servers import PostgresServer, RedisServer, die_with_parent, free_port
+from voteflow.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
+RESULTS = REPO / "loadtest" / "results"
+STARTUP_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+# Beyond the shape's own duration: Locust's start-up and its last ramp-down.
+RUN_TIME_SLACK = 30.0
+# The driver's own bound on Locust, past --run-time: SIGTERM, then SIGKILL.
+LOCUST_GRACE = 30.0
+
+# What the driver decides for the stack; any other VOTEFLOW_* of the caller's
+# environment (shards, batch size, backlog...) reaches the edge and workers.
+_OWN = ("DATABASE_URL", "REDIS_URL", "HOST", "PORT", "ADMIN_TOKEN", "WORKER_METRICS_PORT")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+@dataclass
+class Child:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@contextlib.contextmanager
+def _children() -> Iterator[list[Child]]:
+    """Processes started inside are stopped on the way out: SIGTERM, then SIGKILL."""
+    children: list[Child] = []
+    try:
+        yield children
+    finally:
+        for child in children:
+            if child.popen.poll() is None:
+                child.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for child in children:
+            try:
+                child.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                print(f"{child.name} outlived SIGTERM; killed", file=sys.stderr)
+                child.popen.kill()
+                child.popen.wait()
+
+
+def _spawn(
+    children: list[Child], name: str, argv: list[str], env: dict[str, str], log: Path | None
+) -> Child:
+    out: IO[bytes] | None = log.open("wb") if log is not None else None
+    try:
+        popen = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+            # The kernel stops it if this driver dies without cleaning up.
+            preexec_fn=die_with_parent(signal.SIGTERM),
+        )
+    finally:
+        if out is not None:
+            out.close()
+    child = Child(name, popen, log or Path(os.devnull))
+    children.append(child)
+    return child
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _wait_ready(url: str, children: list[Child], keys: Keys, redis_url: str) -> None:
+    """Until the edge answers /ready and every worker consumes every shard."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    workers = [c for c in children if c.name.startswith("worker")]
+    try:
+        while True:
+            for child in children:
+                if child.popen.poll() is not None:
+                    raise RuntimeError(
+                        f"the {child.name} exited with status {child.popen.returncode}\n"
+                        f"{_tail(child.log_path)}"
+                    )
+            if _answers(f"{url}/ready") and all(
+                _consumes(client, keys, worker.popen.pid) for worker in workers
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the stack was not ready within {STARTUP_TIMEOUT:.0f}s")
+            time.sleep(0.2)
+    finally:
+        client.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _consumes(client: redis.Redis, keys: Keys, pid: int) -> bool:
+    """Whether a worker's consumers (named with its pid) joined every shard's group."""
+    for stream in keys.streams():
+        try:
+            # redis-py types the sync client's answers as Awaitable | Any.
+            consumers = cast(list[dict[str, Any]], client.xinfo_consumers(stream, GROUP))
+        except redis.ResponseError:
+            return False
+        if not any(f":{pid}:" in str(c["name"]) for c in consumers):
+            return False
+    return True
+
+
+async def _create_database(server_url: str, name: str) -> str:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+def _stack_env(database_url: str, redis_url: str, port: int, token: str) -> dict[str, str]:
+    own = {f"VOTEFLOW_{name}" for name in _OWN}
+    env = {k: v for k, v in os.environ.items() if k not in own}
+    env.update(
+        VOTEFLOW_DATABASE_URL=database_url,
+        VOTEFLOW_REDIS_URL=redis_url,
+        VOTEFLOW_HOST="127.0.0.1",
+        VOTEFLOW_PORT=str(port),
+        VOTEFLOW_ADMIN_TOKEN=token,
+        VOTEFLOW_WORKER_METRICS_PORT="0",
+        # Every simulated user comes from 127.0.0.1.
+        VOTEFLOW_RATE_LIMIT_PER_IP="0",
+        VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
+    )
+    return env
+
+
+def run(args: argparse.Namespace) -> int:
+    profile = Profile(scale=args.scale, time_scale=args.time_scale)
+    run_time = args.run_time or int(profile.duration + RUN_TIME_SLACK)
+    out = args.results / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    ledger = out / "ledger"
+    print(
+        f"loadtest: peak {profile.peak:,} users, shape {profile.duration:.0f}s "
+        f"(scale {args.scale:g}, time scale {args.time_scale:g}), at most {run_time}s; "
+        f"results in {out}",
+        flush=True,
+    )
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="voteflow-loadtest-")))
+        # As `voteflow up` runs them: a 202 means the vote is on disk.
+        pg = stack.enter_context(PostgresServer(work / "postgres"))
+        redis_server = stack.enter_context(
+            RedisServer(work / "redis", appendonly=True, appendfsync="always")
+        )
+        database_url = asyncio.run(_create_database(pg.url, "voteflow"))
+        env = _stack_env(database_url, redis_server.url, free_port(), secrets.token_urlsafe(24))
+        settings = Settings.from_env(env)
+        asyncio.run(migrate(database_url, vote_partitions=settings.vote_partitions))
+        children = stack.enter_context(_children())
+        command = [sys.executable, "-m", "voteflow"]
+        _spawn(children, "edge", [*command, "edge"], env, out / "edge.log")
+        for n in range(args.workers):
+            _spawn(children, f"worker-{n}", [*command, "worker"], env, out / f"worker-{n}.log")
+        url = f"http://127.0.0.1:{settings.port}"
+        keys = Keys(settings.key_prefix, settings.stream_shards)
+        _wait_ready(url, children, keys, redis_server.url)
+        print(f"loadtest: stack up at {url} (1 edge, {args.workers} worker(s))", flush=True)
+
+        locust_env = dict(env)
+        locust_env.update(
+            {
+                ENV_SCALE: str(args.scale),
+                ENV_TIME_SCALE: str(args.time_scale),
+                ENV_LEDGER: str(ledger),
+            }
+        )
+        argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless"]
+        argv += ["--host", url, "--run-time", f"{run_time}s", "--stop-timeout", "5"]
+        argv += ["--csv", str(out / "locust"), "--html", str(out / "report.html")]
+        if args.processes > 1:
+            argv += ["--processes", str(args.processes)]
+        if args.quiet:
+            argv += ["--only-summary", "--loglevel", "WARNING"]
+        locust = _spawn(children, "locust", argv, locust_env, None)
+        thresholds_code = _wait_locust(locust, run_time)
+
+        outcome = asyncio.run(
+            verdict.check(
+                database_url,
+                ledger,
+                redis_url=redis_server.url,
+                keys=keys,
+                drain_timeout=args.drain_timeout,
+            )
+        )
+        for detail in outcome.details:
+            print(f"  {detail}")
+        print(outcome.line, flush=True)
+    # Everything started above is stopped by now.
+    print(
+        f"loadtest: reports in {out}: report.html, locust_stats.csv, locust_stats_history.csv, "
+        "locust_failures.csv, edge.log, worker-*.log, ledger/",
+        flush=True,
+    )
+    thresholds = "PASS" if thresholds_code == 0 else f"FAIL (locust exit {thresholds_code})"
+    print(f"loadtest: thresholds {thresholds}; verdict {'PASS' if outcome.passed else 'FAIL'}")
+    return 0 if thresholds_code == 0 and outcome.passed else 1
+
+
+def _wait_locust(locust: Child, run_time: int) -> int:
+    """Locust's exit status; past its own --run-time and a grace, it is stopped."""
+    try:
+        return locust.popen.wait(timeout=run_time + LOCUST_GRACE)
+    except subprocess.TimeoutExpired:
+        print("loadtest: Locust outlived its run time; stopping it", file=sys.stderr)
+        locust.popen.send_signal(signal.SIGTERM)
+    try:
+        locust.popen.wait(timeout=LOCUST_GRACE)
+    except subprocess.TimeoutExpired:
+        locust.popen.kill()
+        locust.popen.wait()
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.run", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=float(os.environ.get(ENV_SCALE) or 0.01),
+        help=f"users as a share of the 50,000 peak (default {ENV_SCALE} or 0.01: 500 users)",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=float(os.environ.get(ENV_TIME_SCALE) or 1.0),
+        help=f"stage durations as a share of the 3.5 minutes (default {ENV_TIME_SCALE} or 1)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="voteflow worker processes")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="Locust processes (>1: a master and workers)"
+    )
+    parser.add_argument(
+        "--run-time",
+        type=int,
+        default=0,
+        help="hard bound on Locust in seconds (default: the shape's duration + 30 s)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=120.0,
+        help="seconds the verdict waits for the streams to drain",
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where run directories go")
+    parser.add_argument("--quiet", action="store_true", help="Locust's summary only")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        return run(args)
+    except (KeyboardInterrupt, _Stop):
+        print("\nloadtest: interrupted; everything it started is stopped", file=sys.stderr)
+        return 1
+    except (RuntimeError, OSError, asyncpg.PostgresError, verdict.VerdictError) as exc:
+        print(f"loadtest: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

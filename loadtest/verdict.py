@@ -1,0 +1,312 @@
+"""After a load test: was every vote answered 202 written to PostgreSQL exactly once?
+
+    python -m loadtest.verdict --database-url postgresql://... --ledger loadtest/results/ledger \\
+        [--redis-url redis://...] [--timeout 120]
+
+Reads every ledger file (``*.jsonl``, one per Locust process, one line per
+202) in ``--ledger``, copies the distinct vote_ids into a temporary table
+with one COPY, then waits until the streams are drained (with ``--redis-url``:
+no entry undelivered or unacknowledged in any shard) and every ledger vote is
+in the ``votes`` table, or ``--timeout`` passes. Then, set-based, in one
+statement: each vote_id must be in ``votes`` exactly once, in the poll it was
+sent to. And the tallies of each poll the run voted on must equal a recount
+(``audit_polls``, rule 7). Prints one line:
+
+    VERDICT: PASS 12,345 votes answered 202 (12,001 distinct vote_ids, 51 polls),
+    all counted exactly once; every poll's tallies equal a recount
+
+Exit status: 0 pass, 1 fail, 2 the check could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from voteflow.keys import GROUP, Keys
+from voteflow.settings import Settings, SettingsError
+
+POLL_INTERVAL = 0.5
+SAMPLES = 5
+
+
+class VerdictError(Exception):
+    """The check could not run (no ledger, a server unreachable...)."""
+
+
+@dataclass
+class LedgerStats:
+    files: int = 0
+    answered: int = 0  # lines: every 202, retries of a vote_id included
+
+
+def ledger_records(directory: Path, stats: LedgerStats) -> Iterator[tuple[uuid.UUID, uuid.UUID]]:
+    """(vote_id, poll_id) of every line of every ledger file, streamed: a run's
+    ledger may hold millions of lines, and none is held in memory."""
+    for path in sorted(directory.glob("*.jsonl")):
+        stats.files += 1
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    record = uuid.UUID(entry["vote_id"]), uuid.UUID(entry["poll_id"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    # A process killed mid-line leaves a partial last line: its
+                    # 202 was never counted by anyone, so it is skipped, not failed.
+                    if line.endswith("\n"):
+                        raise VerdictError(f"{path}:{number}: not a ledger line: {exc}") from exc
+                    continue
+                stats.answered += 1
+                yield record
+
+
+# Every line of the ledger, then each vote_id once (the ledger proper).
+_CREATE = """
+CREATE TEMPORARY TABLE loadtest_answers (vote_id uuid NOT NULL, poll_id uuid NOT NULL)
+"""
+_DISTINCT = """
+CREATE TEMPORARY TABLE loadtest_ledger AS
+SELECT vote_id, min(poll_id::text)::uuid AS poll_id
+FROM loadtest_answers GROUP BY vote_id;
+ALTER TABLE loadtest_ledger ADD PRIMARY KEY (vote_id);
+ANALYZE loadtest_ledger
+"""
+_SUMMARY = """
+SELECT (SELECT count(*) FROM loadtest_ledger) AS distinct_votes,
+       (SELECT count(DISTINCT poll_id) FROM loadtest_ledger) AS polls,
+       (SELECT array_agg(vote_id) FROM (
+            SELECT vote_id FROM loadtest_answers GROUP BY vote_id
+            HAVING count(DISTINCT poll_id) > 1) AS c) AS conflicts
+"""
+
+# Ledger votes not (yet) in the votes table: the wait's condition.
+_MISSING = """
+SELECT count(*) FROM loadtest_ledger AS l
+WHERE NOT EXISTS (SELECT 1 FROM votes AS v WHERE v.poll_id = l.poll_id AND v.vote_id = l.vote_id)
+"""
+
+# Each ledger vote against every votes row with its vote_id, in any poll: one
+# row, in its poll, is exactly once. The votes primary key is (poll_id,
+# vote_id), so a vote_id twice can only be in two polls.
+_CHECK = """
+WITH matched AS (
+    SELECT l.vote_id,
+           count(v.vote_id) AS copies,
+           count(v.vote_id) FILTER (WHERE v.poll_id = l.poll_id) AS in_its_poll
+    FROM loadtest_ledger AS l
+    LEFT JOIN votes AS v ON v.vote_id = l.vote_id
+    GROUP BY l.vote_id
+)
+SELECT count(*) FILTER (WHERE copies = 0) AS missing,
+       count(*) FILTER (WHERE copies > 1) AS duplicated,
+       count(*) FILTER (WHERE copies = 1 AND in_its_poll = 0) AS wrong_poll,
+       (array_agg(vote_id) FILTER (WHERE copies <> 1 OR in_its_poll <> 1))[1:$1] AS samples
+FROM matched
+"""
+
+# Rule 7 for the polls of the run: tallies and total_ballots equal a recount,
+# and single-vote polls agree with voter_ballots.
+_RECOUNT = """
+SELECT a.poll_id
+FROM audit_polls() AS a
+WHERE a.poll_id IN (SELECT DISTINCT poll_id FROM loadtest_ledger)
+  AND (a.total_ballots IS DISTINCT FROM a.recount_ballots
+       OR a.votes IS DISTINCT FROM a.recount_votes
+       OR a.not_current <> 0 OR a.current_not_counted <> 0 OR a.options_differ <> 0)
+"""
+
+
+@dataclass
+class Outcome:
+    passed: bool
+    line: str
+    details: list[str] = field(default_factory=list)
+
+
+async def backlog(redis: aioredis.Redis, keys: Keys) -> int:
+    """Stream entries not yet delivered to the writers, plus delivered ones not acknowledged."""
+    total = 0
+    for stream in keys.streams():
+        try:
+            groups = await redis.xinfo_groups(stream)
+        except aioredis.ResponseError:  # no such stream yet
+            continue
+        for group in groups:
+            name = group["name"]
+            if (name.decode() if isinstance(name, bytes) else name) == GROUP:
+                total += int(group.get("lag") or 0) + int(group["pending"])
+    return total
+
+
+async def check(
+    database_url: str,
+    ledger_dir: Path,
+    *,
+    redis_url: str = "",
+    keys: Keys | None = None,
+    drain_timeout: float = 120.0,
+) -> Outcome:
+    if not await asyncio.to_thread(ledger_dir.is_dir):
+        return Outcome(False, f"VERDICT: FAIL no vote was answered 202 (no ledger {ledger_dir})")
+    stats = LedgerStats()
+    records = ledger_records(ledger_dir, stats)
+    try:
+        conn = await asyncpg.connect(database_url, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise VerdictError(f"cannot connect to PostgreSQL: {exc}") from exc
+    redis = aioredis.Redis.from_url(redis_url) if redis_url else None
+    try:
+        await conn.execute(_CREATE)
+        # One COPY for the whole ledger, then set-based queries only.
+        await conn.copy_records_to_table(
+            "loadtest_answers", records=records, columns=["vote_id", "poll_id"]
+        )
+        await conn.execute(_DISTINCT)
+        summary = await conn.fetchrow(_SUMMARY)
+        if not summary["distinct_votes"]:
+            return Outcome(False, f"VERDICT: FAIL no vote was answered 202 (ledger {ledger_dir})")
+        waited, drained = await _wait(conn, redis, keys, drain_timeout)
+        row = await conn.fetchrow(_CHECK, SAMPLES)
+        unequal = [str(r["poll_id"]) for r in await conn.fetch(_RECOUNT)]
+    finally:
+        await conn.close()
+        if redis is not None:
+            await redis.aclose()
+    return _judge(stats, summary, row, unequal, waited, drained, drain_timeout)
+
+
+async def _wait(
+    conn: asyncpg.Connection, redis: aioredis.Redis | None, keys: Keys | None, limit: float
+) -> tuple[float, bool]:
+    """Until the streams are drained and no ledger vote is missing; (seconds, drained)."""
+    started = time.monotonic()
+    while True:
+        missing = await conn.fetchval(_MISSING)
+        pending = 0
+        if redis is not None and keys is not None:
+            try:
+                pending = await backlog(redis, keys)
+            except RedisError:
+                pending = -1  # unknown: keep waiting until the timeout
+        waited = time.monotonic() - started
+        if missing == 0 and pending == 0:
+            return waited, True
+        if waited >= limit:
+            return waited, False
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+def _judge(
+    stats: LedgerStats,
+    summary: Any,
+    row: Any,
+    unequal: list[str],
+    waited: float,
+    drained: bool,
+    timeout: float,
+) -> Outcome:
+    head = (
+        f"{stats.answered:,} votes answered 202 "
+        f"({summary['distinct_votes']:,} distinct vote_ids, {summary['polls']} polls)"
+    )
+    conflicts = summary["conflicts"] or []
+    problems = []
+    if row["missing"]:
+        problems.append(f"{row['missing']:,} not in PostgreSQL")
+    if row["duplicated"]:
+        problems.append(f"{row['duplicated']:,} more than once")
+    if row["wrong_poll"]:
+        problems.append(f"{row['wrong_poll']:,} in another poll")
+    if conflicts:
+        problems.append(f"{len(conflicts):,} answered 202 for two polls")
+    if unequal:
+        problems.append(f"tallies of {len(unequal)} poll(s) differ from a recount")
+    details = [f"ledger: {stats.files} file(s)"]
+    if drained:
+        details.append(f"drained after {waited:.1f}s")
+    else:
+        details.append(f"not drained after {timeout:.0f}s (streams or PostgreSQL still behind)")
+    if row["samples"]:
+        details.append("e.g. vote_ids " + ", ".join(str(s) for s in row["samples"]))
+    if conflicts:
+        details.append("answered for two polls: " + ", ".join(map(str, conflicts[:SAMPLES])))
+    if unequal:
+        details.append("polls whose tallies differ from a recount: " + ", ".join(unequal[:SAMPLES]))
+    if problems:
+        return Outcome(False, f"VERDICT: FAIL {head}: " + "; ".join(problems), details)
+    return Outcome(
+        True,
+        f"VERDICT: PASS {head}, all counted exactly once; every poll's tallies equal a recount",
+        details,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"verdict: {exc}", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.verdict", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--database-url",
+        default=settings.database_url,
+        help="PostgreSQL of the stack under test (default: $VOTEFLOW_DATABASE_URL)",
+    )
+    parser.add_argument(
+        "--ledger",
+        type=Path,
+        default=Path("loadtest/results/ledger"),
+        help="directory of the ledger files (default: loadtest/results/ledger)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=settings.redis_url,
+        help="Redis of the stack, to wait until its streams are drained "
+        "(default: $VOTEFLOW_REDIS_URL; none: wait for PostgreSQL only)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="most seconds to wait for the drain"
+    )
+    args = parser.parse_args(argv)
+    if not args.database_url:
+        print("verdict: --database-url or VOTEFLOW_DATABASE_URL is needed", file=sys.stderr)
+        return 2
+    keys = Keys(settings.key_prefix, settings.stream_shards)
+    try:
+        outcome = asyncio.run(
+            check(
+                args.database_url,
+                args.ledger,
+                redis_url=args.redis_url,
+                keys=keys,
+                drain_timeout=args.timeout,
+            )
+        )
+    except (VerdictError, OSError, asyncpg.PostgresError, RedisError) as exc:
+        print(f"VERDICT: ERROR {exc}", flush=True)
+        return 2
+    for detail in outcome.details:
+        print(f"  {detail}")
+    print(outcome.line, flush=True)
+    return 0 if outcome.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
