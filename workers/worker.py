@@ -145,6 +145,10 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "keep_result": 0,
         "max_jobs": 4,
         "handle_signals": True,
+        # On SIGTERM, let a reclaim run in progress finish instead of
+        # cancelling it: arq ends with status 1, skipping on_shutdown (and so
+        # the consumers' graceful stop), when it has to cancel a job.
+        "job_completion_wait": int(SHUTDOWN_GRACE),
     }
 
 
