@@ -86,3 +86,29 @@ def test_bench_without_wrk_says_how_to_install_it() -> None:
     assert done.returncode == 2
     assert "wrk is not installed" in done.stderr
     assert "apt-get install wrk" in done.stderr
+
+
+def test_bench_drain_stage_with_a_small_backlog(tmp_path: Path) -> None:
+    # Stage 4 runs no wrk, so it runs without it too.
+    token = secrets.token_hex(8)
+    env = {**os.environ, MARK: token}
+    argv = [sys.executable, "-m", "loadtest.bench", "--stages", "4", "--drain-votes", "20000"]
+    argv += ["--repeats", "1", "--results-dir", str(tmp_path)]
+    done = subprocess.run(
+        argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT
+    )
+    assert _processes_marked(f"{MARK}={token}") == []
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 drain" in done.stdout
+    assert "total_ballots_minus_distinct_voters 0" in done.stdout, done.stdout
+    assert "distinct voters 18,000: OK" in done.stderr, done.stderr
+
+    (written,) = tmp_path.glob("*.json")
+    (stage,) = json.loads(written.read_text())["stages"]
+    assert stage["stage"] == 4
+    (sample,) = stage["samples"]
+    assert stage["rate_median"] > 0, stage
+    assert sample["stored"] == sample["accepted"] == 20000, sample
+    assert sample["extra"]["ceiling_rows_per_s"] > 0, sample
+    assert sample["extra"]["drain_over_ceiling"] > 0, sample
+    assert sample["extra"]["total_ballots_minus_distinct_voters"] == 0, sample

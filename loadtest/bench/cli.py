@@ -16,18 +16,18 @@ from typing import Any
 
 from . import report, wrk
 from .ceiling import HttpCeiling
+from .drain import Drain, DrainSettings
 from .edge import Edge
 from .naive import Naive
 from .stack import Bench, Options
-from .stage import Sample, Stage
+from .stage import Sample, Stage, WrkStage
 
 # The stages built so far, by number. Each is a module of its own with a Stage
 # subclass (stage.py); a new one is registered here and runs in the rounds
 # like the others.
-STAGES: dict[int, type[Stage]] = {1: HttpCeiling, 2: Edge, 3: Naive}
+STAGES: dict[int, type[Stage]] = {1: HttpCeiling, 2: Edge, 3: Naive, 4: Drain}
 # Issue 5's later stages, not built yet.
 PLANNED = {
-    4: "drain: 1,000,000 queued votes written by the workers, against a PostgreSQL ceiling",
     5: "end to end at a steady load",
     6: "a spike of 50,000 votes",
     7: "cost per process",
@@ -99,6 +99,24 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="wrk's threads (default: 1; each drives its share of the connections)",
     )
     parser.add_argument(
+        "--drain-votes",
+        type=_positive,
+        default=DrainSettings().votes,
+        help=f"stage 4: votes queued before the workers start (default: {DrainSettings().votes:,})",
+    )
+    parser.add_argument(
+        "--drain-workers",
+        type=_positive,
+        default=DrainSettings().workers,
+        help="stage 4: worker processes draining them (default: 1)",
+    )
+    parser.add_argument(
+        "--drain-repeats",
+        type=_positive,
+        default=DrainSettings().repeats,
+        help="stage 4: repeats, at most --repeats; the stage is long (default: 1)",
+    )
+    parser.add_argument(
         "--results-dir",
         type=Path,
         default=report.RESULTS_DIR,
@@ -142,6 +160,8 @@ def _measure(
                 stage.warm_up()
             for round_ in range(1, options.repeats + 1):
                 for stage in stages:
+                    if isinstance(stage, Drain) and round_ > stage.rounds(options.repeats):
+                        continue
                     sample = stage.measure()
                     samples[stage.number].append(sample)
                     _progress(
@@ -161,8 +181,9 @@ def _measure(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    Drain.settings = DrainSettings(args.drain_votes, args.drain_workers, args.drain_repeats)
     wrk_path = wrk.find()
-    if wrk_path is None:
+    if wrk_path is None and any(issubclass(STAGES[n], WrkStage) for n in args.stages):
         print(wrk.MISSING, file=sys.stderr)
         return 2
     options = Options(
@@ -171,11 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         connections=args.connections,
         threads=args.threads,
-        wrk=wrk_path,
+        wrk=wrk_path or "",  # only the stages measured by wrk use it
     )
     started = datetime.now(UTC)
     machine: dict[str, Any] = {
-        "wrk": wrk.version(wrk_path),
+        "wrk": wrk.version(wrk_path) if wrk_path else None,
         "loadavg_before": list(os.getloadavg()),
     }
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -200,6 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup_s": options.warmup,
         "connections": options.connections,
         "wrk_threads": options.threads,
+        "drain": {
+            "votes": args.drain_votes,
+            "workers": args.drain_workers,
+            "repeats": Drain.settings.repeats,
+        },
     }
     path = report.write_json(rows, started, settings, machine, args.results_dir)
     print(

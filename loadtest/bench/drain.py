@@ -1,0 +1,521 @@
+"""Stage 4, the drain: votes/s of ``python -m voteflow worker`` emptying a backlog
+already in the streams, against a PostgreSQL ceiling that writes the same rows.
+
+Each repeat, in the bench's private PostgreSQL and Redis (durable, as the other
+stages), with fresh databases so that each repeat starts alike:
+
+1. A database ``drain_<n>`` with the migrations; 1,001 single-vote polls of 4
+   options made by ``create_poll``: one hot poll that gets half of the votes, the
+   other half spread over 1,000 polls.
+2. The backlog, before any worker runs: N votes (``--drain-votes``), every tenth
+   a re-vote (a voter of an earlier vote of the same poll, received later),
+   encoded by ``voteflow.message.Vote`` and XADDed in pipelines into the stream
+   shard the edge would pick, the consumer group created first from id 0.
+3. The drain: ``--drain-workers`` worker processes (VOTEFLOW_BATCH_SIZE 500,
+   VOTEFLOW_CONSUMERS 4, the edge stage's 8 shards) are started and the time
+   taken until every shard's group has lag 0 and nothing pending (worker start-up
+   included) is the drain time; the rate is N / drain time.
+4. Correctness: the votes table holds N rows and the counted ballots
+   (sum of poll_counters.total_ballots) equal the distinct (poll, voter) pairs.
+5. The ceiling: a database ``drain_ceiling_<n>`` with the same migrations and
+   the same polls (same ids), no Redis and none of voteflow's rules: the same
+   rows (poll, vote_id, voter, options, received time) written by bare asyncpg
+   batch upserts of 1,000 rows (``unnest``: INSERT INTO votes ON CONFLICT DO
+   NOTHING, INSERT INTO voter_ballots ON CONFLICT DO UPDATE to the later ballot,
+   tallies and poll_counters incremented by the batch's aggregate), over as many
+   connections as the workers' pools hold (workers x 4), the rows split by shard
+   among the connections as the workers split them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import asyncpg
+import redis
+from redis.exceptions import ResponseError
+
+from voteflow.keys import GROUP, Keys
+from voteflow.message import FIELD, Vote
+from voteflow.migrate import migrate
+
+from .edge import AOF_REWRITE_TIMEOUT, SHARDS
+from .procs import Child, cpu_seconds, tree_cpu, tree_cpu_used
+from .stack import Bench, Servers, _database_url, run_sql
+from .stage import Sample, Stage
+
+KEY_PREFIX = "drain"
+BATCH_SIZE = 500  # VOTEFLOW_BATCH_SIZE's default
+CONSUMERS = 4  # VOTEFLOW_CONSUMERS' default: each worker's pool of connections
+OTHER_POLLS = 1000
+OPTIONS = ("A", "B", "C", "D")
+REVOTE_EVERY = 10  # every tenth vote is a re-vote
+CHUNK = 10_000  # votes generated, and XADDed in one pipeline, at a time
+CEILING_BATCH = 1000  # rows per unnest call of the ceiling
+POLL_EVERY = 0.1  # seconds between two looks at the backlog
+# A drain that makes no progress for this long has failed (a worker stuck).
+STALL_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class DrainSettings:
+    votes: int = 1_000_000
+    workers: int = 1
+    repeats: int = 1  # at most; never more than --repeats
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the backlog of one repeat is made of; the votes are generated from it
+    (twice: for the streams and for the ceiling), never all held at once."""
+
+    votes: int
+    hot: tuple[str, tuple[str, ...]]  # (poll id, option ids)
+    others: list[tuple[str, tuple[str, ...]]]
+    seed: int
+    id_base: int  # vote i's id is the UUID of the integer id_base + i
+    start_us: int  # vote i was received at start_us + 10 * i
+
+    @property
+    def revotes(self) -> int:
+        return self.votes // REVOTE_EVERY  # positions 9, 19, 29 ...
+
+    @property
+    def distinct_voters(self) -> int:
+        # Every vote that is not a re-vote has a voter of its own.
+        return self.votes - self.revotes
+
+    def chunks(self, size: int = CHUNK) -> Iterator[list[Vote]]:
+        rng = random.Random(self.seed)
+        originals = 0
+        chunk: list[Vote] = []
+        for i in range(self.votes):
+            if i % REVOTE_EVERY == REVOTE_EVERY - 1:
+                j = rng.randrange(originals)  # an earlier voter, again
+            else:
+                j = originals
+                originals += 1
+            poll_id, options = self.hot if j % 2 == 0 else self.others[(j // 2) % len(self.others)]
+            chunk.append(
+                Vote(
+                    vote_id=str(uuid.UUID(int=self.id_base + i)),
+                    poll_id=poll_id,
+                    voter=f"f:drain-{j}",
+                    option_ids=(options[rng.randrange(len(options))],),
+                    received_us=self.start_us + 10 * i,
+                )
+            )
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+@dataclass(slots=True)
+class Columns:
+    """One ceiling batch as unnest's arrays."""
+
+    polls: list[str] = field(default_factory=list)
+    vote_ids: list[str] = field(default_factory=list)
+    voters: list[str] = field(default_factory=list)
+    options: list[str] = field(default_factory=list)  # uuid[] literals
+    received: list[int] = field(default_factory=list)
+
+    def add(self, vote: Vote, literal: str) -> None:
+        self.polls.append(vote.poll_id)
+        self.vote_ids.append(vote.vote_id)
+        self.voters.append(vote.voter)
+        self.options.append(literal)
+        self.received.append(vote.received_us)
+
+    def args(self) -> tuple[list[str], list[str], list[str], list[str], list[int]]:
+        return self.polls, self.vote_ids, self.voters, self.options, self.received
+
+
+_ROWS = "unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[]) AS b(p, v, u, o, t)"
+_AT = "timestamptz 'epoch' + b.t * interval '1 microsecond'"
+CEILING_VOTES = f"""
+INSERT INTO votes (poll_id, vote_id, voter, option_ids, received_at, counted)
+SELECT b.p, b.v, b.u, b.o::uuid[], {_AT}, true FROM {_ROWS}
+ON CONFLICT DO NOTHING
+"""
+CEILING_BALLOTS = f"""
+INSERT INTO voter_ballots (poll_id, voter, vote_id, received_at, option_ids)
+SELECT DISTINCT ON (b.p, b.u COLLATE "C") b.p, b.u, b.v, {_AT}, b.o::uuid[] FROM {_ROWS}
+ORDER BY b.p, b.u COLLATE "C", b.t DESC, b.v DESC
+ON CONFLICT (poll_id, voter) DO UPDATE
+SET vote_id = excluded.vote_id, received_at = excluded.received_at,
+    option_ids = excluded.option_ids
+WHERE (excluded.received_at, excluded.vote_id)
+    > (voter_ballots.received_at, voter_ballots.vote_id)
+"""
+_PER_OPTION = """
+WITH d AS (
+    SELECT b.p, x.o, count(*) AS n
+    FROM unnest($1::uuid[], $2::text[]) AS b(p, o)
+    CROSS JOIN LATERAL unnest(b.o::uuid[]) AS x(o)
+    GROUP BY b.p, x.o
+)
+"""
+_PER_POLL = "WITH d AS (SELECT b.p, count(*) AS n FROM unnest($1::uuid[]) AS b(p) GROUP BY b.p)\n"
+# Rows locked in key order first (tallies, then counters, as cast_vote_atomic),
+# so that concurrent batches cannot deadlock.
+CEILING_LOCK_TALLIES = (
+    _PER_OPTION + "SELECT FROM tallies AS t JOIN d ON t.poll_id = d.p AND t.option_id = d.o "
+    "ORDER BY t.poll_id, t.option_id FOR UPDATE OF t"
+)
+CEILING_TALLIES = (
+    _PER_OPTION + "UPDATE tallies AS t SET votes = t.votes + d.n FROM d "
+    "WHERE t.poll_id = d.p AND t.option_id = d.o"
+)
+CEILING_LOCK_COUNTERS = (
+    _PER_POLL + "SELECT FROM poll_counters AS c JOIN d ON c.poll_id = d.p "
+    "ORDER BY c.poll_id FOR UPDATE OF c"
+)
+CEILING_COUNTERS = (
+    _PER_POLL + "UPDATE poll_counters AS c SET total_ballots = c.total_ballots + d.n, "
+    "version = c.version + 1, updated_at = now() FROM d WHERE c.poll_id = d.p"
+)
+
+
+class Drain(Stage):
+    number = 4
+    name = "drain"
+    title = "voteflow worker draining a backlog in the streams -> PostgreSQL"
+    # Set by the command line before the run.
+    settings: ClassVar[DrainSettings] = DrainSettings()
+
+    def start(self, bench: Bench) -> None:
+        self.bench = bench
+        self.servers: Servers = bench.servers()
+        self.keys = Keys(KEY_PREFIX, SHARDS)
+        self.redis = redis.Redis.from_url(self.servers.redis.url, socket_timeout=60)
+        bench.stack.callback(self.redis.close)
+        self.repeat = 0
+
+    def rounds(self, repeats: int) -> int:
+        """How many of the run's rounds measure this stage: it is long."""
+        return min(repeats, self.settings.repeats)
+
+    def warm_up(self) -> None:
+        """None: each repeat starts from fresh databases and new worker processes."""
+
+    def measure(self) -> Sample:
+        self.repeat += 1
+        settings = self.settings
+        connections = settings.workers * CONSUMERS
+        drain_db = f"drain_{self.repeat}"
+        ceiling_db = f"drain_ceiling_{self.repeat}"
+        drain_url = self._fresh_database(drain_db)
+        try:
+            plan = self._plan(drain_url, settings.votes)
+            ceiling_url = self._fresh_database(ceiling_db)
+            try:
+                self._copy_polls(drain_url, ceiling_url)
+                self._clear_streams()
+                filled = time.monotonic()
+                self._fill(plan)
+                _progress(
+                    f"{plan.votes:,} votes queued in {time.monotonic() - filled:.1f}s; "
+                    f"draining with {settings.workers} worker(s)"
+                )
+                self._checkpoint(drain_url)
+                sample = self._drain(plan, drain_url, settings.workers)
+                self._clear_streams()
+                self._checkpoint(ceiling_url)
+                ceiling = asyncio.run(_ceiling(ceiling_url, plan, connections))
+            finally:
+                self._drop(ceiling_db)
+        finally:
+            self._drop(drain_db)
+        ceiling_rate = plan.votes / ceiling
+        _progress(
+            f"ceiling: {plan.votes:,} rows in {ceiling:.1f}s = {ceiling_rate:,.0f} rows/s over "
+            f"{connections} connections; drain/ceiling {sample.rate / ceiling_rate:.2f}"
+        )
+        extra = dict(sample.extra)
+        extra["ceiling_rows_per_s"] = ceiling_rate
+        extra["drain_over_ceiling"] = sample.rate / ceiling_rate
+        return Sample(**{**_fields(sample), "extra": extra})
+
+    # The steps of a repeat.
+
+    def _fresh_database(self, name: str) -> str:
+        async def create(conn: asyncpg.Connection) -> None:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{name}"')
+
+        run_sql(self.servers.postgres.url, create)
+        url = _database_url(self.servers.postgres.url, name)
+        asyncio.run(migrate(url))
+        return url
+
+    def _drop(self, name: str) -> None:
+        async def drop(conn: asyncpg.Connection) -> None:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+        run_sql(self.servers.postgres.url, drop)
+
+    def _checkpoint(self, url: str) -> None:
+        async def checkpoint(conn: asyncpg.Connection) -> None:
+            await conn.execute("CHECKPOINT")
+
+        run_sql(url, checkpoint)
+
+    def _plan(self, url: str, votes: int) -> Plan:
+        async def create(conn: asyncpg.Connection) -> list[tuple[str, tuple[str, ...]]]:
+            polls = []
+            async with conn.transaction():
+                for n in range(OTHER_POLLS + 1):
+                    poll_id = await conn.fetchval(
+                        "SELECT create_poll($1, $2, false, 1, NULL)", f"Drain poll {n}?", OPTIONS
+                    )
+                    options = await conn.fetch(
+                        "SELECT id FROM options WHERE poll_id = $1 ORDER BY position", poll_id
+                    )
+                    polls.append((str(poll_id), tuple(str(row["id"]) for row in options)))
+            return polls
+
+        polls = run_sql(url, create)
+        rng = random.SystemRandom()
+        return Plan(
+            votes=votes,
+            hot=polls[0],
+            others=polls[1:],
+            seed=rng.getrandbits(64),
+            id_base=rng.getrandbits(127),
+            start_us=time.time_ns() // 1000,
+        )
+
+    def _copy_polls(self, source: str, target: str) -> None:
+        """The polls of `source` (ids and all, tallies at zero) into `target`."""
+        tables = ("polls", "options", "tallies", "poll_counters")
+
+        async def copy() -> None:
+            src = await asyncpg.connect(source)
+            dst = await asyncpg.connect(target)
+            try:
+                async with dst.transaction():
+                    for table in tables:
+                        rows = await src.fetch(f"SELECT * FROM {table}")
+                        await dst.copy_records_to_table(
+                            table,
+                            records=[tuple(row) for row in rows],
+                            columns=list(rows[0].keys()),
+                        )
+            finally:
+                await src.close()
+                await dst.close()
+
+        asyncio.run(copy())
+
+    def _clear_streams(self) -> None:
+        """Remove this stage's keys and let Redis rewrite its append-only file."""
+        keys = list(self.redis.scan_iter(match=f"{KEY_PREFIX}:*", count=1000))
+        for start in range(0, len(keys), 500):
+            self.redis.delete(*keys[start : start + 500])
+        self.redis.bgrewriteaof()  # type: ignore[no-untyped-call]
+        deadline = time.monotonic() + AOF_REWRITE_TIMEOUT
+        while True:
+            info: dict[str, Any] = self.redis.info("persistence")  # type: ignore[assignment]
+            if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("Redis did not finish rewriting its append-only file")
+            time.sleep(0.05)
+
+    def _fill(self, plan: Plan) -> None:
+        for stream in self.keys.streams():
+            try:
+                self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        shards = self.keys.shards
+        for chunk in plan.chunks():
+            pipe = self.redis.pipeline(transaction=False)
+            for vote in chunk:
+                pipe.xadd(self.keys.stream(vote.shard(shards)), {FIELD: vote.encode()})
+            pipe.execute()
+        queued = sum(self._stream_lengths())
+        if queued != plan.votes:
+            raise RuntimeError(f"drain: {queued} entries in the streams, {plan.votes} expected")
+
+    def _stream_lengths(self) -> list[int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.keys.streams():
+            pipe.xlen(stream)
+        return [int(n) for n in pipe.execute()]
+
+    def _backlog(self) -> int:
+        """Entries not yet delivered plus entries delivered but not acknowledged."""
+        streams = self.keys.streams()
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+            pipe.xlen(stream)
+        replies = pipe.execute()
+        left = 0
+        for groups, length in zip(replies[::2], replies[1::2], strict=True):
+            (group,) = [g for g in groups if g["name"].decode() == GROUP]
+            lag = group.get("lag")
+            if lag is None:  # unknown to Redis: count from the stream's length
+                lag = int(length) - (group.get("entries-read") or 0)
+            left += int(lag) + int(group["pending"])
+        return left
+
+    def _drain(self, plan: Plan, url: str, workers: int) -> Sample:
+        env = self.bench.child_env(
+            VOTEFLOW_DATABASE_URL=url,
+            VOTEFLOW_REDIS_URL=self.servers.redis.url,
+            VOTEFLOW_ADMIN_TOKEN=secrets.token_urlsafe(16),
+            VOTEFLOW_KEY_PREFIX=KEY_PREFIX,
+            VOTEFLOW_STREAM_SHARDS=str(SHARDS),
+            VOTEFLOW_BATCH_SIZE=str(BATCH_SIZE),
+            VOTEFLOW_CONSUMERS=str(CONSUMERS),
+            VOTEFLOW_WORKER_METRICS_PORT="0",
+            VOTEFLOW_LOG_LEVEL="WARNING",
+        )
+        postgres_pid, redis_pid = self.servers.postgres.pid, self.servers.redis.pid
+        assert postgres_pid is not None and redis_pid is not None
+        store_before = tree_cpu(postgres_pid)
+        redis_before = cpu_seconds(redis_pid)
+        started = time.monotonic()
+        children: list[Child] = [
+            self.bench.spawn(
+                f"drain-worker-{self.repeat}-{n}", [sys.executable, "-m", "voteflow", "worker"], env
+            )
+            for n in range(workers)
+        ]
+        left, progressed = plan.votes, started
+        while left:
+            time.sleep(POLL_EVERY)
+            for child in children:
+                child.check_alive()
+            now_left = self._backlog()
+            if now_left < left:
+                progressed = time.monotonic()
+            elif time.monotonic() - progressed > STALL_TIMEOUT:
+                raise RuntimeError(
+                    f"drain: {now_left} votes left, none written for {STALL_TIMEOUT:.0f}s\n"
+                    + children[0].log_tail()
+                )
+            left = now_left
+        seconds = time.monotonic() - started
+        worker_cpu = sum(cpu_seconds(child.pid) for child in children)
+        store_used = tree_cpu_used(store_before, tree_cpu(postgres_pid))
+        store_used += cpu_seconds(redis_pid) - redis_before
+        for child in children:
+            child.stop()
+        stored, ballots = self._check(url)
+        diff = ballots - plan.distinct_voters
+        _progress(
+            f"drained {plan.votes:,} votes in {seconds:.1f}s = "
+            f"{plan.votes / seconds:,.0f} votes/s; "
+            f"check: {stored:,} vote rows, sum(total_ballots) {ballots:,}, distinct voters "
+            f"{plan.distinct_voters:,}: "
+            + ("OK" if diff == 0 and stored == plan.votes else "WRONG")
+        )
+        return Sample(
+            rate=plan.votes / seconds,
+            requests=plan.votes,
+            accepted=plan.votes,
+            non_2xx=0,
+            socket_errors=0,
+            timeouts=0,
+            seconds=seconds,
+            p50_ms=0.0,
+            p95_ms=0.0,
+            p99_ms=0.0,
+            max_ms=0.0,
+            wrk_cpu_percent=0.0,
+            server_cpu_seconds=worker_cpu,
+            server_cpu_percent=100 * worker_cpu / seconds,
+            store_cpu_seconds=store_used,
+            stored=stored,
+            extra={
+                "drain_seconds": seconds,
+                "total_ballots_minus_distinct_voters": float(diff),
+            },
+        )
+
+    def _check(self, url: str) -> tuple[int, int]:
+        async def count(conn: asyncpg.Connection) -> tuple[int, int]:
+            stored = await conn.fetchval("SELECT count(*) FROM votes")
+            ballots = await conn.fetchval(
+                "SELECT coalesce(sum(total_ballots), 0) FROM poll_counters"
+            )
+            return int(stored), int(ballots)
+
+        return run_sql(url, count)
+
+
+def _fields(sample: Sample) -> dict[str, Any]:
+    return {name: getattr(sample, name) for name in Sample.__dataclass_fields__}
+
+
+def _progress(message: str) -> None:
+    print(f"bench: drain: {message}", file=sys.stderr, flush=True)
+
+
+def _batches(plan: Plan, connections: int) -> list[list[Columns]]:
+    """The plan's rows in batches of CEILING_BATCH, split among the connections by
+    stream shard (one voter's rows on one connection, as in the workers)."""
+    literals: dict[tuple[str, ...], str] = {}
+    per_connection: list[list[Columns]] = [[Columns()] for _ in range(connections)]
+    for chunk in plan.chunks():
+        for vote in chunk:
+            batches = per_connection[vote.shard(SHARDS) % connections]
+            if len(batches[-1].polls) == CEILING_BATCH:
+                batches.append(Columns())
+            literal = literals.get(vote.option_ids)
+            if literal is None:
+                literal = literals[vote.option_ids] = "{" + ",".join(vote.option_ids) + "}"
+            batches[-1].add(vote, literal)
+    return [[b for b in batches if b.polls] for batches in per_connection]
+
+
+async def _write(conn: asyncpg.Connection, batches: list[Columns]) -> None:
+    for batch in batches:
+        args = batch.args()
+        for attempt in range(5):
+            try:
+                async with conn.transaction():
+                    await conn.execute(CEILING_VOTES, *args)
+                    await conn.execute(CEILING_BALLOTS, *args)
+                    await conn.execute(CEILING_LOCK_TALLIES, batch.polls, batch.options)
+                    await conn.execute(CEILING_TALLIES, batch.polls, batch.options)
+                    await conn.execute(CEILING_LOCK_COUNTERS, batch.polls)
+                    await conn.execute(CEILING_COUNTERS, batch.polls)
+                break
+            except asyncpg.exceptions.DeadlockDetectedError:
+                if attempt == 4:
+                    raise
+
+
+async def _ceiling(url: str, plan: Plan, connections: int) -> float:
+    """Seconds the bare upserts of the plan's rows take over `connections`."""
+    work = _batches(plan, connections)
+    conns = [await asyncpg.connect(url, command_timeout=120) for _ in range(connections)]
+    try:
+        started = time.monotonic()
+        await asyncio.gather(
+            *(_write(conn, batches) for conn, batches in zip(conns, work, strict=True))
+        )
+        seconds = time.monotonic() - started
+        written = await conns[0].fetchval("SELECT count(*) FROM votes")
+        if written != plan.votes:
+            raise RuntimeError(f"drain ceiling: {written} vote rows, {plan.votes} expected")
+        return seconds
+    finally:
+        for conn in conns:
+            await conn.close()
