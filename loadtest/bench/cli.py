@@ -156,7 +156,8 @@ def _measure(
                 _progress(f"starting stage {stage.number} {stage.name}")
                 stage.start(bench)
             for stage in stages:
-                _progress(f"warming up {stage.name} ({options.warmup}s)")
+                if isinstance(stage, WrkStage):
+                    _progress(f"warming up {stage.name} ({options.warmup}s)")
                 stage.warm_up()
             for round_ in range(1, options.repeats + 1):
                 for stage in stages:

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .stage import Sample, Stage
+from .stage import Sample, Stage, WrkStage
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
 
@@ -106,7 +106,13 @@ def table(found: Sequence[Row]) -> str:
     for row in found:
         rates = [s.rate for s in row.samples]
         store = row.store_cpu_per_1k()
-        latency = "/".join(f"{row.median(f'{p}_ms'):.1f}" for p in ("p50", "p95", "p99"))
+        # A stage without requests of its own (the drain) has no latency and no wrk.
+        timed = isinstance(row.stage, WrkStage)
+        latency = (
+            "/".join(f"{row.median(f'{p}_ms'):.1f}" for p in ("p50", "p95", "p99"))
+            if timed
+            else "-"
+        )
         lines.append(
             (
                 f"{row.stage.number} {row.stage.name}",
@@ -117,7 +123,7 @@ def table(found: Sequence[Row]) -> str:
                 f"{row.median('server_cpu_per_1k'):.3f}",
                 f"{row.median('server_cpu_percent'):.0f}",
                 "-" if store is None else f"{store:.3f}",
-                f"{row.median('wrk_cpu_percent'):.0f}",
+                f"{row.median('wrk_cpu_percent'):.0f}" if timed else "-",
                 str(sum(s.non_2xx for s in row.samples)),
             )
         )
