@@ -112,3 +112,71 @@ def test_bench_drain_stage_with_a_small_backlog(tmp_path: Path) -> None:
     assert sample["extra"]["ceiling_rows_per_s"] > 0, sample
     assert sample["extra"]["drain_over_ceiling"] > 0, sample
     assert sample["extra"]["total_ballots_minus_distinct_voters"] == 0, sample
+
+
+def test_bench_end_to_end_stages_measure_lag_spike_and_cost(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk): the bench's load generator")
+    token = secrets.token_hex(8)
+    env = {**os.environ, MARK: token}
+    argv = [sys.executable, "-m", "loadtest.bench", "--stages", "5,6,7", "--repeats", "1"]
+    argv += ["--duration", "2", "--connections", "8", "--steady-rate", "300"]
+    argv += ["--steady-duration", "3", "--spike-votes", "2000", "--spike-connections", "100"]
+    argv += ["--results-dir", str(tmp_path)]
+    done = subprocess.run(
+        argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT
+    )
+    assert _processes_marked(f"{MARK}={token}") == []
+    assert done.returncode == 0, done.stdout + done.stderr
+    for text in ("5 steady", "6 spike", "7 cost", "to the SSE update", "exactly once: OK in 1"):
+        assert text in done.stdout, done.stdout
+    assert "cost by process" in done.stdout, done.stdout
+
+    (written,) = tmp_path.glob("*.json")
+    steady, spike, cost = json.loads(written.read_text())["stages"]
+    (sample,) = steady["samples"]
+    extra = sample["extra"]
+    # Paced: about 300 votes/s for 3 s were offered, not as many as wrk could send.
+    assert 800 <= sample["requests"] <= 1000, sample
+    # Every 202 committed (a few more: wrk stops waiting for its last answers).
+    assert sample["stored"] >= sample["accepted"], sample
+    assert extra["votes_no_sse_update"] == 0, extra
+    for point in (50, 95, 99):
+        # A tally is published after its commit: no vote reaches a dashboard first.
+        assert 0 < extra[f"commit_lag_p{point}_ms"] <= extra[f"sse_lag_p{point}_ms"], extra
+
+    (sample,) = spike["samples"]
+    extra = sample["extra"]
+    assert extra["offered"] == 2000
+    assert extra["share_other"] == 0 and extra["share_unanswered"] == 0, extra
+    assert extra["share_202"] + extra["share_503"] == 1, extra
+    assert extra["ledger_202"] == sample["accepted"] > 0, extra
+    assert extra["missing_202"] == 0 and extra["exactly_once"] == 1, extra
+    assert extra["seconds_to_all_committed"] > 0, extra
+
+    (sample,) = cost["samples"]
+    for process in ("edge", "worker", "redis", "postgresql", "wrk"):
+        assert sample["extra"][f"cpu_s_per_1k.{process}"] > 0, sample["extra"]
+        assert sample["extra"][f"peak_mib.{process}"] > 1, sample["extra"]
+    assert sample["stored"] >= sample["accepted"] > 0, sample
+
+
+def test_live_lag_is_counted_from_the_first_update_that_counts_each_vote() -> None:
+    from loadtest.bench.pipeline import Committed, LiveWatcher, percentiles
+
+    watcher = LiveWatcher.__new__(LiveWatcher)
+    # Two batches: transaction 7 (2 votes) committed at 10.0, then 8 (1 vote).
+    votes = [
+        Committed("b", received=9.5, committed=10.2, xid=8),
+        Committed("a1", received=9.0, committed=10.0, xid=7),
+        Committed("a2", received=9.8, committed=10.0, xid=7),
+    ]
+    # The first update shows the first batch, a later one both.
+    watcher.events = [(10.1, 2), (10.3, 3)]
+    lags, missed = watcher.lags(votes)
+    assert missed == 0
+    assert sorted(round(x, 6) for x in lags) == [0.3, 0.8, 1.1]
+    # An update that never came: the second batch is counted as unseen.
+    watcher.events = [(10.1, 2)]
+    assert watcher.lags(votes)[1] == 1
+    assert percentiles([float(n) for n in range(1, 101)]) == [50.0, 95.0, 99.0]

@@ -32,7 +32,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
@@ -165,9 +165,18 @@ class PostgresServer(_Server):
     _stop_signal = signal.SIGINT
     _log_name = "postgres.log"
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, durable: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        durable: bool = True,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(data_dir, port)
         self.durable = durable
+        # More server settings (`-c name=value`), over the ones chosen here.
+        self.extra_settings = dict(settings or {})
 
     @property
     def url(self) -> str:
@@ -194,6 +203,7 @@ class PostgresServer(_Server):
         }
         if not self.durable:
             settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+        settings |= self.extra_settings
         argv = [str(bindir / "postgres"), "-D", str(self.data_dir)]
         for name, value in settings.items():
             argv += ["-c", f"{name}={value}"]

@@ -16,21 +16,26 @@ from typing import Any
 
 from . import report, wrk
 from .ceiling import HttpCeiling
+from .cost import Cost
 from .drain import Drain, DrainSettings
 from .edge import Edge
 from .naive import Naive
+from .spike import Spike
 from .stack import Bench, Options
 from .stage import Sample, Stage, WrkStage
+from .steady import Steady
 
 # The stages built so far, by number. Each is a module of its own with a Stage
 # subclass (stage.py); a new one is registered here and runs in the rounds
 # like the others.
-STAGES: dict[int, type[Stage]] = {1: HttpCeiling, 2: Edge, 3: Naive, 4: Drain}
-# Issue 5's later stages, not built yet.
-PLANNED = {
-    5: "end to end at a steady load",
-    6: "a spike of 50,000 votes",
-    7: "cost per process",
+STAGES: dict[int, type[Stage]] = {
+    1: HttpCeiling,
+    2: Edge,
+    3: Naive,
+    4: Drain,
+    5: Steady,
+    6: Spike,
+    7: Cost,
 }
 
 
@@ -40,8 +45,6 @@ def _stages(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of stage numbers: {text!r}") from None
     for n in numbers:
-        if n in PLANNED:
-            raise argparse.ArgumentTypeError(f"stage {n} ({PLANNED[n]}) is not built yet")
         if n not in STAGES:
             raise argparse.ArgumentTypeError(f"no stage {n}; stages: {sorted(STAGES)}")
     if not numbers:
@@ -60,10 +63,7 @@ def _positive(text: str) -> int:
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    stage_list = "\n".join(
-        [f"  {n} {cls.name}: {cls.title}" for n, cls in STAGES.items()]
-        + [f"  {n} (not built yet) {what}" for n, what in PLANNED.items()]
-    )
+    stage_list = "\n".join(f"  {n} {cls.name}: {cls.title}" for n, cls in STAGES.items())
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.bench",
         description="voteflow's throughput next to what bounds it, measured side by side in "
@@ -77,7 +77,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--stages",
         type=_stages,
         default=sorted(STAGES),
-        help="comma-separated stage numbers (default: all built)",
+        help="comma-separated stage numbers (default: all)",
     )
     parser.add_argument("--repeats", type=_positive, default=5, help="rounds (default: 5)")
     parser.add_argument(
@@ -117,14 +117,40 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="stage 4: repeats, at most --repeats; the stage is long (default: 1)",
     )
     parser.add_argument(
+        "--steady-rate",
+        type=_positive,
+        default=0,
+        help="stage 5: votes/s offered (default: half of stage 2's rate in this run)",
+    )
+    parser.add_argument(
+        "--steady-duration",
+        type=_positive,
+        default=30,
+        help="stage 5: seconds of each run (default: 30)",
+    )
+    parser.add_argument(
+        "--spike-votes",
+        type=_positive,
+        default=50_000,
+        help="stage 6: votes in the spike (default: 50,000)",
+    )
+    parser.add_argument(
+        "--spike-connections",
+        type=_positive,
+        default=1000,
+        help="stage 6: wrk's connections for the spike (default: 1,000)",
+    )
+    parser.add_argument(
         "--results-dir",
         type=Path,
         default=report.RESULTS_DIR,
         help=f"where the JSON goes (default: {report.RESULTS_DIR})",
     )
     args = parser.parse_args(argv)
-    if args.threads > args.connections:
-        parser.error("--threads must not exceed --connections")
+    if args.threads > min(args.connections, args.spike_connections):
+        parser.error("--threads must not exceed --connections nor --spike-connections")
+    if args.spike_votes % args.threads:
+        parser.error("--spike-votes must split evenly over --threads")
     if args.warmup is None:
         args.warmup = min(3, max(1, args.duration // 3))
     return args
@@ -151,6 +177,7 @@ def _measure(
         )
         machine["data_filesystem"] = report.filesystem(work_dir)
         bench = Bench(options, stack, work_dir)
+        bench.rates = {n: [] for n in numbers}
         try:
             for stage in stages:
                 _progress(f"starting stage {stage.number} {stage.name}")
@@ -165,6 +192,7 @@ def _measure(
                         continue
                     sample = stage.measure()
                     samples[stage.number].append(sample)
+                    bench.rates[stage.number].append(sample.rate)
                     _progress(
                         f"round {round_}/{options.repeats} {stage.number} {stage.name}: "
                         f"{sample.rate:,.0f} {stage.unit}, p99 {sample.p99_ms:.1f} ms, "
@@ -184,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     Drain.settings = DrainSettings(args.drain_votes, args.drain_workers, args.drain_repeats)
     wrk_path = wrk.find()
-    if wrk_path is None and any(issubclass(STAGES[n], WrkStage) for n in args.stages):
+    if wrk_path is None and any(STAGES[n] is not Drain for n in args.stages):
         print(wrk.MISSING, file=sys.stderr)
         return 2
     options = Options(
@@ -194,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         connections=args.connections,
         threads=args.threads,
         wrk=wrk_path or "",  # only the stages measured by wrk use it
+        steady_rate=float(args.steady_rate),
+        steady_duration=args.steady_duration,
+        spike_votes=args.spike_votes,
+        spike_connections=args.spike_connections,
     )
     started = datetime.now(UTC)
     machine: dict[str, Any] = {
@@ -227,17 +259,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             "workers": args.drain_workers,
             "repeats": Drain.settings.repeats,
         },
+        "steady": {"rate": args.steady_rate or None, "duration_s": args.steady_duration},
+        "spike": {"votes": args.spike_votes, "connections": args.spike_connections},
     }
     path = report.write_json(rows, started, settings, machine, args.results_dir)
     print(
-        f"\nvoteflow bench, {started:%Y-%m-%d %H:%M} UTC: {options.repeats} round(s) of "
-        f"{options.duration}s per stage, {options.connections} connections, wrk "
-        f"{options.threads} thread(s), {os.cpu_count()} CPUs, server data on "
+        f"\nvoteflow bench, {started:%Y-%m-%d %H:%M} UTC: {report.rounds(rows)}; "
+        f"{options.connections} connections, wrk {options.threads} thread(s), "
+        f"{os.cpu_count()} CPUs (wrk on the same ones), server data on "
         f"{machine['data_filesystem']}\n"
     )
     print(report.table(rows))
     print()
     print(report.notes(rows))
+    if costs := report.cost_table(rows):
+        print()
+        print(costs)
     before, after = (
         " ".join(f"{x:.2f}" for x in machine[k]) for k in ("loadavg_before", "loadavg_after")
     )

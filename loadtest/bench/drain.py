@@ -47,9 +47,9 @@ from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, Vote
 from voteflow.migrate import migrate
 
-from .edge import AOF_REWRITE_TIMEOUT, SHARDS
+from .edge import SHARDS
 from .procs import Child, cpu_seconds, tree_cpu, tree_cpu_used
-from .stack import Bench, Servers, _database_url, run_sql
+from .stack import Bench, Servers, _database_url, rewrite_aof, run_sql, wait_drained
 from .stage import Sample, Stage
 
 KEY_PREFIX = "drain"
@@ -191,6 +191,7 @@ class Drain(Stage):
     number = 4
     name = "drain"
     title = "voteflow worker draining a backlog in the streams -> PostgreSQL"
+    requests = False
     # Set by the command line before the run.
     settings: ClassVar[DrainSettings] = DrainSettings()
 
@@ -323,15 +324,7 @@ class Drain(Stage):
         keys = list(self.redis.scan_iter(match=f"{KEY_PREFIX}:*", count=1000))
         for start in range(0, len(keys), 500):
             self.redis.delete(*keys[start : start + 500])
-        self.redis.bgrewriteaof()  # type: ignore[no-untyped-call]
-        deadline = time.monotonic() + AOF_REWRITE_TIMEOUT
-        while True:
-            info: dict[str, Any] = self.redis.info("persistence")  # type: ignore[assignment]
-            if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError("Redis did not finish rewriting its append-only file")
-            time.sleep(0.05)
+        rewrite_aof(self.redis)
 
     def _fill(self, plan: Plan) -> None:
         for stream in self.keys.streams():
@@ -356,23 +349,6 @@ class Drain(Stage):
             pipe.xlen(stream)
         return [int(n) for n in pipe.execute()]
 
-    def _backlog(self) -> int:
-        """Entries not yet delivered plus entries delivered but not acknowledged."""
-        streams = self.keys.streams()
-        pipe = self.redis.pipeline(transaction=False)
-        for stream in streams:
-            pipe.xinfo_groups(stream)
-            pipe.xlen(stream)
-        replies = pipe.execute()
-        left = 0
-        for groups, length in zip(replies[::2], replies[1::2], strict=True):
-            (group,) = [g for g in groups if g["name"].decode() == GROUP]
-            lag = group.get("lag")
-            if lag is None:  # unknown to Redis: count from the stream's length
-                lag = int(length) - (group.get("entries-read") or 0)
-            left += int(lag) + int(group["pending"])
-        return left
-
     def _drain(self, plan: Plan, url: str, workers: int) -> Sample:
         env = self.bench.child_env(
             VOTEFLOW_DATABASE_URL=url,
@@ -396,20 +372,7 @@ class Drain(Stage):
             )
             for n in range(workers)
         ]
-        left, progressed = plan.votes, started
-        while left:
-            time.sleep(POLL_EVERY)
-            for child in children:
-                child.check_alive()
-            now_left = self._backlog()
-            if now_left < left:
-                progressed = time.monotonic()
-            elif time.monotonic() - progressed > STALL_TIMEOUT:
-                raise RuntimeError(
-                    f"drain: {now_left} votes left, none written for {STALL_TIMEOUT:.0f}s\n"
-                    + children[0].log_tail()
-                )
-            left = now_left
+        wait_drained(self.redis, self.keys, children, STALL_TIMEOUT, POLL_EVERY)
         seconds = time.monotonic() - started
         worker_cpu = sum(cpu_seconds(child.pid) for child in children)
         store_used = tree_cpu_used(store_before, tree_cpu(postgres_pid))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import secrets
 import sys
-import time
 import urllib.request
 from dataclasses import replace
 from typing import Any
@@ -24,12 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from voteflow.keys import Keys
 from voteflow.servers import HOST, free_port
 
-from .stack import Bench
+from .stack import Bench, rewrite_aof
 from .stage import Sample, WrkStage
 
 KEY_PREFIX = "bench"
 SHARDS = 8  # VOTEFLOW_STREAM_SHARDS' default
-AOF_REWRITE_TIMEOUT = 60.0
 
 
 class Edge(WrkStage):
@@ -65,7 +63,7 @@ class Edge(WrkStage):
         self.redis = redis.Redis.from_url(servers.redis.url, socket_timeout=10)
         bench.stack.callback(self.redis.close)
         self.keys = Keys(KEY_PREFIX, SHARDS)
-        poll = _create_poll(self.url, token)
+        poll = create_poll(self.url, token)
         self.poll_id = poll["id"]
         self.option_ids = [option["id"] for option in poll["options"]]
 
@@ -73,15 +71,7 @@ class Edge(WrkStage):
         # Nothing of the edge's lives in Redis between requests but the
         # script cache, which FLUSHDB keeps.
         self.redis.flushdb()
-        self.redis.bgrewriteaof()  # type: ignore[no-untyped-call]
-        deadline = time.monotonic() + AOF_REWRITE_TIMEOUT
-        while True:
-            info: dict[str, Any] = self.redis.info("persistence")  # type: ignore[assignment]
-            if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("Redis did not finish rewriting its append-only file")
-            time.sleep(0.05)
+        rewrite_aof(self.redis)
 
     def measure(self) -> Sample:
         """A repeat, and how the edge's appender fared meanwhile (from its /metrics)."""
@@ -96,9 +86,10 @@ class Edge(WrkStage):
             "redis_pipelines_per_s": pipelines / sample.seconds,
             "votes_per_pipeline": used["voteflow_append_batch_size_sum"] / pipelines,
             "pipeline_round_trip_ms": 1000 * waited / pipelines,
-            # Near 1: a pipeline was always in flight, so the edge waited on
-            # Redis (and its fsync) rather than on its own CPU.
-            "appender_busy_fraction": waited / sample.seconds,
+            # The average number of pipelines in flight (the appender keeps up
+            # to 4): near that limit, the edge waits on Redis (and its fsync)
+            # rather than on its own CPU.
+            "pipelines_in_flight": waited / sample.seconds,
         }
         return replace(sample, extra=extra)
 
@@ -120,7 +111,7 @@ class Edge(WrkStage):
         return sum(pipe.execute())
 
 
-def _create_poll(url: str, token: str) -> dict[str, Any]:
+def create_poll(url: str, token: str) -> dict[str, Any]:
     body = {"question": "Which one?", "options": ["A", "B", "C", "D"]}
     request = urllib.request.Request(
         f"{url}/api/polls",

@@ -130,8 +130,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def tree_cpu(root: int) -> dict[int, float]:
-    """CPU seconds of `root` and of every live process below it (PostgreSQL's backends)."""
+def tree_pids(root: int) -> set[int]:
+    """`root` and every live process below it (PostgreSQL's backends)."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
@@ -142,8 +142,13 @@ def tree_cpu(root: int) -> dict[int, float]:
         below = {pid for pid, parent in parents.items() if parent in tree} - tree
         tree |= below
         grew = bool(below)
+    return tree
+
+
+def tree_cpu(root: int) -> dict[int, float]:
+    """CPU seconds of `root` and of every live process below it."""
     found = {}
-    for pid in tree:
+    for pid in tree_pids(root):
         with suppress(RuntimeError):
             found[pid] = cpu_seconds(pid)
     return found
@@ -153,3 +158,29 @@ def tree_cpu_used(before: Mapping[int, float], after: Mapping[int, float]) -> fl
     """CPU seconds a process tree used between two tree_cpu() readings (of processes
     alive at the second; one that ended in between is not counted)."""
     return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
+def _status_kib(pid: int, path: str, field: str) -> int:
+    """A "<field>: <n> kB" line of /proc/<pid>/<path>, in KiB; 0 if gone or absent."""
+    try:
+        text = Path(f"/proc/{pid}/{path}").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_rss(pid: int) -> int:
+    """Bytes: the largest resident set the process has had (VmHWM); 0 if gone."""
+    return 1024 * _status_kib(pid, "status", "VmHWM")
+
+
+def tree_pss(root: int) -> int:
+    """Bytes: the proportional set size of `root` and every process below it.
+
+    PostgreSQL's processes share its buffers; summing their resident sets would
+    count those once per process, summing PSS counts each page once.
+    """
+    return 1024 * sum(_status_kib(pid, "smaps_rollup", "Pss") for pid in tree_pids(root))

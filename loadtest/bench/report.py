@@ -18,9 +18,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .stage import Sample, Stage, WrkStage
+from .stage import Sample, Stage, median_extra
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
+# The extras that hold each process's cost (pipeline.Meter.extra), shown in a
+# table of their own.
+COST_KEYS = ("cpu_s_per_1k.", "peak_mib.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +109,7 @@ def table(found: Sequence[Row]) -> str:
     for row in found:
         rates = [s.rate for s in row.samples]
         store = row.store_cpu_per_1k()
-        # A stage without requests of its own (the drain) has no latency and no wrk.
-        timed = isinstance(row.stage, WrkStage)
+        timed = row.stage.requests
         latency = (
             "/".join(f"{row.median(f'{p}_ms'):.1f}" for p in ("p50", "p95", "p99"))
             if timed
@@ -162,8 +164,12 @@ def notes(found: Sequence[Row]) -> str:
             ]
             check = "MISSING votes: " + repr(short) if short else "every 202 stored"
             lines.append(f"  {row.stage.name}: stored after each repeat {stored}: {check}")
-        names = sorted({name for s in row.samples for name in s.extra})
-        if names:
+        names = sorted(
+            {name for s in row.samples for name in s.extra if not name.startswith(COST_KEYS)}
+        )
+        if (summary := row.stage.summary(row.samples)) is not None:
+            lines.append(f"  {row.stage.number} {row.stage.name}: {summary}")
+        elif names:
             medians = []
             for name in names:
                 value = statistics.median(s.extra[name] for s in row.samples if name in s.extra)
@@ -173,6 +179,49 @@ def notes(found: Sequence[Row]) -> str:
         if errors:
             lines.append(f"  {row.stage.name}: {errors} socket errors or timeouts")
     return "\n".join(lines)
+
+
+def rounds(found: Sequence[Row]) -> str:
+    """How many times each stage was measured (the drain, often fewer)."""
+    counts = {row.stage.number: len(row.samples) for row in found}
+    most = max(counts.values(), default=0)
+    fewer = [f"stage {n} {k} time(s)" for n, k in counts.items() if k < most]
+    return f"{most} round(s)" + (f" ({', '.join(fewer)})" if fewer else "")
+
+
+def cost_table(found: Sequence[Row]) -> str:
+    """Per process, CPU seconds per 1,000 votes and peak MiB (medians); "" if none."""
+    measured = [row for row in found if row.samples and "cpu_s_per_1k.edge" in row.samples[0].extra]
+    if not measured:
+        return ""
+    names = [
+        key.removeprefix("cpu_s_per_1k.")
+        for key in measured[0].samples[0].extra
+        if key.startswith("cpu_s_per_1k.")
+    ]
+    lines = [("stage", *names, "all")]
+    for row in measured:
+        cells = [f"{row.stage.number} {row.stage.name}"]
+        total = 0.0
+        for name in names:
+            cpu = median_extra(row.samples, f"cpu_s_per_1k.{name}")
+            total += cpu
+            cells.append(f"{cpu:.3f} / {median_extra(row.samples, f'peak_mib.{name}'):,.0f}")
+        cells.append(f"{total:.3f}")
+        lines.append(tuple(cells))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    ]
+    text.insert(1, "-" * len(text[0]))
+    return (
+        "cost by process: CPU seconds per 1,000 votes answered 202 / peak memory MiB "
+        "(medians)\n" + "\n".join(text)
+    )
 
 
 def _git() -> dict[str, Any]:

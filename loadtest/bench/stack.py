@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
+import redis
 
+from voteflow.keys import GROUP, Keys
 from voteflow.migrate import migrate
 from voteflow.servers import PostgresServer, RedisServer
 
 from .procs import Child
 
 REPO = Path(__file__).resolve().parents[2]
+AOF_REWRITE_TIMEOUT = 60.0
 DATABASE = "bench"
 # Seconds any one statement of the bench's own may take (a CHECKPOINT, say).
 COMMAND_TIMEOUT = 120.0
@@ -33,6 +37,10 @@ class Options:
     connections: int
     threads: int  # wrk's
     wrk: str  # wrk's path
+    steady_rate: float = 0.0  # stage 5's offered votes/s; 0: half of stage 2's
+    steady_duration: int = 30  # seconds of each stage 5 run
+    spike_votes: int = 50_000  # stage 6
+    spike_connections: int = 1000  # stage 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +67,67 @@ def run_sql(database_url: str, work: Callable[[asyncpg.Connection], Awaitable[T]
     return asyncio.run(go())
 
 
+def rewrite_aof(client: redis.Redis) -> None:
+    """Let Redis compact its append-only file and wait for it, so that each
+    repeat starts alike (with appendfsync always, a long file slows appends)."""
+    client.bgrewriteaof()  # type: ignore[no-untyped-call]
+    deadline = time.monotonic() + AOF_REWRITE_TIMEOUT
+    while True:
+        info: dict[str, Any] = client.info("persistence")  # type: ignore[assignment]
+        if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("Redis did not finish rewriting its append-only file")
+        time.sleep(0.05)
+
+
+def backlog(client: redis.Redis, keys: Keys) -> int:
+    """Entries of the consumer group not yet delivered, plus those delivered
+    but not yet acknowledged: 0 once every appended vote is committed."""
+    streams = keys.streams()
+    pipe = client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xinfo_groups(stream)
+        pipe.xlen(stream)
+    replies = pipe.execute()
+    left = 0
+    for groups, length in zip(replies[::2], replies[1::2], strict=True):
+        found = [g for g in groups if g["name"].decode() == GROUP]
+        if not found:  # no worker has created the group yet
+            left += int(length)
+            continue
+        lag = found[0].get("lag")
+        if lag is None:  # unknown to Redis: count from the stream's length
+            lag = int(length) - (found[0].get("entries-read") or 0)
+        left += int(lag) + int(found[0]["pending"])
+    return left
+
+
+def wait_drained(
+    client: redis.Redis,
+    keys: Keys,
+    workers: Sequence[Child],
+    stall_timeout: float,
+    every: float = 0.05,
+) -> None:
+    """Wait until the streams' backlog is 0 (every appended vote committed);
+    fail if a worker exits or nothing is committed for `stall_timeout` s."""
+    left, progressed = backlog(client, keys), time.monotonic()
+    while left:
+        time.sleep(every)
+        for worker in workers:
+            worker.check_alive()
+        now_left = backlog(client, keys)
+        if now_left < left:
+            progressed = time.monotonic()
+        elif time.monotonic() - progressed > stall_timeout:
+            raise RuntimeError(
+                f"{now_left} votes still in the streams, none committed for "
+                f"{stall_timeout:.0f}s\n{workers[0].log_tail()}"
+            )
+        left = now_left
+
+
 class Bench:
     """One run's shared state. Everything it starts is registered on `stack`."""
 
@@ -67,6 +136,10 @@ class Bench:
         self.stack = stack
         self.work_dir = work_dir
         self._servers: Servers | None = None
+        # What stages share beyond the servers (the pipeline of stages 5-7), by name.
+        self.shared: dict[str, object] = {}
+        # Each stage's rates measured so far in this run, by stage number.
+        self.rates: dict[int, list[float]] = {}
 
     def servers(self) -> Servers:
         """The private servers, started and migrated on first use.
@@ -75,7 +148,13 @@ class Bench:
         synchronous commit, Redis with ``appendfsync always`` as `voteflow up`.
         """
         if self._servers is None:
-            postgres = self.stack.enter_context(PostgresServer(self.work_dir / "postgres"))
+            # Commit timestamps let the end-to-end stages read when each
+            # vote's transaction committed (pg_xact_commit_timestamp).
+            postgres = self.stack.enter_context(
+                PostgresServer(
+                    self.work_dir / "postgres", settings={"track_commit_timestamp": "on"}
+                )
+            )
             redis = self.stack.enter_context(
                 RedisServer(self.work_dir / "redis", appendonly=True, appendfsync="always")
             )

@@ -8,6 +8,7 @@ noise falls on all of them alike, and its ratios are taken within a round.
 
 from __future__ import annotations
 
+import statistics
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ class Stage(ABC):
     # The row's ratio: (numerator stage, denominator stage) of the rates in
     # each round where both ran; None: no ratio on this row.
     ratio: ClassVar[tuple[int, int] | None] = None
+    # False: the stage sends no requests (the drain), so it has no latency and no wrk.
+    requests: ClassVar[bool] = True
 
     @abstractmethod
     def start(self, bench: Bench) -> None:
@@ -77,6 +80,16 @@ class Stage(ABC):
     @abstractmethod
     def measure(self) -> Sample:
         """One repeat."""
+
+    def summary(self, samples: list[Sample]) -> str | None:
+        """A line on the stage's own figures (in Sample.extra) under the table;
+        None: they are listed by name."""
+        return None
+
+
+def median_extra(samples: list[Sample], name: str) -> float:
+    """The median of one of the samples' extra figures."""
+    return statistics.median(s.extra[name] for s in samples if name in s.extra)
 
 
 class WrkStage(Stage):

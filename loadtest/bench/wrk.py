@@ -9,20 +9,26 @@ generator, is what saturates. How much CPU wrk itself used is measured anyway
 from __future__ import annotations
 
 import json
+import os
 import resource
 import secrets
+import selectors
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .procs import popen
+from .procs import peak_rss, popen
 
 SCRIPT = Path(__file__).with_name("vote.lua")
 # wrk gives up on a request after this long and counts a timeout; long enough
 # that the naive baseline's queueing shows as latency, not as errors.
 REQUEST_TIMEOUT = "10s"
+# Seconds a run with a set number of requests waits for the last answers.
+ANSWER_TIMEOUT = 10.0
 # Seconds wrk may take beyond its duration (start-up, its last requests).
 GRACE = 30.0
 
@@ -58,6 +64,11 @@ class WrkRun:
     max_ms: float
     cpu_seconds: float  # wrk's own, user plus system, all threads
     wall_seconds: float  # wrk's whole run, start-up included
+    # By status, when vote.lua counted them (a quota or a ledger); else None.
+    shed: int | None = None  # 503
+    other: int | None = None  # neither 202 nor 503
+    late: int = 0  # paced requests sent more than 10 ms after their slot
+    peak_rss_bytes: int = 0  # wrk's own
 
     @property
     def accepted(self) -> int:
@@ -70,6 +81,16 @@ class WrkRun:
         return 100.0 * self.cpu_seconds / self.wall_seconds
 
 
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What one wrk run sends, beyond new voters of one poll as fast as it can."""
+
+    rate: float = 0.0  # requests per second in all, on a fixed schedule; 0: unpaced
+    total: int = 0  # requests in all, then stop once all are answered; 0: until -d ends
+    ledger: Path | None = None  # where the vote_ids answered 202 go, one file per thread
+    forwarded: bool = False  # each voter from an address of its own (X-Forwarded-For)
+
+
 def run(
     wrk: str,
     url: str,
@@ -79,17 +100,35 @@ def run(
     threads: int,
     poll_id: str,
     option_ids: list[str],
+    load: Load = Load(),
 ) -> WrkRun:
-    """One wrk run of `duration` seconds against ``url + /api/vote``, new voters throughout."""
+    """One wrk run of `duration` seconds against ``url + /api/vote``, new voters throughout.
+
+    With `load.total`, wrk stops as soon as each of its threads has every answer
+    to its share; `duration` is then only a limit.
+    """
+    if load.total and load.total % threads:
+        raise ValueError(f"{load.total} requests do not split evenly over {threads} threads")
     argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s"]
     argv += ["--timeout", REQUEST_TIMEOUT, "--latency", "-s", str(SCRIPT), url]
     argv += ["--", secrets.token_hex(4), poll_id, ",".join(option_ids)]
+    argv += [
+        repr(load.rate / threads),
+        str(load.total // threads),
+        "-" if load.ledger is None else f"{load.ledger}.",
+        "1" if load.forwarded else "0",
+    ]
     # The children's CPU counters grow when a child is reaped; no other child
     # of the bench ends while wrk runs, so the difference is wrk's alone.
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = [0]
+    watcher = threading.Thread(target=_watch_memory, args=(proc, peak), daemon=True)
+    watcher.start()
     try:
+        if load.total:
+            _stop_when_done(proc, threads, duration + GRACE)
         out, err = proc.communicate(timeout=duration + GRACE)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"wrk did not finish within {duration + GRACE:.0f}s") from None
@@ -97,6 +136,7 @@ def run(
         if proc.poll() is None:  # timed out, or the bench was interrupted
             proc.kill()
             proc.wait()
+        watcher.join()
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     output = out.decode(errors="replace")
@@ -106,6 +146,7 @@ def run(
     if line is None:
         raise RuntimeError(f"wrk printed no summary line:\n{output}\n{err.decode()}")
     summary = json.loads(line.removeprefix("BENCH "))
+    counted = summary["accepted"] >= 0
     return WrkRun(
         requests=summary["requests"],
         non_2xx=summary["status"],
@@ -118,4 +159,41 @@ def run(
         max_ms=summary["max_us"] / 1000,
         cpu_seconds=(after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
         wall_seconds=wall,
+        shed=summary["shed"] if counted else None,
+        other=summary["other"] if counted else None,
+        late=summary["late"],
+        peak_rss_bytes=peak[0],
     )
+
+
+def _stop_when_done(proc: subprocess.Popen[bytes], threads: int, timeout: float) -> None:
+    """Interrupt wrk once every thread has all its answers, or REQUEST_TIMEOUT
+    after the last of them has sent its share: wrk's main thread otherwise
+    sleeps out -d, and wrk never gives up on a request whose connection the
+    server dropped. SIGINT makes wrk report as usual; what is still unanswered
+    is counted as such."""
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    deadline = time.monotonic() + timeout
+    seen = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while seen.count(b"BENCH-THREAD-DONE\n") < threads:
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return  # wrk exited (its -d ended first)
+            seen += chunk
+            if seen.count(b"BENCH-THREAD-SENT\n") == threads:
+                deadline = min(deadline, time.monotonic() + ANSWER_TIMEOUT)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+
+
+def _watch_memory(proc: subprocess.Popen[bytes], peak: list[int]) -> None:
+    """Keep wrk's peak resident set size (VmHWM) as long as it runs."""
+    while proc.poll() is None:
+        peak[0] = max(peak[0], peak_rss(proc.pid))
+        time.sleep(0.1)

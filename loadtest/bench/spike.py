@@ -1,0 +1,104 @@
+"""Stage 6, the spike: 50,000 votes offered as fast as wrk can send them over
+1,000 connections, on one new poll; then every vote answered 202 is looked for
+in PostgreSQL.
+
+wrk stops once each of its threads has an answer to each of its share of the
+votes; vote.lua writes the vote_id of every 202 to a ledger. The stage reports
+the share of the votes answered 202, 503 (shed: the streams were full) and
+anything else (there must be none), p95 latency, and the time from the first
+request until the last 202's transaction committed. Then the exactly-once
+check: every ledger vote_id is a row of the poll in PostgreSQL, and the poll
+counts exactly as many ballots as it holds rows (every voter is new).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+from . import wrk
+from .pipeline import PipelineStage, _progress
+from .stage import Sample, median_extra
+
+# Seconds wrk may run at most: the spike ends when every vote is answered.
+LIMIT = 120
+
+
+class Spike(PipelineStage):
+    number = 6
+    name = "spike"
+    title = "a spike of votes as fast as wrk sends them; then each 202 exactly once in PostgreSQL"
+
+    def measure(self) -> Sample:
+        options = self.bench.options
+        votes = options.spike_votes
+        poll = self.pipeline.new_poll()
+        self.pipeline.rewrite_aof()
+        with TemporaryDirectory(prefix="voteflow-spike-") as directory:
+            ledger = Path(directory) / "accepted"
+            started = time.time()
+            wall_started = time.monotonic()
+            with self.pipeline.meter() as meter:
+                run = self.send(
+                    poll,
+                    LIMIT,
+                    wrk.Load(total=votes, ledger=ledger),
+                    connections=options.spike_connections,
+                )
+                self.pipeline.wait_committed()
+            wall = time.monotonic() - wall_started
+            accepted: list[str] = []
+            for path in sorted(Path(directory).glob("accepted.*")):
+                accepted += path.read_text().split()
+        rows = self.pipeline.committed(poll[0])
+        ballots = self.pipeline.total_ballots(poll[0])
+        found = {row.vote_id: row for row in rows}
+        missing = [vote_id for vote_id in accepted if vote_id not in found]
+        repeated = len(accepted) - len(set(accepted))
+        exact = not missing and not repeated and ballots == len(rows)
+        last_commit = max((found[v].committed for v in accepted if v in found), default=started)
+        answered = run.accepted + (run.shed or 0) + (run.other or 0)
+        _progress(
+            f"spike: {votes:,} offered, {len(accepted):,} answered 202, {run.shed} 503, "
+            f"{run.other} other, {votes - answered:,} unanswered; exactly once: "
+            + (
+                "OK"
+                if exact
+                else f"WRONG ({len(missing)} missing, {repeated} repeated, "
+                f"{ballots} ballots for {len(rows)} rows)"
+            )
+        )
+        sample = self.sample(run, meter, run.accepted / run.seconds, wall, len(rows))
+        extra = dict(sample.extra)
+        extra |= {
+            "offered": float(votes),
+            "share_202": run.accepted / votes,
+            "share_503": (run.shed or 0) / votes,
+            "share_other": (run.other or 0) / votes,
+            "share_unanswered": (votes - answered) / votes,
+            "seconds_to_all_committed": last_commit - started,
+            "ledger_202": float(len(accepted)),
+            "missing_202": float(len(missing)),
+            "exactly_once": 1.0 if exact else 0.0,
+        }
+        return replace(sample, extra=extra)
+
+    def summary(self, samples: list[Sample]) -> str:
+        exact = sum(1 for s in samples if s.extra["exactly_once"] == 1.0)
+        shares = ", ".join(
+            f"{label} {100 * median_extra(samples, f'share_{key}'):.1f}%"
+            for key, label in (
+                ("202", "202"), ("503", "503"), ("other", "other"), ("unanswered", "no answer"),
+            )
+        )  # fmt: skip
+        p95 = statistics.median(s.p95_ms for s in samples)
+        return (
+            f"{median_extra(samples, 'offered'):,.0f} votes offered: {shares}; p95 {p95:.0f} "
+            f"ms; every 202 committed "
+            f"{median_extra(samples, 'seconds_to_all_committed'):.1f} s after the first "
+            f"request; each 202 in PostgreSQL exactly once: "
+            f"{'OK' if exact == len(samples) else 'WRONG'} in {exact} of {len(samples)} run(s)"
+        )

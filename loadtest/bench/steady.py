@@ -1,0 +1,101 @@
+"""Stage 5, end to end at a steady load: a fixed offered rate for 30 s, and how
+long a vote takes from the edge's receipt to its commit and to the live update
+a dashboard sees.
+
+The rate is --steady-rate, or else half of what stage 2 (the edge alone)
+reached in this run's first round, or, without stage 2, half of what the
+pipeline reached in a full-speed run of its own. wrk sends on a fixed schedule
+(vote.lua's delay()) over enough connections that a request finds one free
+unless answers take over 100 ms; requests sent more than 10 ms after their
+slot are counted as late: many would mean the offered rate was not held.
+
+Lag to commit: each vote's transaction's commit timestamp minus the time the
+edge received it, both from PostgreSQL. Lag to the live update: the arrival,
+at an SSE client of the poll held open by the bench, of the first tally that
+counts the vote, minus that same receipt time. One clock (this machine's).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import replace
+
+from . import wrk
+from .pipeline import LiveWatcher, PipelineStage, _progress, percentiles
+from .stage import Sample, median_extra
+
+# Seconds of latency the connections absorb before the schedule slips.
+HEADROOM = 0.1
+
+
+class Steady(PipelineStage):
+    number = 5
+    name = "steady"
+    title = "the pipeline end to end at a fixed offered rate; lag to commit and to SSE"
+
+    rate: float = 0.0
+
+    def _offered_rate(self) -> float:
+        options = self.bench.options
+        if options.steady_rate:
+            return options.steady_rate
+        edge = self.bench.rates.get(2)
+        if edge:
+            return statistics.median(edge) / 2
+        _progress("steady: no stage 2 in this run; measuring the pipeline at full speed")
+        run = self.send(self.pipeline.new_poll(), max(options.warmup, 3))
+        self.pipeline.wait_committed()
+        return run.accepted / run.seconds / 2
+
+    def _connections(self) -> int:
+        """Enough that a request waits for a free connection only if answers take
+        over 100 ms on average (Little's law), never fewer than --connections."""
+        return max(self.bench.options.connections, math.ceil(self.rate * HEADROOM))
+
+    def measure(self) -> Sample:
+        if not self.rate:
+            self.rate = self._offered_rate()
+            _progress(f"steady: offering {self.rate:,.0f} votes/s")
+        duration = self.bench.options.steady_duration
+        poll = self.pipeline.new_poll()
+        self.pipeline.rewrite_aof()
+        watcher = LiveWatcher(self.pipeline.port, poll[0])
+        try:
+            started = time.monotonic()
+            with self.pipeline.meter() as meter:
+                run = self.send(poll, duration, wrk.Load(rate=self.rate), self._connections())
+                self.pipeline.wait_committed()
+                stored = self.pipeline.total_ballots(poll[0])
+                live = watcher.wait_for(stored)
+            wall = time.monotonic() - started
+        finally:
+            watcher.close()
+        votes = self.pipeline.committed(poll[0])
+        commit_lags = [v.committed - v.received for v in votes]
+        live_lags, missed = watcher.lags(votes)
+        sample = self.sample(run, meter, run.accepted / run.seconds, wall, len(votes))
+        extra = dict(sample.extra)
+        extra["offered_per_s"] = self.rate
+        extra["late_sends"] = float(run.late)
+        for name, lags in (("commit_lag", commit_lags), ("sse_lag", live_lags)):
+            for point, value in zip((50, 95, 99), percentiles(lags), strict=True):
+                extra[f"{name}_p{point}_ms"] = 1000 * value
+        extra["sse_updates"] = float(len(watcher.events))
+        extra["votes_no_sse_update"] = float(missed)
+        if not live:
+            _progress(f"steady: the live stream never showed all {stored:,} ballots")
+        return replace(sample, extra=extra)
+
+    def summary(self, samples: list[Sample]) -> str:
+        def lags(name: str) -> str:
+            return "/".join(f"{median_extra(samples, f'{name}_p{p}_ms'):.0f}" for p in (50, 95, 99))
+
+        unseen = sum(s.extra["votes_no_sse_update"] for s in samples)
+        return (
+            f"offered {median_extra(samples, 'offered_per_s'):,.0f} votes/s (late sends, "
+            f"median {median_extra(samples, 'late_sends'):.0f}); lag p50/p95/p99 ms from the "
+            f"edge's receipt: to commit {lags('commit_lag')}, to the SSE update "
+            f"{lags('sse_lag')}; votes no SSE update counted: {unseen:.0f}"
+        )
