@@ -34,7 +34,7 @@ from voteflow.servers import HOST, free_port
 
 from . import wrk
 from .edge import SHARDS, create_poll
-from .procs import cpu_seconds, peak_rss, tree_cpu, tree_cpu_used, tree_pss
+from .procs import cpu_seconds, peak_rss, reset_peak_rss, tree_cpu, tree_cpu_used, tree_pss
 from .stack import Bench, rewrite_aof, run_sql, wait_drained
 from .stage import Sample, Stage
 
@@ -70,7 +70,7 @@ class Pipeline:
     """One edge and one worker on the bench's servers, started on first use."""
 
     def __init__(self, bench: Bench) -> None:
-        servers = bench.servers()
+        servers = bench.servers("pipeline")
         self.bench = bench
         self.database_url = servers.database_url
         self.postgres_pid = servers.postgres.pid
@@ -164,8 +164,9 @@ class Meter:
     """CPU seconds and peak memory of the pipeline's processes over one measured run.
 
     Peak memory: the largest resident set (VmHWM) of the edge, the worker and
-    Redis since they started; PostgreSQL's, the largest sum of its processes'
-    proportional set sizes, sampled while the run lasts.
+    Redis during the run (their high-water marks are reset at its start);
+    PostgreSQL's, the largest sum of its processes' proportional set sizes,
+    sampled while the run lasts.
     """
 
     def __init__(self, singles: dict[str, int], trees: dict[str, int]) -> None:
@@ -176,6 +177,8 @@ class Meter:
         self._sampler = threading.Thread(target=self._sample, daemon=True)
 
     def __enter__(self) -> Self:
+        for pid in self.singles.values():
+            reset_peak_rss(pid)
         self._cpu = {name: cpu_seconds(pid) for name, pid in self.singles.items()}
         self._tree_cpu = {name: tree_cpu(pid) for name, pid in self.trees.items()}
         self._sampler.start()

@@ -177,6 +177,14 @@ def peak_rss(pid: int) -> int:
     return 1024 * _status_kib(pid, "status", "VmHWM")
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Start the process's VmHWM afresh from its present resident set (see
+    proc_pid_clear_refs(5)); where that is not allowed, it stays the peak since
+    the process started."""
+    with suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def tree_pss(root: int) -> int:
     """Bytes: the proportional set size of `root` and every process below it.
 

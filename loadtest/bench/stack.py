@@ -70,7 +70,17 @@ def run_sql(database_url: str, work: Callable[[asyncpg.Connection], Awaitable[T]
 def rewrite_aof(client: redis.Redis) -> None:
     """Let Redis compact its append-only file and wait for it, so that each
     repeat starts alike (with appendfsync always, a long file slows appends)."""
-    client.bgrewriteaof()  # type: ignore[no-untyped-call]
+    _wait_for_rewrite(client)
+    try:
+        client.bgrewriteaof()  # type: ignore[no-untyped-call]
+    except redis.ResponseError as exc:
+        # Redis began one of its own (auto-aof-rewrite) in between: as good.
+        if "already in progress" not in str(exc):
+            raise
+    _wait_for_rewrite(client)
+
+
+def _wait_for_rewrite(client: redis.Redis) -> None:
     deadline = time.monotonic() + AOF_REWRITE_TIMEOUT
     while True:
         info: dict[str, Any] = client.info("persistence")  # type: ignore[assignment]
@@ -135,28 +145,32 @@ class Bench:
         self.options = options
         self.stack = stack
         self.work_dir = work_dir
-        self._servers: Servers | None = None
+        self._servers: dict[str, Servers] = {}
         # What stages share beyond the servers (the pipeline of stages 5-7), by name.
         self.shared: dict[str, object] = {}
         # Each stage's rates measured so far in this run, by stage number.
         self.rates: dict[int, list[float]] = {}
 
-    def servers(self) -> Servers:
-        """The private servers, started and migrated on first use.
+    def servers(self, name: str = "shared") -> Servers:
+        """Private servers, started and migrated on first use, by name.
 
+        Stages 1-4 share one pair; stages 5-7 have their own, so that the
+        memory the drain's million votes took does not count as theirs.
         Durable as a deployment runs them: PostgreSQL with fsync and
         synchronous commit, Redis with ``appendfsync always`` as `voteflow up`.
         """
-        if self._servers is None:
+        found = self._servers.get(name)
+        if found is None:
             # Commit timestamps let the end-to-end stages read when each
             # vote's transaction committed (pg_xact_commit_timestamp).
             postgres = self.stack.enter_context(
                 PostgresServer(
-                    self.work_dir / "postgres", settings={"track_commit_timestamp": "on"}
+                    self.work_dir / f"{name}-postgres",
+                    settings={"track_commit_timestamp": "on"},
                 )
             )
             redis = self.stack.enter_context(
-                RedisServer(self.work_dir / "redis", appendonly=True, appendfsync="always")
+                RedisServer(self.work_dir / f"{name}-redis", appendonly=True, appendfsync="always")
             )
 
             async def create(conn: asyncpg.Connection) -> None:
@@ -165,8 +179,8 @@ class Bench:
             run_sql(postgres.url, create)
             database_url = _database_url(postgres.url, DATABASE)
             asyncio.run(migrate(database_url))
-            self._servers = Servers(postgres, redis, database_url)
-        return self._servers
+            found = self._servers[name] = Servers(postgres, redis, database_url)
+        return found
 
     def child_env(self, **extra: str) -> dict[str, str]:
         """The bench's environment without any VOTEFLOW_* setting, plus `extra`."""
