@@ -29,12 +29,12 @@ from voteflow.outages import POSTGRES_DOWN, REDIS_DOWN
 from voteflow.settings import Settings
 from voteflow.timeutil import now_us
 
-from . import live
+from . import live, pages
 from .append import Appender, Limited, Overloaded, Unavailable
 from .clientip import Network, client_ip, parse_networks
 from .metrics import EdgeMetrics
 from .openapi import get_openapi
-from .polls import Poll, PollCache, close_poll, create_poll
+from .polls import Cursor, Poll, PollCache, close_poll, create_poll, list_open
 from .results import current_tally
 from .serve import read_body, serve
 from .validate import MAX_VOTE_BODY, Invalid, admit_ballot, parse_ballot, parse_new_poll
@@ -46,6 +46,13 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
 # What a client should wait before retrying when Redis or PostgreSQL is away.
 RETRY_AFTER_UNAVAILABLE = 1
+# Polls per page of GET /api/polls, unless ?limit= says otherwise, and the most.
+LIST_LIMIT = 20
+MAX_LIST_LIMIT = 100
+# Pages are small and change with a deploy: revalidated each time (ETag).
+# Assets are revalidated after a few minutes, so a deploy reaches browsers soon.
+PAGE_CACHE = "no-cache"
+ASSET_CACHE = "public, max-age=300"
 # What a client should wait when a shard's backlog is full (shed load).
 RETRY_AFTER_OVERLOADED = 2
 # A server voteflow depends on is away: 503, never a 4xx.
@@ -230,6 +237,50 @@ async def post_vote(request: web.Request) -> web.Response:
     return json_response({"vote_id": vote.vote_id, "status": "queued"}, 202)
 
 
+async def list_polls(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    limit = _limit(request.query.get("limit"))
+    token = request.query.get("cursor")
+    after = None
+    if token is not None:
+        try:
+            after = Cursor.decode(token)
+        except ValueError:  # binascii.Error and UnicodeDecodeError among them
+            raise Invalid(400, "cursor", "not a cursor this API handed out") from None
+    page = await list_open(edge.pool, after, limit)
+    now = now_us()
+    return json_response(
+        {
+            "polls": [poll.to_json(now) for poll in page.polls],
+            "next_cursor": None if page.next is None else page.next.encode(),
+        }
+    )
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None:
+        return LIST_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+        raise Invalid(400, "limit", f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}")
+    return int(raw)
+
+
+async def index_page(request: web.Request) -> web.Response:
+    return pages.respond(request, "index.html", PAGE_CACHE)
+
+
+async def poll_page(request: web.Request) -> web.Response:
+    await _poll(request.app[EDGE], request)  # 404 for no such poll, as the API
+    return pages.respond(request, "poll.html", PAGE_CACHE)
+
+
+async def get_asset(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name.endswith(".html") or not pages.has(name):
+        raise Invalid(404, None, "no such file")
+    return pages.respond(request, name, ASSET_CACHE)
+
+
 async def get_results(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     poll = await _poll(edge, request)
@@ -264,6 +315,8 @@ async def get_ready(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
+    # The edge has no periodic loop: its pool gauges are read at each scrape.
+    request.app[METRICS].observe_pool(request.app[EDGE].pool)
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -318,6 +371,10 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = EdgeMetrics()
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_end_live_streams)
+    app.router.add_get("/", index_page)
+    app.router.add_get("/polls/{poll_id}", poll_page)
+    app.router.add_get("/static/{name}", get_asset)
+    app.router.add_get("/api/polls", list_polls)
     app.router.add_post("/api/polls", post_poll)
     app.router.add_get("/api/polls/{poll_id}", get_poll)
     app.router.add_post("/api/polls/{poll_id}/close", post_close)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from voteflow.poolmetrics import PoolGauges, PoolStats
+
 # Request latencies of a queue-backed edge are sub-millisecond to seconds.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -24,6 +26,7 @@ class EdgeMetrics:
     append_batch_size: Histogram = field(init=False)
     append_seconds: Histogram = field(init=False)
     live_subscribers: Gauge = field(init=False)
+    pool: PoolGauges = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -72,3 +75,7 @@ class EdgeMetrics:
         self.live_subscribers = Gauge(
             "voteflow_live_subscribers", "Open live tally streams (SSE).", registry=r
         )
+        self.pool = PoolGauges(r)
+
+    def observe_pool(self, pool: PoolStats) -> None:
+        self.pool.observe(pool)

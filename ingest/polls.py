@@ -9,7 +9,9 @@ share a single query (async-lru coalesces them).
 
 from __future__ import annotations
 
+import base64
 import logging
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,13 +22,15 @@ import asyncpg
 from async_lru import alru_cache
 
 from voteflow.outages import POSTGRES_DOWN
-from voteflow.timeutil import to_us
+from voteflow.timeutil import from_us, to_us
 
 log = logging.getLogger(__name__)
 
 # Enough for every poll that is live at once on any deployment we know of; a
 # miss beyond it costs one indexed query, not a failure.
 CACHE_SIZE = 50_000
+# Characters of a list cursor: enough for any this edge hands out.
+MAX_CURSOR = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +112,48 @@ async def close_poll(pool: asyncpg.Pool, poll_id: str, closed_at: datetime) -> P
             return None
         row = await conn.fetchrow("SELECT * FROM poll_get($1)", poll_id)
     return _poll(row)
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a page of the poll list starts: after this poll, newest first.
+
+    Sent to clients as an opaque token; its form may change between versions.
+    """
+
+    created_us: int
+    poll_id: uuid.UUID
+
+    def encode(self) -> str:
+        raw = f"{self.created_us}:{self.poll_id}".encode()
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    @classmethod
+    def decode(cls, token: str) -> Cursor:
+        """Raises ValueError for anything this edge did not hand out."""
+        if not 0 < len(token) <= MAX_CURSOR or not token.isascii():
+            raise ValueError("bad cursor length")
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        created, poll_id = raw.split(":")
+        return cls(int(created), uuid.UUID(poll_id))
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    polls: list[Poll]
+    next: Cursor | None  # None: the last page
+
+
+async def list_open(pool: asyncpg.Pool, after: Cursor | None, limit: int) -> Page:
+    """A page of the open polls, newest first."""
+    before = (None, None) if after is None else (from_us(after.created_us), after.poll_id)
+    # One row more than asked tells whether another page follows.
+    rows = await pool.fetch("SELECT * FROM poll_list($1, $2, $3)", *before, limit + 1)
+    polls = [_poll(row) for row in rows[:limit]]
+    more = len(rows) > limit
+    last = polls[-1] if polls else None
+    cursor = Cursor(to_us(last.created_at), uuid.UUID(last.id)) if more and last else None
+    return Page(polls, cursor)
 
 
 class PollCache:

@@ -167,7 +167,9 @@ def cmd_up(settings: Settings, data_dir: Path) -> int:
             _wait_healthy(f"{base}/health", procs, timeout=60)
             print(
                 f"\nvoteflow is up at {base}\n"
-                f"  demo poll:     {base}/api/polls/{poll_id}\n"
+                f"  open polls:    {base}/\n"
+                f"  demo poll:     {base}/polls/{poll_id} (live results, a form to vote)\n"
+                f"  as JSON:       {base}/api/polls/{poll_id}\n"
                 f"  results:       {base}/api/polls/{poll_id}/results\n"
                 f"  live (SSE):    curl -N {base}/api/polls/{poll_id}/live\n"
                 f"  metrics:       {base}/metrics\n"

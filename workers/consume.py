@@ -133,8 +133,9 @@ async def _consume(writer: Writer, shard: int, stop: asyncio.Event) -> None:
 
 async def watch_backlog(writer: Writer, stop: asyncio.Event, every: float = 5.0) -> None:
     """Keep this process's backlog gauges current (every worker reports the
-    same figures; dashboards take the max over workers)."""
+    same figures; dashboards take the max over workers), and its pool gauges."""
     while not stop.is_set():
+        writer.metrics.observe_pool(writer.pool)
         for shard, stream in enumerate(writer.keys.streams()):
             with contextlib.suppress(RedisError, OSError):
                 for group in await writer.redis.xinfo_groups(stream):

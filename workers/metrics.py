@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from voteflow.poolmetrics import PoolGauges, PoolStats
+
 SECONDS_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
@@ -24,6 +26,7 @@ class WorkerMetrics:
     commit_retries: Counter = field(init=False)
     backlog: Gauge = field(init=False)
     pending: Gauge = field(init=False)
+    pool: PoolGauges = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -76,3 +79,7 @@ class WorkerMetrics:
             ["shard"],
             registry=r,
         )
+        self.pool = PoolGauges(r)
+
+    def observe_pool(self, pool: PoolStats) -> None:
+        self.pool.observe(pool)

@@ -1,0 +1,196 @@
+// A poll's page: its tallies, live from the SSE stream, and a form to vote.
+//
+// The stream sends the whole current tally on connect and after every commit;
+// EventSource reconnects by itself after a drop, and the first event after it
+// is the current snapshot again, so nothing is replayed or lost.
+"use strict";
+
+const pollId = decodeURIComponent(location.pathname.split("/").pop());
+const $ = (id) => document.getElementById(id);
+const RATE_WINDOW = 300; // seconds shown by the votes-per-second line
+
+let version = -1;
+let total = 0;
+const rows = new Map(); // option id -> {fill, count}
+const perSecond = []; // ballots counted in each of the last RATE_WINDOW seconds
+let lastTotal = null;
+
+function setStatus(state, text) {
+  $("status").dataset.state = state;
+  $("status").textContent = text;
+}
+
+function renderPoll(poll) {
+  document.title = poll.question + " · voteflow";
+  $("question").textContent = poll.question;
+  const bars = $("bars");
+  const choices = $("choices");
+  const multiple = poll.max_choices > 1;
+  $("vote-legend").textContent = multiple
+    ? "Your vote (up to " + poll.max_choices + " options)"
+    : "Your vote";
+  for (const option of poll.options) {
+    const li = document.createElement("li");
+    li.dataset.optionId = option.id;
+    const label = document.createElement("div");
+    label.className = "bar-label";
+    const name = document.createElement("span");
+    name.textContent = option.label;
+    const count = document.createElement("span");
+    count.className = "bar-count";
+    count.textContent = "0 · 0%";
+    label.append(name, count);
+    const track = document.createElement("div");
+    track.className = "bar-track";
+    const fill = document.createElement("div");
+    fill.className = "bar-fill";
+    track.append(fill);
+    li.append(label, track);
+    bars.append(li);
+    rows.set(option.id, { fill, count });
+
+    const choice = document.createElement("label");
+    const input = document.createElement("input");
+    input.type = multiple ? "checkbox" : "radio";
+    input.name = "option";
+    input.value = option.id;
+    choice.append(input, " ", option.label);
+    choices.append(choice);
+  }
+  if (poll.closed) {
+    $("vote-result").textContent = "This poll is closed.";
+    $("cast").disabled = true;
+  }
+  $("vote").hidden = false;
+  $("vote").addEventListener("submit", (event) => vote(event, poll));
+}
+
+function renderTally(tally) {
+  if (tally.version <= version) return; // an older tally, after a newer one
+  version = tally.version;
+  total = tally.total_ballots;
+  let counted = 0;
+  for (const option of tally.options) counted += option.votes;
+  for (const option of tally.options) {
+    const row = rows.get(option.id);
+    if (!row) continue;
+    const share = counted ? (100 * option.votes) / counted : 0;
+    row.fill.style.width = share.toFixed(1) + "%";
+    row.count.textContent = option.votes.toLocaleString() + " · " + share.toFixed(0) + "%";
+  }
+  $("total").textContent =
+    total.toLocaleString() + (total === 1 ? " ballot" : " ballots");
+}
+
+function drawRate() {
+  const canvas = $("rate");
+  const context = canvas.getContext("2d");
+  const { width, height } = canvas;
+  context.clearRect(0, 0, width, height);
+  const top = Math.max(1, ...perSecond);
+  context.strokeStyle = getComputedStyle(document.documentElement).getPropertyValue("--bar");
+  context.lineWidth = 3;
+  context.beginPath();
+  perSecond.forEach((n, i) => {
+    const x = width - (perSecond.length - 1 - i) * (width / (RATE_WINDOW - 1));
+    const y = height - 4 - (n / top) * (height - 8);
+    if (i === 0) context.moveTo(x, y);
+    else context.lineTo(x, y);
+  });
+  context.stroke();
+  context.fillStyle = getComputedStyle(document.documentElement).getPropertyValue("--muted");
+  context.font = "24px system-ui, sans-serif";
+  context.fillText("peak " + top.toLocaleString() + "/s", 8, 28);
+}
+
+function tick() {
+  if (lastTotal !== null) perSecond.push(Math.max(0, total - lastTotal));
+  lastTotal = total;
+  if (perSecond.length > RATE_WINDOW) perSecond.shift();
+  drawRate();
+}
+
+function listen() {
+  const source = new EventSource("/api/polls/" + encodeURIComponent(pollId) + "/live");
+  source.addEventListener("open", () => setStatus("live", "Live"));
+  source.addEventListener("tally", (event) => {
+    setStatus("live", "Live");
+    renderTally(JSON.parse(event.data));
+  });
+  source.addEventListener("error", () => {
+    // EventSource retries by itself while the edge is away; say so meanwhile.
+    setStatus("down", "Disconnected, reconnecting…");
+  });
+}
+
+function uuid4() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  bytes[6] = (bytes[6] & 0x0f) | 0x40;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  return [hex.slice(0, 8), hex.slice(8, 12), hex.slice(12, 16), hex.slice(16, 20), hex.slice(20)].join("-");
+}
+
+function voter() {
+  // One browser, one voter: a random id kept in this browser only.
+  let id = localStorage.getItem("voteflow.voter");
+  if (!id) {
+    id = "browser-" + uuid4();
+    localStorage.setItem("voteflow.voter", id);
+  }
+  return id;
+}
+
+async function vote(event, poll) {
+  event.preventDefault();
+  const result = $("vote-result");
+  const chosen = Array.from(document.querySelectorAll("input[name=option]:checked"), (i) => i.value);
+  if (chosen.length === 0 || chosen.length > poll.max_choices) {
+    result.dataset.state = "bad";
+    result.textContent = chosen.length
+      ? "Choose at most " + poll.max_choices + " options."
+      : "Choose an option first.";
+    return;
+  }
+  $("cast").disabled = true;
+  const ballot = {
+    poll_id: poll.id,
+    option_ids: chosen,
+    voter_fingerprint: voter(),
+    vote_id: uuid4(),
+  };
+  try {
+    const response = await fetch("/api/vote", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(ballot),
+    });
+    const body = await response.json().catch(() => ({}));
+    if (response.status === 202) {
+      result.dataset.state = "good";
+      result.textContent = "Vote received. It shows in the results in a moment.";
+    } else {
+      result.dataset.state = "bad";
+      result.textContent = "Not counted: " + (body.error || "HTTP " + response.status) + ".";
+    }
+  } catch (error) {
+    result.dataset.state = "bad";
+    result.textContent = "Not sent: " + error.message + ". Try again.";
+  } finally {
+    $("cast").disabled = poll.closed;
+  }
+}
+
+async function main() {
+  const response = await fetch("/api/polls/" + encodeURIComponent(pollId));
+  if (!response.ok) {
+    $("question").textContent = response.status === 404 ? "No such poll" : "The poll could not be loaded";
+    setStatus("down", "");
+    return;
+  }
+  renderPoll(await response.json());
+  listen();
+  setInterval(tick, 1000);
+}
+
+main();
