@@ -328,8 +328,18 @@ async def test_edge_keeps_the_contract_for_generated_requests(served: Client) ->
 def walk_links(base: str) -> None:
     """Chains of calls along the document's links (runs in a thread)."""
     schema = load_schema(base)
-    # The live stream never ends on the real polls the links lead to.
-    machine = schema.exclude(path="/api/polls/{poll_id}/live").as_state_machine()
+    # The live stream never ends on the real polls the links lead to. The web
+    # pages and the poll list are no link's source or target; in the chains,
+    # the list's answers (every poll so far) made hypothesis's replays draw
+    # differently (FlakyStrategyDefinition). Both are covered by
+    # test_edge_keeps_the_contract_for_generated_requests and test_pages.py.
+    machine = (
+        schema.exclude(
+            path=["/api/polls/{poll_id}/live", "/", "/polls/{poll_id}", "/static/{name}"]
+        )
+        .exclude(operation_id="listPolls")
+        .as_state_machine()
+    )
     machine.run(settings=hypothesis_settings(max_examples=50, stateful_step_count=6))
 
 
