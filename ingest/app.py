@@ -292,7 +292,22 @@ async def get_live(request: web.Request) -> web.StreamResponse:
     edge = request.app[EDGE]
     poll = await _poll(edge, request)
     initial = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
-    return await live.stream(request, edge.hub, poll, initial, edge.settings.sse_heartbeat)
+    return await live.stream(request, edge.hub, poll, initial, _pace(edge.settings))
+
+
+async def get_live_ws(request: web.Request) -> web.StreamResponse:
+    edge = request.app[EDGE]
+    poll = await _poll(edge, request)
+    initial = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
+    return await live.websocket(request, edge.hub, poll, initial, _pace(edge.settings))
+
+
+def _pace(settings: Settings) -> live.Pace:
+    return live.Pace(
+        heartbeat=settings.sse_heartbeat,
+        interval=1 / settings.live_updates_per_second,
+        write_timeout=settings.live_write_timeout,
+    )
 
 
 async def get_health(request: web.Request) -> web.Response:
@@ -380,6 +395,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/api/polls/{poll_id}/close", post_close)
     app.router.add_get("/api/polls/{poll_id}/results", get_results)
     app.router.add_get("/api/polls/{poll_id}/live", get_live)
+    app.router.add_get("/api/polls/{poll_id}/ws", get_live_ws)
     app.router.add_post("/api/vote", post_vote)
     app.router.add_get("/health", get_health)
     app.router.add_get("/ready", get_ready)

@@ -5,9 +5,12 @@ Each edge process holds a single pattern subscription to all tally channels,
 whatever the number of clients. For a poll that has local watchers, a tally is
 turned into an SSE event once, and every watcher writes those same bytes.
 
-A watcher never queues events: it keeps the version it sent last and, when
-woken, writes the feed's latest event. A slow client skips intermediate
-tallies instead of making the edge buffer them, and always ends on the latest.
+Watchers follow the feed over SSE or a WebSocket, with the same tally
+messages. A watcher never queues events: it keeps the version it sent last
+and, when woken, writes the feed's latest event, at most
+VOTEFLOW_LIVE_UPDATES_PER_SECOND times a second. A slow client skips
+intermediate tallies instead of making the edge buffer them, always ends on
+the latest, and is dropped if one write waits VOTEFLOW_LIVE_WRITE_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import orjson
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -39,17 +43,15 @@ SSE_HEADERS = {
 HEARTBEAT = b": keep-alive\n\n"
 
 
-def sse_event(results: dict[str, Any]) -> bytes:
-    return b"event: tally\nid: %d\ndata: %s\n\n" % (results["version"], orjson.dumps(results))
-
-
 class Feed:
-    """The latest tally event of one poll, shared by its watchers on this edge."""
+    """The latest tally of one poll, encoded once for all its watchers on this
+    edge: as an SSE event and as a WebSocket text message."""
 
     def __init__(self, poll: Poll) -> None:
         self.poll = poll
         self.version = -1
         self.event = b""
+        self.message = b""
         self.watchers = 0
         self.changed = asyncio.Event()
 
@@ -57,7 +59,9 @@ class Feed:
         if tally.version <= self.version:
             return  # an older tally that arrived late
         self.version = tally.version
-        self.event = sse_event(tally.results(self.poll.labels))
+        results = tally.results(self.poll.labels)
+        self.message = orjson.dumps(results)
+        self.event = b"event: tally\nid: %d\ndata: %s\n\n" % (tally.version, self.message)
         # Wake everyone waiting on this generation; later waits use a new one.
         self.changed.set()
         self.changed = asyncio.Event()
@@ -97,6 +101,9 @@ class TallyHub:
         feed.watchers += 1
         self._metrics.live_subscribers.inc()
         return feed
+
+    def slow_watcher(self) -> None:
+        self._metrics.live_dropped.inc()
 
     def unwatch(self, feed: Feed) -> None:
         feed.watchers -= 1
@@ -154,28 +161,138 @@ class TallyHub:
             feed.offer(decode(message["data"]))
 
 
-async def stream(
-    request: web.Request, hub: TallyHub, poll: Poll, initial: Tally, heartbeat: float
-) -> web.StreamResponse:
-    """Serve one SSE watcher until it leaves or the edge shuts down."""
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """How a watcher is served: heartbeat, rate of updates, patience."""
+
+    heartbeat: float  # seconds
+    interval: float  # seconds between two updates, at least
+    write_timeout: float  # seconds
+
+
+class Transport(Protocol):
+    async def send(self, feed: Feed) -> None: ...
+    async def beat(self) -> None: ...
+
+
+async def follow(
+    hub: TallyHub,
+    poll: Poll,
+    initial: Tally,
+    transport: Transport,
+    pace: Pace,
+    gone: asyncio.Event | None,
+) -> None:
+    """Send the poll's tallies to one watcher until it is `gone`, too slow, or
+    the edge shuts down."""
     feed = hub.watch(poll)
     try:
         feed.offer(initial)
         sent = -1
-        while not hub.closing.is_set():
+        next_at = 0.0
+        loop = asyncio.get_running_loop()
+        while not hub.closing.is_set() and not (gone is not None and gone.is_set()):
             if feed.version > sent:
+                wait = next_at - loop.time()
+                if wait > 0:  # coalesce: later tallies replace this one meanwhile
+                    await _either(gone, wait)
+                    continue
                 sent = feed.version
-                await response.write(feed.event)
+                await asyncio.wait_for(transport.send(feed), pace.write_timeout)
+                next_at = loop.time() + pace.interval
                 continue
-            changed = feed.changed
-            try:
-                await asyncio.wait_for(changed.wait(), timeout=heartbeat)
-            except TimeoutError:
-                await response.write(HEARTBEAT)
-    except ConnectionResetError:
+            if not await _either(gone, pace.heartbeat, feed.changed):
+                await asyncio.wait_for(transport.beat(), pace.write_timeout)
+    except TimeoutError:
+        hub.slow_watcher()  # its socket buffer stayed full: drop it
+    except (ConnectionResetError, ConnectionError):
         pass  # the watcher left
     finally:
         hub.unwatch(feed)
+
+
+async def _either(
+    gone: asyncio.Event | None, seconds: float, changed: asyncio.Event | None = None
+) -> bool:
+    """Wait up to `seconds` for `changed` or `gone` (either may be None: an SSE
+    client's leaving shows only as a failed write); True if one was set."""
+    events = [event for event in (gone, changed) if event is not None]
+    if len(events) < 2:
+        # One waiter, no extra tasks: at a spike, every watcher wakes per update.
+        try:
+            if events:
+                await asyncio.wait_for(events[0].wait(), seconds)
+                return True
+            await asyncio.sleep(seconds)
+        except TimeoutError:
+            pass
+        return False
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        done, _ = await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+    return bool(done)
+
+
+class _Sse:
+    def __init__(self, response: web.StreamResponse) -> None:
+        self._response = response
+
+    async def send(self, feed: Feed) -> None:
+        await self._response.write(feed.event)
+
+    async def beat(self) -> None:
+        await self._response.write(HEARTBEAT)
+
+
+class _WebSocket:
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self._ws = ws
+
+    async def send(self, feed: Feed) -> None:
+        # The bytes encoded once for every watcher, sent as a text frame.
+        await self._ws.send_frame(feed.message, WSMsgType.TEXT)
+
+    async def beat(self) -> None:
+        await self._ws.ping()
+
+
+async def stream(
+    request: web.Request, hub: TallyHub, poll: Poll, initial: Tally, pace: Pace
+) -> web.StreamResponse:
+    """Serve one SSE watcher until it leaves or the edge shuts down."""
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    # An SSE client only reads; its leaving shows as a failed write.
+    await follow(hub, poll, initial, _Sse(response), pace, None)
     return response
+
+
+async def websocket(
+    request: web.Request, hub: TallyHub, poll: Poll, initial: Tally, pace: Pace
+) -> web.WebSocketResponse:
+    """Serve one WebSocket watcher: the same tally messages, one per text frame."""
+    ws = web.WebSocketResponse(autoping=True, max_msg_size=1024)
+    await ws.prepare(request)
+    gone = asyncio.Event()
+
+    async def read() -> None:
+        # Reading lets aiohttp answer pings and see the close; what a client
+        # sends is not used.
+        try:
+            async for _ in ws:
+                pass
+        finally:
+            gone.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        await follow(hub, poll, initial, _WebSocket(ws), pace, gone)
+    finally:
+        await ws.close()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+    return ws

@@ -26,6 +26,7 @@ class EdgeMetrics:
     append_batch_size: Histogram = field(init=False)
     append_seconds: Histogram = field(init=False)
     live_subscribers: Gauge = field(init=False)
+    live_dropped: Counter = field(init=False)
     pool: PoolGauges = field(init=False)
 
     def __post_init__(self) -> None:
@@ -73,7 +74,12 @@ class EdgeMetrics:
             registry=r,
         )
         self.live_subscribers = Gauge(
-            "voteflow_live_subscribers", "Open live tally streams (SSE).", registry=r
+            "voteflow_live_subscribers", "Open live tally streams (SSE and WebSocket).", registry=r
+        )
+        self.live_dropped = Counter(
+            "voteflow_live_dropped",
+            "Live watchers dropped because they left an update unread too long.",
+            registry=r,
         )
         self.pool = PoolGauges(r)
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from typing import Any
 
 import orjson
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
+from redis import asyncio as aioredis
 
-from tests.support import InProcessWorker, create_poll
+from tests.support import InProcessWorker, create_poll, edge_client
+from voteflow.keys import Keys
+from voteflow.settings import Settings
+from voteflow.tally import Tally
+from voteflow.timeutil import now_us
 
 Client = TestClient[Any, Any]
 
@@ -20,7 +26,10 @@ async def next_event(response: ClientResponse, timeout: float = 10.0) -> dict[st
     event: dict[str, str] = {}
     async with asyncio.timeout(timeout):
         while True:
-            line = (await response.content.readline()).decode().rstrip("\n")
+            raw = await response.content.readline()
+            if not raw:
+                raise AssertionError("the stream ended")
+            line = raw.decode().rstrip("\n")
             if line == "":
                 if "data" in event:
                     assert event["event"] == "tally"
@@ -79,3 +88,111 @@ async def test_a_late_watcher_gets_the_current_tally_at_once(
 async def test_live_stream_of_unknown_poll_is_404(edge: Client) -> None:
     response = await edge.get(f"/api/polls/{uuid.uuid4()}/live")
     assert response.status == 404
+
+
+async def test_websocket_sends_the_same_tally_messages(
+    edge: Client, worker: InProcessWorker
+) -> None:
+    poll = await create_poll(edge)
+    a = poll["options"][0]["id"]
+    async with (
+        edge.get(f"/api/polls/{poll['id']}/live") as sse,
+        edge.ws_connect(f"/api/polls/{poll['id']}/ws") as ws,
+    ):
+        first = orjson.loads((await ws.receive(timeout=10)).data)
+        assert first == await next_event(sse)
+        assert first["total_ballots"] == 0
+        body = {"poll_id": poll["id"], "option_ids": [a], "voter_fingerprint": "v"}
+        assert (await edge.post("/api/vote", json=body)).status == 202
+        update = orjson.loads((await ws.receive(timeout=10)).data)
+        assert update == await next_event(sse)
+        assert {o["id"]: o["votes"] for o in update["options"]}[a] == 1
+
+
+async def test_websocket_of_unknown_poll_is_404(edge: Client) -> None:
+    response = await edge.get(f"/api/polls/{uuid.uuid4()}/ws")
+    assert response.status == 404
+
+
+async def _publish_versions(
+    redis: aioredis.Redis, settings: Settings, poll: dict[str, Any], versions: range
+) -> None:
+    """Tallies of `poll` as a worker would publish them, one per version."""
+    keys = Keys(settings.key_prefix, settings.stream_shards)
+    option = poll["options"][0]["id"]
+    for version in versions:
+        tally = Tally(poll["id"], version, version, {option: version}, now_us())
+        await redis.publish(keys.tally_channel(poll["id"]), tally.encode())
+        await asyncio.sleep(0.005)
+
+
+async def test_a_watcher_gets_at_most_the_set_rate_and_ends_on_the_latest(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    slow = dataclasses.replace(settings, live_updates_per_second=2.0)
+    async with edge_client(slow) as edge:
+        poll = await create_poll(edge)
+        async with (
+            edge.get(f"/api/polls/{poll['id']}/live") as sse,
+            edge.ws_connect(f"/api/polls/{poll['id']}/ws") as ws,
+        ):
+            await next_event(sse)  # the snapshot: subscribed
+            await ws.receive(timeout=10)
+            started = asyncio.get_running_loop().time()
+            await _publish_versions(redis_client, slow, poll, range(1, 101))
+            seen: list[int] = []
+            ws_seen: list[int] = []
+            while not seen or seen[-1] < 100:
+                seen.append((await next_event(sse))["version"])
+            while not ws_seen or ws_seen[-1] < 100:
+                ws_seen.append(orjson.loads((await ws.receive(timeout=10)).data)["version"])
+            elapsed = asyncio.get_running_loop().time() - started
+    # 100 tallies over about a second, at most 2 updates a second each: a few
+    # updates, the last the latest, in order.
+    for got in (seen, ws_seen):
+        assert got == sorted(got) and got[-1] == 100
+        assert len(got) <= 2 * elapsed + 2, (got, elapsed)
+
+
+async def test_a_watcher_that_stops_reading_is_dropped_not_buffered_for(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    hasty = dataclasses.replace(settings, live_updates_per_second=1000.0, live_write_timeout=1.0)
+    async with edge_client(hasty) as edge:
+        # Big events (64 long labels, about 14 KB each) fill socket buffers fast.
+        poll = await create_poll(edge, options=[f"{n:03d} " + "x" * 196 for n in range(64)])
+        # A client that asks for the stream and never reads a byte of it.
+        _, stuck = await asyncio.open_connection(edge.host, edge.port)
+        stuck.write(f"GET /api/polls/{poll['id']}/live HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await stuck.drain()
+        async with edge.get(f"/api/polls/{poll['id']}/live") as reading:
+            versions = [(await next_event(reading))["version"]]
+
+            async def keep_reading() -> None:
+                while True:
+                    versions.append((await next_event(reading))["version"])
+
+            async def dropped() -> float:
+                text = await (await edge.get("/metrics")).text()
+                (line,) = [
+                    x for x in text.splitlines() if x.startswith("voteflow_live_dropped_total")
+                ]
+                return float(line.split()[1])
+
+            reader = asyncio.create_task(keep_reading())
+            version = 0
+            async with asyncio.timeout(60):
+                while await dropped() == 0:
+                    await _publish_versions(
+                        redis_client, hasty, poll, range(version + 1, version + 51)
+                    )
+                    version += 50
+                # The watcher that reads is still served, up to the latest tally.
+                while versions[-1] < version:
+                    assert not reader.done(), reader
+                    await asyncio.sleep(0.05)
+            reader.cancel()
+            text = await (await edge.get("/metrics")).text()
+            assert "voteflow_live_subscribers 1.0" in text
+            assert await dropped() == 1
+        stuck.close()

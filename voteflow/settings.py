@@ -59,8 +59,15 @@ class Settings:
     poll_cache_ttl: float = 5.0
     vote_partitions: int = 16
     worker_metrics_port: int = 9464
-    # Seconds between SSE heartbeats, so proxies keep idle streams open.
+    # Seconds between SSE heartbeats (WebSocket pings), so proxies keep idle
+    # streams open.
     sse_heartbeat: float = 15.0
+    # Live updates one client gets per second at most, per poll; the last one
+    # is always the latest tally.
+    live_updates_per_second: float = 4.0
+    # Seconds a live client may leave one update unread before it is dropped
+    # (its socket buffer is full): the edge never queues for it.
+    live_write_timeout: float = 10.0
     # Slow or stuck clients: most open connections per edge process, and the
     # seconds a client has to send its request headers, then its body.
     max_connections: int = 10_000
@@ -121,6 +128,8 @@ class Settings:
         need(1 <= self.vote_partitions <= 1024, "vote_partitions", "must be between 1 and 1024")
         need(0 <= self.worker_metrics_port < 65536, "worker_metrics_port", "must be a port or 0")
         need(self.sse_heartbeat > 0, "sse_heartbeat", "must be > 0")
+        need(self.live_updates_per_second > 0, "live_updates_per_second", "must be > 0")
+        need(self.live_write_timeout > 0, "live_write_timeout", "must be > 0")
         need(self.max_connections >= 1, "max_connections", "must be >= 1")
         need(self.header_timeout > 0, "header_timeout", "must be > 0")
         need(self.body_timeout > 0, "body_timeout", "must be > 0")
