@@ -304,8 +304,6 @@ async def get_live_ws(request: web.Request) -> web.StreamResponse:
 
 def _pace(settings: Settings) -> live.Pace:
     return live.Pace(
-        heartbeat=settings.sse_heartbeat,
-        interval=1 / settings.live_updates_per_second,
         write_timeout=settings.live_write_timeout,
     )
 
@@ -360,7 +358,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         settings.max_backlog,
         metrics,
     )
-    hub = live.TallyHub(redis, keys, polls, metrics)
+    hub = live.TallyHub(
+        redis, keys, polls, metrics, 1 / settings.live_updates_per_second, settings.sse_heartbeat
+    )
     await appender.start()
     await hub.start()
     proxies = parse_networks(settings.trusted_proxies)

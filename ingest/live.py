@@ -45,15 +45,25 @@ HEARTBEAT = b": keep-alive\n\n"
 
 class Feed:
     """The latest tally of one poll, encoded once for all its watchers on this
-    edge: as an SSE event and as a WebSocket text message."""
+    edge: as an SSE event and as a WebSocket text message.
 
-    def __init__(self, poll: Poll) -> None:
+    The feed wakes its watchers at most once per `interval`, with whatever
+    tally is latest then: at a spike a poll commits many times a second, and
+    waking thousands of watchers per commit would take the edge's CPU. After
+    `heartbeat` seconds without a tally it wakes them to send a heartbeat, so
+    that no watcher keeps a timer of its own.
+    """
+
+    def __init__(self, poll: Poll, interval: float, heartbeat: float) -> None:
         self.poll = poll
         self.version = -1
         self.event = b""
         self.message = b""
         self.watchers = 0
+        self.beats = 0  # heartbeats due so far
         self.changed = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._pacer = asyncio.create_task(self._pace(interval, heartbeat), name=f"feed-{poll.id}")
 
     def offer(self, tally: Tally) -> None:
         if tally.version <= self.version:
@@ -62,13 +72,42 @@ class Feed:
         results = tally.results(self.poll.labels)
         self.message = orjson.dumps(results)
         self.event = b"event: tally\nid: %d\ndata: %s\n\n" % (tally.version, self.message)
+        self._dirty.set()
+
+    def wake(self) -> None:
         # Wake everyone waiting on this generation; later waits use a new one.
         self.changed.set()
         self.changed = asyncio.Event()
 
+    async def _pace(self, interval: float, heartbeat: float) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(heartbeat):
+                    await self._dirty.wait()
+            except TimeoutError:
+                self.beats += 1
+                self.wake()
+                continue
+            self._dirty.clear()
+            self.wake()
+            await asyncio.sleep(interval)
+
+    def close(self) -> None:
+        self._pacer.cancel()
+
 
 class TallyHub:
-    def __init__(self, redis: Redis, keys: Keys, polls: PollCache, metrics: EdgeMetrics) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        polls: PollCache,
+        metrics: EdgeMetrics,
+        interval: float,
+        heartbeat: float,
+    ) -> None:
+        self._interval = interval
+        self._heartbeat = heartbeat
         self._redis = redis
         self._keys = keys
         self._polls = polls
@@ -85,7 +124,7 @@ class TallyHub:
         """End every live stream (the edge is shutting down)."""
         self.closing.set()
         for feed in self._feeds.values():
-            feed.changed.set()
+            feed.wake()
 
     async def close(self) -> None:
         self.release_watchers()
@@ -97,7 +136,7 @@ class TallyHub:
     def watch(self, poll: Poll) -> Feed:
         feed = self._feeds.get(poll.id)
         if feed is None:
-            feed = self._feeds[poll.id] = Feed(poll)
+            feed = self._feeds[poll.id] = Feed(poll, self._interval, self._heartbeat)
         feed.watchers += 1
         self._metrics.live_subscribers.inc()
         return feed
@@ -110,6 +149,7 @@ class TallyHub:
         self._metrics.live_subscribers.dec()
         if feed.watchers == 0:
             self._feeds.pop(feed.poll.id, None)
+            feed.close()
 
     async def _listen_forever(self) -> None:
         backoff = 0.1
@@ -163,10 +203,9 @@ class TallyHub:
 
 @dataclass(frozen=True, slots=True)
 class Pace:
-    """How a watcher is served: heartbeat, rate of updates, patience."""
+    """How long a watcher may leave a write unread (the rate of updates and the
+    heartbeat are the feed's)."""
 
-    heartbeat: float  # seconds
-    interval: float  # seconds between two updates, at least
     write_timeout: float  # seconds
 
 
@@ -184,25 +223,28 @@ async def follow(
     gone: asyncio.Event | None,
 ) -> None:
     """Send the poll's tallies to one watcher until it is `gone`, too slow, or
-    the edge shuts down."""
+    the edge shuts down: the current one at once, then the latest each time
+    the feed wakes."""
     feed = hub.watch(poll)
     try:
         feed.offer(initial)
-        sent = -1
-        next_at = 0.0
-        loop = asyncio.get_running_loop()
+        sent, beats = -1, feed.beats
         while not hub.closing.is_set() and not (gone is not None and gone.is_set()):
+            # The generation to wait on is taken before writing: a wake while
+            # the write is under way is not missed, and nothing is sent
+            # between two wakes (which keep the pace).
+            changed = feed.changed
             if feed.version > sent:
-                wait = next_at - loop.time()
-                if wait > 0:  # coalesce: later tallies replace this one meanwhile
-                    await _either(gone, wait)
-                    continue
                 sent = feed.version
-                await asyncio.wait_for(transport.send(feed), pace.write_timeout)
-                next_at = loop.time() + pace.interval
-                continue
-            if not await _either(gone, pace.heartbeat, feed.changed):
-                await asyncio.wait_for(transport.beat(), pace.write_timeout)
+                # asyncio.timeout, not wait_for: no task per write, and an
+                # update is as many writes as there are watchers.
+                async with asyncio.timeout(pace.write_timeout):
+                    await transport.send(feed)
+            elif feed.beats > beats:
+                beats = feed.beats
+                async with asyncio.timeout(pace.write_timeout):
+                    await transport.beat()
+            await _either(gone, changed)
     except TimeoutError:
         hub.slow_watcher()  # its socket buffer stayed full: drop it
     except (ConnectionResetError, ConnectionError):
@@ -211,29 +253,18 @@ async def follow(
         hub.unwatch(feed)
 
 
-async def _either(
-    gone: asyncio.Event | None, seconds: float, changed: asyncio.Event | None = None
-) -> bool:
-    """Wait up to `seconds` for `changed` or `gone` (either may be None: an SSE
-    client's leaving shows only as a failed write); True if one was set."""
-    events = [event for event in (gone, changed) if event is not None]
-    if len(events) < 2:
-        # One waiter, no extra tasks: at a spike, every watcher wakes per update.
-        try:
-            if events:
-                await asyncio.wait_for(events[0].wait(), seconds)
-                return True
-            await asyncio.sleep(seconds)
-        except TimeoutError:
-            pass
-        return False
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
+async def _either(gone: asyncio.Event | None, changed: asyncio.Event) -> None:
+    """Wait for `changed`, or for `gone` if it is set first (None: an SSE
+    client's leaving shows only as a failed write)."""
+    if gone is None:
+        await changed.wait()  # no extra task: every watcher waits here per update
+        return
+    waits = [asyncio.ensure_future(gone.wait()), asyncio.ensure_future(changed.wait())]
     try:
-        done, _ = await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in waits:
             task.cancel()
-    return bool(done)
 
 
 class _Sse:

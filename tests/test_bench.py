@@ -119,21 +119,29 @@ def test_bench_end_to_end_stages_measure_lag_spike_and_cost(tmp_path: Path) -> N
         pytest.skip("wrk is not installed (apt-get install wrk): the bench's load generator")
     token = secrets.token_hex(8)
     env = {**os.environ, MARK: token}
-    argv = [sys.executable, "-m", "loadtest.bench", "--stages", "5,6,7", "--repeats", "1"]
+    argv = [sys.executable, "-m", "loadtest.bench", "--stages", "5,6,7,8", "--repeats", "1"]
     argv += ["--duration", "2", "--connections", "8", "--steady-rate", "300"]
     argv += ["--steady-duration", "3", "--spike-votes", "2000", "--spike-connections", "100"]
+    argv += ["--watchers", "300", "--fanout-rate", "100"]
     argv += ["--results-dir", str(tmp_path)]
     done = subprocess.run(
         argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT
     )
     assert _processes_marked(f"{MARK}={token}") == []
     assert done.returncode == 0, done.stdout + done.stderr
-    for text in ("5 steady", "6 spike", "7 cost", "to the SSE update", "exactly once: OK in 1"):
+    for text in (
+        "5 steady",
+        "6 spike",
+        "7 cost",
+        "8 fan-out",
+        "to the SSE update",
+        "exactly once: OK in 1",
+    ):
         assert text in done.stdout, done.stdout
     assert "cost by process" in done.stdout, done.stdout
 
     (written,) = tmp_path.glob("*.json")
-    steady, spike, cost = json.loads(written.read_text())["stages"]
+    steady, spike, cost, fanout = json.loads(written.read_text())["stages"]
     (sample,) = steady["samples"]
     extra = sample["extra"]
     # Paced: about 300 votes/s for 3 s were offered, not as many as wrk could send.
@@ -159,6 +167,13 @@ def test_bench_end_to_end_stages_measure_lag_spike_and_cost(tmp_path: Path) -> N
         assert sample["extra"][f"cpu_s_per_1k.{process}"] > 0, sample["extra"]
         assert sample["extra"][f"peak_mib.{process}"] > 1, sample["extra"]
     assert sample["stored"] >= sample["accepted"] > 0, sample
+
+    (sample,) = fanout["samples"]
+    extra = sample["extra"]
+    assert extra["watchers"] == extra["watchers_open_at_end"] == 300, extra
+    # Every watcher got updates while the votes flowed, each after its commit.
+    assert extra["updates_per_watcher"] >= 1, extra
+    assert 0 < extra["delay_p50_ms"] <= extra["delay_p99_ms"], extra
 
 
 def test_live_lag_is_counted_from_the_first_update_that_counts_each_vote() -> None:

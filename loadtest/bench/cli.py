@@ -19,6 +19,7 @@ from .ceiling import HttpCeiling
 from .cost import Cost
 from .drain import Drain, DrainSettings
 from .edge import Edge
+from .fanout import FanOut
 from .naive import Naive
 from .spike import Spike
 from .stack import Bench, Options
@@ -36,6 +37,7 @@ STAGES: dict[int, type[Stage]] = {
     5: Steady,
     6: Spike,
     7: Cost,
+    8: FanOut,
 }
 
 
@@ -141,6 +143,18 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="stage 6: wrk's connections for the spike (default: 1,000)",
     )
     parser.add_argument(
+        "--watchers",
+        type=_positive,
+        default=10_000,
+        help="stage 8: SSE watchers of one poll (default: 10,000)",
+    )
+    parser.add_argument(
+        "--fanout-rate",
+        type=_positive,
+        default=200,
+        help="stage 8: votes/s while they watch (default: 200)",
+    )
+    parser.add_argument(
         "--results-dir",
         type=Path,
         default=report.RESULTS_DIR,
@@ -226,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         steady_duration=args.steady_duration,
         spike_votes=args.spike_votes,
         spike_connections=args.spike_connections,
+        watchers=args.watchers,
+        fanout_rate=float(args.fanout_rate),
     )
     started = datetime.now(UTC)
     machine: dict[str, Any] = {
@@ -261,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "steady": {"rate": args.steady_rate or None, "duration_s": args.steady_duration},
         "spike": {"votes": args.spike_votes, "connections": args.spike_connections},
+        "fanout": {"watchers": args.watchers, "rate": args.fanout_rate},
     }
     path = report.write_json(rows, started, settings, machine, args.results_dir)
     print(

@@ -39,6 +39,7 @@ from .stack import Bench, rewrite_aof, run_sql, wait_drained
 from .stage import Sample, Stage
 
 KEY_PREFIX = "e2e"
+MAX_CONNECTIONS = 50_000
 # Seconds without any progress after which waiting for commits has failed.
 STALL_TIMEOUT = 60.0
 # Seconds the live stream may take to show the last commit.
@@ -91,6 +92,8 @@ class Pipeline:
             VOTEFLOW_HOST=HOST,
             VOTEFLOW_PORT=str(port),
             VOTEFLOW_TRUSTED_PROXIES=HOST,
+            # Stage 8's watchers and the votes beside them.
+            VOTEFLOW_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
         )
         worker_env = bench.child_env(**common, VOTEFLOW_WORKER_METRICS_PORT="0")
         self.url = f"http://{HOST}:{port}"

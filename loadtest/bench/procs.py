@@ -34,11 +34,12 @@ def popen(
     stderr: int | IO[bytes],
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    stdin: int = subprocess.DEVNULL,
 ) -> subprocess.Popen[bytes]:
     """subprocess.Popen in a session of its own, signalled when the bench dies."""
     return subprocess.Popen(
         argv,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=stdout,
         stderr=stderr,
         env=None if env is None else dict(env),
@@ -170,6 +171,11 @@ def _status_kib(pid: int, path: str, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def rss(pid: int) -> int:
+    """Bytes: the process's resident set now (VmRSS); 0 if gone."""
+    return 1024 * _status_kib(pid, "status", "VmRSS")
 
 
 def peak_rss(pid: int) -> int:

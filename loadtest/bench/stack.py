@@ -41,6 +41,8 @@ class Options:
     steady_duration: int = 30  # seconds of each stage 5 run
     spike_votes: int = 50_000  # stage 6
     spike_connections: int = 1000  # stage 6
+    watchers: int = 10_000  # stage 8
+    fanout_rate: float = 200.0  # stage 8's votes/s while the watchers watch
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,88 @@
+"""Stage 8, fan-out: --watchers SSE streams of one poll on the one edge process
+(held open by a child process of the bench, loadtest/bench/watchers.py) while
+votes flow at --fanout-rate for --duration seconds.
+
+It reports the edge's memory per watcher (its resident set after the streams
+opened, less before, over their number) and the delay from a commit to its
+update reaching the watchers (p50/p95/p99 over every update every watcher
+received), with the watchers' process's own CPU use beside it: it shares the
+machine's cores with the edge.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import orjson
+
+from . import wrk
+from .pipeline import PipelineStage, _progress
+from .procs import cpu_seconds, popen, rss
+from .stage import Sample, median_extra
+
+CONNECT_TIMEOUT = 180.0
+
+
+class FanOut(PipelineStage):
+    number = 8
+    name = "fan-out"
+    title = "SSE watchers of one poll on one edge while votes flow: memory and delay"
+
+    def measure(self) -> Sample:
+        options = self.bench.options
+        poll = self.pipeline.new_poll()
+        before = rss(self.pipeline.edge.pid)
+        argv = [sys.executable, "-m", "loadtest.bench.watchers", self.pipeline.url, poll[0]]
+        argv.append(str(options.watchers))
+        child = popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE
+        )
+        try:
+            assert child.stdout is not None and child.stdin is not None
+            line = child.stdout.readline().decode()
+            if not line.startswith("CONNECTED"):
+                raise RuntimeError(f"the watchers did not all connect: {line!r}")
+            time.sleep(1.0)  # let the edge settle its buffers
+            after = rss(self.pipeline.edge.pid)
+            _progress(f"fan-out: {options.watchers:,} watchers open; votes for {options.duration}s")
+            watchers_cpu = cpu_seconds(child.pid)
+            started = time.monotonic()
+            with self.pipeline.meter() as meter:
+                run = self.send(poll, options.duration, wrk.Load(rate=options.fanout_rate))
+                self.pipeline.wait_committed()
+                time.sleep(1.0)  # the last update's way to the watchers
+            wall = time.monotonic() - started
+            watchers_cpu = cpu_seconds(child.pid) - watchers_cpu
+            out, _ = child.communicate(input=b"", timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        report = orjson.loads(out.splitlines()[-1])
+        stored = self.pipeline.total_ballots(poll[0])
+        sample = self.sample(run, meter, run.accepted / run.seconds, wall, stored)
+        extra = dict(sample.extra)
+        extra |= {
+            "watchers": float(options.watchers),
+            "watchers_open_at_end": float(report["still_open"]),
+            "edge_kib_per_watcher": (after - before) / 1024 / options.watchers,
+            "updates_received": float(report["updates"]),
+            "updates_per_watcher": report["updates"] / options.watchers,
+            "watchers_cpu_percent": 100 * watchers_cpu / wall,
+        }
+        extra |= {f"delay_{p}_ms": value for p, value in report["delay_ms"].items()}
+        return replace(sample, extra=extra)
+
+    def summary(self, samples: list[Sample]) -> str:
+        delay = "/".join(f"{median_extra(samples, f'delay_p{p}_ms'):.0f}" for p in (50, 95, 99))
+        return (
+            f"{median_extra(samples, 'watchers'):,.0f} SSE watchers "
+            f"({median_extra(samples, 'watchers_open_at_end'):,.0f} still open at the end), "
+            f"edge memory {median_extra(samples, 'edge_kib_per_watcher'):.1f} KiB per watcher; "
+            f"{median_extra(samples, 'updates_per_watcher'):.1f} updates per watcher, delay "
+            f"from commit to watcher p50/p95/p99 {delay} ms; the watchers' process used "
+            f"{median_extra(samples, 'watchers_cpu_percent'):.0f}% of a core"
+        )
