@@ -9,9 +9,11 @@ checks the files as Prometheus will load them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from ingest.metrics import EdgeMetrics
 from tests.support import InProcessWorker
 from voteflow.settings import Settings
 from workers.metrics import WorkerMetrics
+from workers.worker import SETTINGS, shutdown, startup
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 CONFIG = INFRA / "prometheus" / "prometheus.yml"
@@ -289,3 +292,18 @@ async def test_edge_reports_its_pool_at_each_scrape(edge: Any) -> None:
     sizes = re.findall(r"^voteflow_db_pool_size (\S+)$", text, re.MULTILINE)
     assert sizes and float(sizes[0]) >= 1, text
     assert re.search(r"^voteflow_db_pool_in_use \S+$", text, re.MULTILINE), text
+
+
+async def test_a_second_worker_on_a_taken_metrics_port_says_which_setting_to_change(
+    settings: Settings,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ctx: dict[str, Any] = {SETTINGS: dataclasses.replace(settings, worker_metrics_port=port)}
+        try:
+            with pytest.raises(RuntimeError, match="VOTEFLOW_WORKER_METRICS_PORT"):
+                await startup(ctx)
+        finally:
+            await shutdown(ctx)

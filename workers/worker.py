@@ -109,7 +109,15 @@ async def _serve_metrics(metrics: WorkerMetrics, port: int) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1" if port == 0 else "0.0.0.0", port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        # Each worker process serves its own counts: two on one host need two ports.
+        raise RuntimeError(
+            f"the worker's metrics port {port} is taken ({exc.strerror}): give each worker "
+            "on this host its own VOTEFLOW_WORKER_METRICS_PORT, or 0 for a free one"
+        ) from exc
     with contextlib.suppress(Exception):
         bound = runner.addresses[0][1]
         log.info("worker metrics on port %s", bound)
