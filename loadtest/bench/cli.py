@@ -22,7 +22,7 @@ from .edge import Edge
 from .fanout import FanOut
 from .naive import Naive
 from .spike import Spike
-from .stack import Bench, Options
+from .stack import Bench, Options, progress
 from .stage import Sample, Stage, WrkStage
 from .steady import Steady
 
@@ -170,10 +170,6 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -194,11 +190,11 @@ def _measure(
         bench.rates = {n: [] for n in numbers}
         try:
             for stage in stages:
-                _progress(f"starting stage {stage.number} {stage.name}")
+                progress(f"starting stage {stage.number} {stage.name}")
                 stage.start(bench)
             for stage in stages:
                 if isinstance(stage, WrkStage):
-                    _progress(f"warming up {stage.name} ({options.warmup}s)")
+                    progress(f"warming up {stage.name} ({options.warmup}s)")
                 stage.warm_up()
             for round_ in range(1, options.repeats + 1):
                 for stage in stages:
@@ -207,7 +203,7 @@ def _measure(
                     sample = stage.measure()
                     samples[stage.number].append(sample)
                     bench.rates[stage.number].append(sample.rate)
-                    _progress(
+                    progress(
                         f"round {round_}/{options.repeats} {stage.number} {stage.name}: "
                         f"{sample.rate:,.0f} {stage.unit}, p99 {sample.p99_ms:.1f} ms, "
                         f"non-2xx {sample.non_2xx}, server CPU {sample.server_cpu_percent:.0f}%, "
@@ -218,7 +214,7 @@ def _measure(
             # let a second Ctrl-C not cut it short.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            _progress("stopping everything the bench started")
+            progress("stopping everything the bench started")
     return stages, samples
 
 

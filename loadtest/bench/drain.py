@@ -36,8 +36,8 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import asyncpg
 import redis
@@ -49,7 +49,7 @@ from voteflow.migrate import migrate
 
 from .edge import SHARDS
 from .procs import Child, cpu_seconds, tree_cpu, tree_cpu_used
-from .stack import Bench, Servers, _database_url, rewrite_aof, run_sql, wait_drained
+from .stack import Bench, Servers, _database_url, progress, rewrite_aof, run_sql, wait_drained
 from .stage import Sample, Stage
 
 KEY_PREFIX = "drain"
@@ -225,8 +225,8 @@ class Drain(Stage):
                 self._clear_streams()
                 filled = time.monotonic()
                 self._fill(plan)
-                _progress(
-                    f"{plan.votes:,} votes queued in {time.monotonic() - filled:.1f}s; "
+                progress(
+                    f"drain: {plan.votes:,} votes queued in {time.monotonic() - filled:.1f}s; "
                     f"draining with {settings.workers} worker(s)"
                 )
                 self._checkpoint(drain_url)
@@ -239,14 +239,15 @@ class Drain(Stage):
         finally:
             self._drop(drain_db)
         ceiling_rate = plan.votes / ceiling
-        _progress(
-            f"ceiling: {plan.votes:,} rows in {ceiling:.1f}s = {ceiling_rate:,.0f} rows/s over "
-            f"{connections} connections; drain/ceiling {sample.rate / ceiling_rate:.2f}"
+        progress(
+            f"drain: ceiling: {plan.votes:,} rows in {ceiling:.1f}s = {ceiling_rate:,.0f} "
+            f"rows/s over {connections} connections; drain/ceiling "
+            f"{sample.rate / ceiling_rate:.2f}"
         )
         extra = dict(sample.extra)
         extra["ceiling_rows_per_s"] = ceiling_rate
         extra["drain_over_ceiling"] = sample.rate / ceiling_rate
-        return Sample(**{**_fields(sample), "extra": extra})
+        return replace(sample, extra=extra)
 
     # The steps of a repeat.
 
@@ -381,8 +382,8 @@ class Drain(Stage):
             child.stop()
         stored, ballots = self._check(url)
         diff = ballots - plan.distinct_voters
-        _progress(
-            f"drained {plan.votes:,} votes in {seconds:.1f}s = "
+        progress(
+            f"drain: drained {plan.votes:,} votes in {seconds:.1f}s = "
             f"{plan.votes / seconds:,.0f} votes/s; "
             f"check: {stored:,} vote rows, sum(total_ballots) {ballots:,}, distinct voters "
             f"{plan.distinct_voters:,}: "
@@ -420,14 +421,6 @@ class Drain(Stage):
             return int(stored), int(ballots)
 
         return run_sql(url, count)
-
-
-def _fields(sample: Sample) -> dict[str, Any]:
-    return {name: getattr(sample, name) for name in Sample.__dataclass_fields__}
-
-
-def _progress(message: str) -> None:
-    print(f"bench: drain: {message}", file=sys.stderr, flush=True)
 
 
 def _batches(plan: Plan, connections: int) -> list[list[Columns]]:

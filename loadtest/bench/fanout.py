@@ -19,8 +19,9 @@ from dataclasses import replace
 import orjson
 
 from . import wrk
-from .pipeline import PipelineStage, _progress
+from .pipeline import PipelineStage
 from .procs import cpu_seconds, popen, rss
+from .stack import progress
 from .stage import Sample, median_extra
 
 CONNECT_TIMEOUT = 180.0
@@ -47,7 +48,7 @@ class FanOut(PipelineStage):
                 raise RuntimeError(f"the watchers did not all connect: {line!r}")
             time.sleep(1.0)  # let the edge settle its buffers
             after = rss(self.pipeline.edge.pid)
-            _progress(f"fan-out: {options.watchers:,} watchers open; votes for {options.duration}s")
+            progress(f"fan-out: {options.watchers:,} watchers open; votes for {options.duration}s")
             watchers_cpu = cpu_seconds(child.pid)
             started = time.monotonic()
             with self.pipeline.meter() as meter:

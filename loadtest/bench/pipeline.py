@@ -35,7 +35,7 @@ from voteflow.servers import HOST, free_port
 from . import wrk
 from .edge import SHARDS, create_poll
 from .procs import cpu_seconds, peak_rss, reset_peak_rss, tree_cpu, tree_cpu_used, tree_pss
-from .stack import Bench, rewrite_aof, run_sql, wait_drained
+from .stack import Bench, progress, rewrite_aof, run_sql, wait_drained
 from .stage import Sample, Stage
 
 KEY_PREFIX = "e2e"
@@ -301,7 +301,7 @@ class PipelineStage(Stage):
         if self.pipeline.warmed:
             return
         self.pipeline.warmed = True
-        _progress(f"warming up the pipeline ({self.bench.options.warmup}s)")
+        progress(f"warming up the pipeline ({self.bench.options.warmup}s)")
         self.send(self.pipeline.new_poll(), self.bench.options.warmup)
         self.pipeline.wait_committed()
 
@@ -329,27 +329,12 @@ class PipelineStage(Stage):
     ) -> Sample:
         """A repeat's Sample: voteflow's own processes (edge and worker) as the
         server, Redis and PostgreSQL as the store; each process's cost in extra."""
-        server = meter.cpu["edge"] + meter.cpu["worker"]
-        return Sample(
+        return Sample.of_run(
+            run,
             rate=rate,
-            requests=run.requests,
-            accepted=run.accepted,
-            non_2xx=run.non_2xx,
-            socket_errors=run.socket_errors,
-            timeouts=run.timeouts,
-            seconds=run.seconds,
-            p50_ms=run.p50_ms,
-            p95_ms=run.p95_ms,
-            p99_ms=run.p99_ms,
-            max_ms=run.max_ms,
-            wrk_cpu_percent=run.cpu_percent,
-            server_cpu_seconds=server,
-            server_cpu_percent=100 * server / wall,
+            server_cpu_seconds=meter.cpu["edge"] + meter.cpu["worker"],
+            wall_seconds=wall,
             store_cpu_seconds=meter.cpu["redis"] + meter.cpu["postgresql"],
             stored=stored,
             extra=meter.extra(run.accepted, run.cpu_seconds, run.peak_rss_bytes),
         )
-
-
-def _progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)

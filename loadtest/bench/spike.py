@@ -20,7 +20,8 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from . import wrk
-from .pipeline import PipelineStage, _progress
+from .pipeline import PipelineStage
+from .stack import progress
 from .stage import Sample, median_extra
 
 # Seconds wrk may run at most: the spike ends when every vote is answered.
@@ -61,7 +62,7 @@ class Spike(PipelineStage):
         exact = not missing and not repeated and ballots == len(rows)
         last_commit = max((found[v].committed for v in accepted if v in found), default=started)
         answered = run.accepted + (run.shed or 0) + (run.other or 0)
-        _progress(
+        progress(
             f"spike: {votes:,} offered, {len(accepted):,} answered 202, {run.shed} 503, "
             f"{run.other} other, {votes - answered:,} unanswered; exactly once: "
             + (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
@@ -67,6 +68,11 @@ def run_sql(database_url: str, work: Callable[[asyncpg.Connection], Awaitable[T]
             await conn.close()
 
     return asyncio.run(go())
+
+
+def progress(message: str) -> None:
+    """A line on the bench's progress, on stderr (stdout holds the results)."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 def rewrite_aof(client: redis.Redis) -> None:

@@ -46,6 +46,40 @@ class Sample:
     # Figures particular to a stage (the edge's Redis pipelines, say), by name.
     extra: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def of_run(
+        cls,
+        run: wrk.WrkRun,
+        *,
+        rate: float,
+        server_cpu_seconds: float,
+        wall_seconds: float,
+        store_cpu_seconds: float | None,
+        stored: int | None,
+        extra: dict[str, float] | None = None,
+    ) -> Sample:
+        """A repeat measured by one wrk run: its answers and latencies, and the
+        CPU the processes under test used over `wall_seconds`."""
+        return cls(
+            rate=rate,
+            requests=run.requests,
+            accepted=run.accepted,
+            non_2xx=run.non_2xx,
+            socket_errors=run.socket_errors,
+            timeouts=run.timeouts,
+            seconds=run.seconds,
+            p50_ms=run.p50_ms,
+            p95_ms=run.p95_ms,
+            p99_ms=run.p99_ms,
+            max_ms=run.max_ms,
+            wrk_cpu_percent=run.cpu_percent,
+            server_cpu_seconds=server_cpu_seconds,
+            server_cpu_percent=100 * server_cpu_seconds / wall_seconds,
+            store_cpu_seconds=store_cpu_seconds,
+            stored=stored,
+            extra=extra or {},
+        )
+
     @property
     def server_cpu_per_1k(self) -> float:
         return 1000 * self.server_cpu_seconds / max(self.requests, 1)
@@ -142,21 +176,11 @@ class WrkStage(Stage):
         if self.store_pid:
             store_used = tree_cpu_used(store_before, tree_cpu(self.store_pid))
         time.sleep(SETTLE)
-        return Sample(
+        return Sample.of_run(
+            run,
             rate=run.accepted / run.seconds,
-            requests=run.requests,
-            accepted=run.accepted,
-            non_2xx=run.non_2xx,
-            socket_errors=run.socket_errors,
-            timeouts=run.timeouts,
-            seconds=run.seconds,
-            p50_ms=run.p50_ms,
-            p95_ms=run.p95_ms,
-            p99_ms=run.p99_ms,
-            max_ms=run.max_ms,
-            wrk_cpu_percent=run.cpu_percent,
             server_cpu_seconds=server_used,
-            server_cpu_percent=100 * server_used / run.wall_seconds,
+            wall_seconds=run.wall_seconds,
             store_cpu_seconds=store_used,
             stored=self.stored(),
         )

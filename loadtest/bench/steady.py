@@ -23,7 +23,8 @@ import time
 from dataclasses import replace
 
 from . import wrk
-from .pipeline import LiveWatcher, PipelineStage, _progress, percentiles
+from .pipeline import LiveWatcher, PipelineStage, percentiles
+from .stack import progress
 from .stage import Sample, median_extra
 
 # Seconds of latency the connections absorb before the schedule slips.
@@ -44,7 +45,7 @@ class Steady(PipelineStage):
         edge = self.bench.rates.get(2)
         if edge:
             return statistics.median(edge) / 2
-        _progress("steady: no stage 2 in this run; measuring the pipeline at full speed")
+        progress("steady: no stage 2 in this run; measuring the pipeline at full speed")
         run = self.send(self.pipeline.new_poll(), max(options.warmup, 3))
         self.pipeline.wait_committed()
         return run.accepted / run.seconds / 2
@@ -57,7 +58,7 @@ class Steady(PipelineStage):
     def measure(self) -> Sample:
         if not self.rate:
             self.rate = self._offered_rate()
-            _progress(f"steady: offering {self.rate:,.0f} votes/s")
+            progress(f"steady: offering {self.rate:,.0f} votes/s")
         duration = self.bench.options.steady_duration
         poll = self.pipeline.new_poll()
         self.pipeline.rewrite_aof()
@@ -85,7 +86,7 @@ class Steady(PipelineStage):
         extra["sse_updates"] = float(len(watcher.events))
         extra["votes_no_sse_update"] = float(missed)
         if not live:
-            _progress(f"steady: the live stream never showed all {stored:,} ballots")
+            progress(f"steady: the live stream never showed all {stored:,} ballots")
         return replace(sample, extra=extra)
 
     def summary(self, samples: list[Sample]) -> str:

@@ -69,11 +69,9 @@ async def main(url: str, poll_id: str, count: int) -> None:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         tasks: list[asyncio.Task[None]] = []
-        firsts: list[asyncio.Event] = []
         async with asyncio.timeout(CONNECT_TIMEOUT):
             for start in range(0, count, CONNECT_BATCH):
                 batch = [asyncio.Event() for _ in range(min(CONNECT_BATCH, count - start))]
-                firsts += batch
                 tasks += [
                     asyncio.create_task(_watch(session, stream, e, delays, as_of, connected))
                     for e in batch
