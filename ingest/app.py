@@ -347,7 +347,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             socket_connect_timeout=2, health_check_interval=15,
         )
     )  # fmt: skip
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=8, timeout=5)
+    pool = await asyncpg.create_pool(
+        settings.database_url, min_size=1, max_size=8, timeout=5,
+        statement_cache_size=settings.database_statement_cache_size,
+    )  # fmt: skip
     polls = PollCache(pool, settings.poll_cache_ttl)
     appender = Appender(
         redis,

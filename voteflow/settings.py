@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 PREFIX = "VOTEFLOW_"
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 class SettingsError(ValueError):
@@ -26,6 +27,19 @@ class Settings:
     # Empty means "none configured": `voteflow up` then starts private servers.
     database_url: str = ""
     redis_url: str = ""
+    # Where reads that need not be fresh (the poll list) go, a streaming
+    # replica say; empty: the primary, database_url.
+    database_read_url: str = ""
+    # Prepared statements asyncpg keeps per connection. 0 when PgBouncer pools
+    # by transaction (a statement prepared on one server connection is not
+    # there on the next).
+    database_statement_cache_size: int = 100
+    # redis_url names one node of a Redis Cluster; the edges and workers find
+    # the rest, and follow failovers by themselves.
+    redis_cluster: bool = False
+    # Replicas that must hold a vote before the edge answers 202 (WAIT, or
+    # WAITAOF where the server has it). 0: the master's own append suffices.
+    redis_min_replicas: int = 0
     host: str = "127.0.0.1"
     port: int = 8080
     # Empty disables the admin routes (poll creation and closing answer 401).
@@ -91,6 +105,10 @@ class Settings:
                     values[field.name] = int(raw)
                 except ValueError:
                     raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+            elif field.type == "bool":
+                if raw.lower() not in BOOLEANS:
+                    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+                values[field.name] = BOOLEANS[raw.lower()]
             elif field.type == "float":
                 try:
                     values[field.name] = float(raw)
@@ -110,6 +128,12 @@ class Settings:
                 raise SettingsError(f"{PREFIX}{name.upper()} {rule}, got {value!r}")
 
         need(0 < self.port < 65536, "port", "must be a TCP port")
+        need(
+            0 <= self.database_statement_cache_size <= 10_000,
+            "database_statement_cache_size",
+            "must be between 0 and 10000",
+        )
+        need(0 <= self.redis_min_replicas <= 16, "redis_min_replicas", "must be between 0 and 16")
         need(self.rate_limit_per_ip >= 0, "rate_limit_per_ip", "must be >= 0")
         need(self.rate_limit_per_voter >= 0, "rate_limit_per_voter", "must be >= 0")
         try:

@@ -62,8 +62,9 @@ async def startup(ctx: dict[str, Any]) -> None:
         max_connections=settings.stream_shards + 8,
     )  # fmt: skip
     pool = await asyncpg.create_pool(
-        settings.database_url, min_size=1, max_size=settings.consumers, timeout=5
-    )
+        settings.database_url, min_size=1, max_size=settings.consumers, timeout=5,
+        statement_cache_size=settings.database_statement_cache_size,
+    )  # fmt: skip
     publisher = Publisher(redis, keys)
     await publisher.load()
     acknowledger = Acknowledger(redis)
