@@ -71,8 +71,16 @@ class Process:
 class Cluster:
     """The edge and worker processes of one test, and the means to watch them."""
 
-    def __init__(self, settings: Settings, log_dir: Path, redis: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_dir: Path,
+        redis: aioredis.Redis,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
+        # Set in every process this cluster starts, over the defaults below.
+        self.env = dict(env or {})
         self.keys = Keys(settings.key_prefix, settings.stream_shards)
         self.log_dir = log_dir
         self.redis = redis
@@ -95,6 +103,7 @@ class Cluster:
             VOTEFLOW_CLAIM_IDLE_MS=str(self.settings.claim_idle_ms),
             VOTEFLOW_MAX_BACKLOG=str(self.settings.max_backlog),
         )
+        env.update(self.env)
         log_path = self.log_dir / f"{role}-{len(self.processes)}.log"
         with log_path.open("wb") as log:
             popen = subprocess.Popen(
