@@ -9,6 +9,7 @@
 -- ARGV[3] the message field name   ARGV[4] the encoded vote message
 -- ARGV[5] seconds the idempotency key is kept
 -- ARGV[6] most entries a shard may hold before votes for it are shed (0 = no limit)
+-- KEYS share one slot (voteflow.keys), so the script runs on a Redis Cluster.
 -- Returns {1, entry id} when appended, {2, ""} when the vote_id was already
 -- queued (nothing appended), {0, milliseconds until allowed} when limited,
 -- {3, ""} when the shard's backlog is full (nothing appended).
@@ -63,6 +64,10 @@ end
 -- vote_id is remembered, the edge's own too: a client may resend the vote_id
 -- it got in its 202.
 if redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[5]) == false then
+  -- A write even for a retry: a WAIT after this call then covers the first
+  -- receipt's append too, which precedes it in the replication stream. The
+  -- vote_id is remembered for the window from its last retry.
+  redis.call('EXPIRE', KEYS[4], ARGV[5])
   return {2, ''}
 end
 return {1, redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[4])}

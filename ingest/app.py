@@ -21,11 +21,11 @@ import asyncpg
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from voteflow.keys import Keys
 from voteflow.outages import POSTGRES_DOWN, REDIS_DOWN
+from voteflow.redisconn import AnyRedis, Nodes, has_sharded_pubsub, has_waitaof, open_redis
 from voteflow.settings import Settings
 from voteflow.timeutil import now_us
 
@@ -57,13 +57,16 @@ ASSET_CACHE = "public, max-age=300"
 RETRY_AFTER_OVERLOADED = 2
 # A server voteflow depends on is away: 503, never a 4xx.
 UNAVAILABLE_ERRORS = POSTGRES_DOWN + REDIS_DOWN
+# Redis connections per edge process and per master; a request waits for one
+# (never fails) when all are busy, and the appends share a few pipelines.
+REDIS_CONNECTIONS = 32
 
 
 @dataclass(frozen=True, slots=True)
 class Edge:
     settings: Settings
     keys: Keys
-    redis: Redis
+    redis: AnyRedis
     pool: asyncpg.Pool
     polls: PollCache
     appender: Appender
@@ -181,7 +184,8 @@ async def post_close(request: web.Request) -> web.Response:
         raise Invalid(404, "poll_id", "no such poll")
     edge.polls.invalidate(poll_id)
     try:
-        await edge.redis.publish(edge.keys.polls_changed_channel(), poll_id)
+        # A plain PUBLISH: on a cluster it reaches every node, and so every edge.
+        await edge.redis.execute_command("PUBLISH", edge.keys.polls_changed_channel(), poll_id)
     except (RedisError, OSError) as exc:
         # Other edges then refuse the poll's votes once their cached copy
         # expires; the workers refuse any vote received after the close anyway.
@@ -338,33 +342,33 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Open everything the routes share, and close it in reverse on shutdown."""
     settings = app[EDGE_SETTINGS]
     metrics = app[METRICS]
-    keys = Keys(settings.key_prefix, settings.stream_shards)
-    # A blocking pool: at a spike, a request waits a moment for a connection
-    # instead of failing (redis-py's plain pool raises when it runs out).
-    redis = Redis(
-        connection_pool=BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=32, timeout=5, socket_timeout=5,
-            socket_connect_timeout=2, health_check_interval=15,
-        )
+    keys = Keys(settings.key_prefix, settings.stream_shards, settings.redis_cluster)
+    redis = open_redis(
+        settings, max_connections=REDIS_CONNECTIONS, blocking=True, socket_timeout=5,
+        socket_connect_timeout=2, health_check_interval=15,
     )  # fmt: skip
+    nodes = Nodes(redis, REDIS_CONNECTIONS)
     pool = await asyncpg.create_pool(
         settings.database_url, min_size=1, max_size=8, timeout=5,
         statement_cache_size=settings.database_statement_cache_size,
     )  # fmt: skip
     polls = PollCache(pool, settings.poll_cache_ttl)
     appender = Appender(
-        redis,
+        nodes,
         keys,
         settings.rate_limit_per_ip,
         settings.rate_limit_per_voter,
         settings.idempotency_window,
         settings.max_backlog,
+        settings.redis_min_replicas,
         metrics,
     )
+    await nodes.start()
     hub = live.TallyHub(
-        redis, keys, polls, metrics, 1 / settings.live_updates_per_second, settings.sse_heartbeat
-    )
-    await appender.start()
+        redis, keys, polls, metrics, 1 / settings.live_updates_per_second, settings.sse_heartbeat,
+        sharded=settings.redis_cluster and await has_sharded_pubsub(redis),
+    )  # fmt: skip
+    await appender.start(waitaof=bool(settings.redis_min_replicas) and await has_waitaof(redis))
     await hub.start()
     proxies = parse_networks(settings.trusted_proxies)
     app[EDGE] = Edge(settings, keys, redis, pool, polls, appender, hub, metrics, proxies)
@@ -373,6 +377,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     finally:
         await hub.close()
         await appender.close()
+        await nodes.close()
         await pool.close()
         await redis.aclose()
 

@@ -1,14 +1,19 @@
 """Appending admitted votes to their stream shards, many requests per round trip.
 
-Round trips: one per *batch* of requests, not one per request. Requests that
-arrive while PIPELINES_IN_FLIGHT pipelines are in flight wait in a list; when
-one returns, the flusher sends all of them as the next pipeline. Under load
-the batches grow by themselves and Redis sees a few large pipelines instead of
-thousands of small commands; when idle, a lone request goes out at once.
+Round trips: one per *batch* of requests and per Redis master, not one per
+request. Requests that arrive while PIPELINES_IN_FLIGHT pipelines are in flight
+wait in a list; when one returns, the flusher sends all of them as the next
+batch. Under load the batches grow by themselves and Redis sees a few large
+pipelines instead of thousands of small commands; when idle, a lone request
+goes out at once. On a Redis Cluster a batch is split by the master that holds
+each vote's shard, and the masters get their pipelines at the same time.
 
-Each entry of the pipeline is one call of ``admit.lua``: the rate limits and the
-XADD, atomically. A request's future resolves only with the reply to its own
-script call, so a request answers 202 only when its own append succeeded.
+Each entry of a pipeline is one call of ``admit.lua``: the rate limits and the
+XADD, atomically. With VOTEFLOW_REDIS_MIN_REPLICAS > 0 the pipeline ends with
+WAIT (or WAITAOF) on the same connection, so that its replies come back only
+once that many replicas hold the appends, like a broker's publisher confirm. A
+request's future resolves only with the reply to its own script call (and its
+pipeline's WAIT), so a request answers 202 only when its own append is held.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from redis.exceptions import NoScriptError, RedisError
 from voteflow.keys import Keys
 from voteflow.message import FIELD, Vote
 from voteflow.outages import REDIS_DOWN
+from voteflow.redisconn import LuaScript, Nodes
 
 from .metrics import EdgeMetrics
 
@@ -42,6 +48,9 @@ MAX_PIPELINE = 1024
 PIPELINES_IN_FLIGHT = 4
 # Longest wait for Redis to confirm a pipeline before its requests get 503.
 APPEND_TIMEOUT = 2.0
+# Longest wait, in ms, for the replicas to confirm a pipeline's appends; within
+# APPEND_TIMEOUT, so that a lagging replica gives a clean 503, not a timeout.
+REPLICA_TIMEOUT_MS = 1000
 # Consecutive failed round trips that open the breaker, and how long it stays
 # open before a probe is let through.
 BREAKER = "redis-append"
@@ -63,6 +72,10 @@ class Unavailable(Exception):
     """Redis did not confirm the append; the client should retry later."""
 
 
+class _Unreplicated(RedisError):
+    """Fewer replicas than VOTEFLOW_REDIS_MIN_REPLICAS confirmed a pipeline."""
+
+
 class Overloaded(Exception):
     """The vote's stream shard holds its most entries; nothing was appended."""
 
@@ -76,21 +89,31 @@ class _Request:
 class Appender:
     def __init__(
         self,
-        redis: Redis,
+        nodes: Nodes,
         keys: Keys,
         limit_per_ip: int,
         limit_per_voter: int,
         idempotency_window: int,
         max_backlog: int,
+        min_replicas: int,
         metrics: EdgeMetrics,
     ) -> None:
-        self._redis = redis
+        self._nodes = nodes
         self._keys = keys
+        if keys.cluster and limit_per_ip > 0:
+            # An address has one limiter per shard on a cluster (see
+            # Keys.rate_ip); each takes its share, so that many voters behind
+            # one address get about the limit in all.
+            limit_per_ip = -(-limit_per_ip // keys.shards)
         self._limits = (limit_per_ip, limit_per_voter)
         self._window = idempotency_window
         self._max_backlog = max_backlog
+        self._min_replicas = min_replicas
+        # WAITAOF (Redis 7.2) where every master has it: the replica has also
+        # written the appends to its own append-only file. Set by start().
+        self._waitaof = False
         self._metrics = metrics
-        self._script = redis.register_script((Path(__file__).parent / "admit.lua").read_text())
+        self._script = LuaScript.read(Path(__file__).parent / "admit.lua")
         self._breaker = AsyncCircuitBreakerFactory(
             default_threshold=BREAKER_THRESHOLD, default_ttl=BREAKER_OPEN_SECONDS
         )
@@ -99,11 +122,15 @@ class Appender:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, waitaof: bool = False) -> None:
+        """Start flushing; `waitaof`: every master has WAITAOF."""
+        self._waitaof = waitaof
         # Loading the script now means the first vote does not pay for it; a
-        # Redis restart later is handled by reloading on NOSCRIPT.
+        # Redis restart or a master's failover later is handled by reloading
+        # on NOSCRIPT.
         with contextlib.suppress(RedisError, OSError):
-            await self._redis.script_load(self._script.script)
+            for stream in self._keys.streams():
+                await self._nodes.for_key(stream)[1].script_load(self._script.source)
         self._task = asyncio.create_task(self._flush_forever(), name="appender")
 
     async def close(self) -> None:
@@ -130,8 +157,8 @@ class Appender:
         request = _Request(
             (
                 self._keys.stream(shard),
-                self._keys.rate_ip(client_ip),
-                self._keys.rate_voter(vote.voter),
+                self._keys.rate_ip(client_ip, shard),
+                self._keys.rate_voter(vote.voter, shard),
                 self._keys.vote_seen(shard, vote.poll_id, vote.vote_id),
                 *self._limits,
                 FIELD,
@@ -173,22 +200,33 @@ class Appender:
 
     async def _flush(self, batch: list[_Request]) -> None:
         self._metrics.append_batch_size.observe(len(batch))
+        by_master: dict[str, tuple[Redis, list[_Request]]] = {}
+        for request in batch:
+            name, client = self._nodes.for_key(str(request.keys_and_args[0]))
+            by_master.setdefault(name, (client, []))[1].append(request)
+        await asyncio.gather(
+            *(self._flush_to(name, client, part) for name, (client, part) in by_master.items())
+        )
+
+    async def _flush_to(self, master: str, client: Redis, batch: list[_Request]) -> None:
         replies: list[Any]
         try:
-            # The breaker opens after consecutive failed round trips: then the
-            # requests waiting are answered 503 at once, not after a timeout
-            # each, until a probe succeeds again (half-open).
-            async with await self._breaker.get_breaker(BREAKER):
+            # The breaker (one per master) opens after consecutive failed round
+            # trips: then the requests waiting are answered 503 at once, not
+            # after a timeout each, until a probe succeeds again (half-open).
+            async with await self._breaker.get_breaker(f"{BREAKER}:{master}"):
                 with self._metrics.append_seconds.time():
                     async with asyncio.timeout(APPEND_TIMEOUT):
-                        replies = await self._send_reloading(batch)
+                        replies = await self._send_reloading(client, batch)
         except UNCONFIRMED as exc:
             # Some of these may have been appended, but none is confirmed: the
             # client retries with the vote_id of its 503, and a vote_id is
             # queued and counted once.
-            log.warning("append of %d votes failed: %r", len(batch), exc)
+            log.warning("append of %d votes to %s failed: %r", len(batch), master, exc)
             replies = [exc] * len(batch)
+        failed = False
         for request, reply in zip(batch, replies, strict=True):
+            failed = failed or isinstance(reply, BaseException)
             if request.done.done():  # the client went away
                 continue
             if isinstance(reply, BaseException):
@@ -199,21 +237,50 @@ class Appender:
                 request.done.set_exception(Overloaded())
             else:
                 request.done.set_result(reply[0] == 1)
+        if failed:
+            # A master gone, or a slot moved (MOVED): read the slot map again.
+            self._nodes.refresh_soon()
 
-    async def _send_reloading(self, batch: list[_Request]) -> list[Any]:
-        replies = await self._send(batch)
+    async def _send_reloading(self, client: Redis, batch: list[_Request]) -> list[Any]:
+        replies = await self._send(client, batch)
         if any(isinstance(reply, NoScriptError) for reply in replies):
-            # Redis restarted and forgot the script: load it and resend only
-            # the calls it refused (they changed nothing).
+            # Redis restarted (or a replica took over) without the script:
+            # load it and resend only the calls it refused (they changed
+            # nothing).
             retry = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            await self._redis.script_load(self._script.script)
-            for i, reply in zip(retry, await self._send([batch[i] for i in retry]), strict=True):
+            await client.script_load(self._script.source)
+            resent = await self._send(client, [batch[i] for i in retry])
+            for i, reply in zip(retry, resent, strict=True):
                 replies[i] = reply
         return replies
 
-    async def _send(self, batch: list[_Request]) -> list[Any]:
+    async def _send(self, client: Redis, batch: list[_Request]) -> list[Any]:
         """One round trip; a reply per request, an exception for a failed one."""
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=False)
         for request in batch:
             pipe.evalsha(self._script.sha, 4, *request.keys_and_args)  # type: ignore[arg-type]
-        return list(await pipe.execute(raise_on_error=False))
+        if self._min_replicas:
+            # On the pipeline's connection: waits for every write this
+            # connection made, the appends above included.
+            if self._waitaof:
+                pipe.execute_command("WAITAOF", 0, self._min_replicas, REPLICA_TIMEOUT_MS)
+            else:
+                pipe.execute_command("WAIT", self._min_replicas, REPLICA_TIMEOUT_MS)
+        replies = list(await pipe.execute(raise_on_error=False))
+        if not self._min_replicas:
+            return replies
+        confirmed = replies.pop()
+        if isinstance(confirmed, list):  # WAITAOF: [local fsyncs, replica fsyncs]
+            confirmed = confirmed[1]
+        if isinstance(confirmed, BaseException) or confirmed < self._min_replicas:
+            self._metrics.unreplicated.inc()
+            unheld = _Unreplicated(
+                f"{confirmed} of {self._min_replicas} replicas confirmed the append"
+            )
+            # Appended (1) or already queued (2) but not held by enough
+            # replicas: not confirmed. A refusal (0, 3) appended nothing.
+            return [
+                unheld if not isinstance(r, BaseException) and r[0] in (1, 2) else r
+                for r in replies
+            ]
+        return replies

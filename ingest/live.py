@@ -1,9 +1,13 @@
-"""Live tallies: one Redis subscription per edge, fanned out to SSE clients.
+"""Live tallies: Redis subscriptions per edge, fanned out to SSE clients.
 
 The workers publish a poll's tally on the poll's channel after each commit.
-Each edge process holds a single pattern subscription to all tally channels,
-whatever the number of clients. For a poll that has local watchers, a tally is
-turned into an SSE event once, and every watcher writes those same bytes.
+On one Redis, each edge process holds a single pattern subscription to all
+tally channels, whatever the number of clients. On a Redis Cluster the
+channels are sharded (SPUBLISH, Redis 7): a channel's messages stay on the
+master that holds its slot instead of crossing the whole cluster, and an edge
+subscribes (SSUBSCRIBE), on each master, to the channels of the polls it has
+watchers for. For a poll that has local watchers, a tally is turned into an SSE
+event once, and every watcher writes those same bytes.
 
 Watchers follow the feed over SSE or a WebSocket, with the same tally
 messages. A watcher never queues events: it keeps the version it sent last
@@ -23,10 +27,11 @@ from typing import Any, Protocol
 
 import orjson
 from aiohttp import WSMsgType, web
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
 from voteflow.keys import Keys
+from voteflow.redisconn import AnyRedis
 from voteflow.tally import SNAPSHOT_TALLY, Tally, decode
 
 from .metrics import EdgeMetrics
@@ -41,6 +46,9 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 HEARTBEAT = b": keep-alive\n\n"
+# Seconds a master's subscriber waits for a message before it looks for new
+# channels to subscribe to (polls that got their first watcher meanwhile).
+RESUBSCRIBE_EVERY = 0.05
 
 
 class Feed:
@@ -99,13 +107,16 @@ class Feed:
 class TallyHub:
     def __init__(
         self,
-        redis: Redis,
+        redis: AnyRedis,
         keys: Keys,
         polls: PollCache,
         metrics: EdgeMetrics,
         interval: float,
         heartbeat: float,
+        sharded: bool = False,
     ) -> None:
+        # sharded: on a cluster whose masters have sharded pub/sub.
+        self._sharded = sharded
         self._interval = interval
         self._heartbeat = heartbeat
         self._redis = redis
@@ -152,9 +163,16 @@ class TallyHub:
             feed.close()
 
     async def _listen_forever(self) -> None:
+        redis = self._redis
+        if isinstance(redis, Redis):
+            await self._listen_to_server(redis)
+        else:
+            await self._listen_to_cluster(redis)
+
+    async def _listen_to_server(self, redis: Redis) -> None:
         backoff = 0.1
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.psubscribe(self._keys.tally_channel_pattern())
                 await pubsub.subscribe(self._keys.polls_changed_channel())
@@ -174,15 +192,106 @@ class TallyHub:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
+    async def _listen_to_cluster(self, cluster: RedisCluster) -> None:
+        """A subscriber per master; when one fails (a master died, a slot
+        moved), read the slot map again and start them all over."""
+        backoff = 0.1
+        while True:
+            followers: list[asyncio.Task[None]] = []
+            try:
+                await cluster.nodes_manager.initialize()
+                masters = cluster.get_primaries()
+                followers = [
+                    asyncio.create_task(self._follow_master(cluster, m.host, int(m.port), i == 0))
+                    for i, m in enumerate(masters)
+                ]
+                self.connected = True
+                await self._catch_up()
+                done, _ = await asyncio.wait(followers, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # raises what ended it
+            except (RedisError, OSError) as exc:
+                log.warning("tally subscription lost (%s); retrying in %.1fs", exc, backoff)
+            except Exception:
+                # Never stop listening: live watchers would silently freeze.
+                log.exception("tally subscription failed; retrying in %.1fs", backoff)
+            else:
+                backoff = 0.1
+            finally:
+                self.connected = False
+                for task in followers:
+                    task.cancel()
+                await asyncio.gather(*followers, return_exceptions=True)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _follow_master(
+        self, cluster: RedisCluster, host: str, port: int, announcements: bool
+    ) -> None:
+        """Subscribe on one master to the tally channels it holds of the polls
+        watched here, as they come and go; the first master also carries the
+        poll announcements (a plain PUBLISH reaches every node)."""
+        client = Redis(host=host, port=port, socket_connect_timeout=2)
+        pubsub = client.pubsub()
+        subscribed: set[str] = set()
+        name = f"{host}:{port}"
+        try:
+            if announcements:
+                await pubsub.subscribe(self._keys.polls_changed_channel())
+                if not self._sharded:
+                    await pubsub.psubscribe(self._keys.tally_channel_pattern())
+            elif not self._sharded:
+                await asyncio.Event().wait()  # nothing for this master to carry
+                return
+            while True:
+                if self._sharded:
+                    await self._resubscribe(cluster, pubsub, name, subscribed)
+                if pubsub.connection is None:  # nothing subscribed here yet
+                    await asyncio.sleep(RESUBSCRIBE_EVERY)
+                    continue
+                message = await pubsub.get_message(timeout=RESUBSCRIBE_EVERY)
+                if message is None:
+                    continue
+                if message["type"] == "sunsubscribe":
+                    # The master gave the channel's slot away: start over.
+                    raise RedisError(f"{name} no longer holds {message['channel']!r}")
+                if message["type"] in ("message", "pmessage", "smessage"):
+                    self._dispatch(message)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def _resubscribe(
+        self, cluster: RedisCluster, pubsub: Any, master: str, subscribed: set[str]
+    ) -> None:
+        wanted = {}
+        for poll_id in self._feeds:
+            channel = self._keys.tally_channel(poll_id)
+            node = cluster.get_node_from_key(channel)
+            if node is not None and node.name == master:
+                wanted[channel] = poll_id
+        for channel in wanted.keys() - subscribed:
+            await pubsub.execute_command("SSUBSCRIBE", channel)
+            subscribed.add(channel)
+            # A tally published before the subscription took hold is read here.
+            await self._catch_up_poll(wanted[channel])
+        for channel in subscribed - wanted.keys():
+            await pubsub.execute_command("SUNSUBSCRIBE", channel)
+            subscribed.discard(channel)
+
     async def _catch_up(self) -> None:
         """After (re)subscribing, read the snapshots of watched polls: a tally
         published while the subscription was down would otherwise be missed."""
-        for poll_id, feed in list(self._feeds.items()):
-            raw = await self._redis.hget(  # type: ignore[misc]
-                self._keys.tally(poll_id), SNAPSHOT_TALLY
-            )
-            if raw is not None:
-                feed.offer(decode(raw))
+        for poll_id in list(self._feeds):
+            await self._catch_up_poll(poll_id)
+
+    async def _catch_up_poll(self, poll_id: str) -> None:
+        raw = await self._redis.hget(self._keys.tally(poll_id), SNAPSHOT_TALLY)  # type: ignore[misc]
+        feed = self._feeds.get(poll_id)
+        if raw is not None and feed is not None:
+            feed.offer(decode(raw))
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         try:
@@ -193,7 +302,7 @@ class TallyHub:
 
     def _route(self, message: dict[str, Any]) -> None:
         channel = message["channel"].decode()
-        if message["type"] == "message":
+        if channel == self._keys.polls_changed_channel():
             self._polls.invalidate(message["data"].decode())
             return
         feed = self._feeds.get(self._keys.poll_channel_id(channel))

@@ -25,6 +25,7 @@ class EdgeMetrics:
     rate_limited: Counter = field(init=False)
     append_batch_size: Histogram = field(init=False)
     append_seconds: Histogram = field(init=False)
+    unreplicated: Counter = field(init=False)
     live_subscribers: Gauge = field(init=False)
     live_dropped: Counter = field(init=False)
     pool: PoolGauges = field(init=False)
@@ -71,6 +72,12 @@ class EdgeMetrics:
             "voteflow_append_seconds",
             "Duration of one append pipeline round trip.",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.unreplicated = Counter(
+            "voteflow_append_unreplicated",
+            "Append pipelines that fewer replicas than VOTEFLOW_REDIS_MIN_REPLICAS "
+            "confirmed in time; their votes were answered 503.",
             registry=r,
         )
         self.live_subscribers = Gauge(

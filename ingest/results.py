@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import asyncpg
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from voteflow.keys import Keys
+from voteflow.redisconn import AnyRedis
 from voteflow.tally import SNAPSHOT_TALLY, Tally, decode
 from voteflow.timeutil import to_us
 
@@ -26,7 +26,7 @@ async def tally_from_database(pool: asyncpg.Pool, poll_id: str) -> Tally:
     )
 
 
-async def current_tally(redis: Redis, pool: asyncpg.Pool, keys: Keys, poll_id: str) -> Tally:
+async def current_tally(redis: AnyRedis, pool: asyncpg.Pool, keys: Keys, poll_id: str) -> Tally:
     """One Redis round trip when the workers have published the poll.
 
     PostgreSQL answers when there is no snapshot yet (a poll nobody voted on)

@@ -130,8 +130,10 @@ def key_prefix(redis_server_url: str) -> Iterator[str]:
     yield prefix
     client = redis.Redis.from_url(redis_server_url)
     try:
-        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-            client.delete(key)
+        # arq's keys carry the prefix inside their hash tag (Keys.arq_tag).
+        for pattern in (f"{prefix}:*", f"{{{prefix}:arq}}*"):
+            for key in client.scan_iter(match=pattern, count=1000):
+                client.delete(key)
     finally:
         client.close()
 

@@ -1,28 +1,70 @@
 """Every Redis key and channel name voteflow uses, in one place.
 
-Each name carries a Redis Cluster hash tag (the part in braces) so that moving
-to a cluster needs no key change: a stream shard and its dead-letter stream
-share a slot; tally keys are tagged by poll; rate-limit keys by their subject.
+Each name carries a Redis Cluster hash tag (the part in braces), so that the
+keys one script or one transaction touches share a slot on a cluster:
+
+- a stream shard, its dead letters, the idempotency keys of its votes and the
+  rate-limit keys of the votes appended to it share the shard's tag;
+- a poll's tally snapshot and its live channel share the poll's tag;
+- arq's keys (the reclaim job's queue and job keys) share one tag.
+
+The shards' tags are chosen so that their slots are spread evenly over the
+16,384 slots of a cluster, and so over its masters (`voteflow status` shows
+which shard lives on which node).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 # The consumer group every worker joins on every shard.
 GROUP = "writers"
+
+
+def shard_tag(shard: int, shards: int) -> str:
+    """The hash tag of a stream shard: "s<shard>", or "s<shard>.<n>" for the
+    first n whose slot is nearest the middle of the shard's 1/shards of the
+    slot space. With the slots split evenly among masters (as `redis-cli
+    --cluster create` does), every master then holds its share of shards;
+    "s0" to "s7" alone would put four of eight shards on one of three masters.
+    """
+    band = REDIS_CLUSTER_HASH_SLOTS / shards
+    middle = (shard + 0.5) * band
+    candidates = itertools.chain([f"s{shard}"], (f"s{shard}.{n}" for n in range(1, 4096)))
+    best, distance = "", float("inf")
+    for tag in candidates:
+        off = abs(key_slot(tag.encode()) - middle)
+        if off < distance:
+            best, distance = tag, off
+        if distance <= band / 8:  # near enough: stop at the first such tag
+            break
+    return best
 
 
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str
     shards: int
+    # On a Redis Cluster a script's keys must share a slot: see rate_ip.
+    cluster: bool = False
+    _tags: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "_tags", tuple(shard_tag(i, self.shards) for i in range(self.shards))
+        )
+
+    def tag(self, shard: int) -> str:
+        return self._tags[shard]
 
     def stream(self, shard: int) -> str:
-        return f"{self.prefix}:votes:{{s{shard}}}"
+        return f"{self.prefix}:votes:{{{self._tags[shard]}}}"
 
     def dead_letters(self, shard: int) -> str:
-        return f"{self.prefix}:dead:{{s{shard}}}"
+        return f"{self.prefix}:dead:{{{self._tags[shard]}}}"
 
     def streams(self) -> list[str]:
         return [self.stream(shard) for shard in range(self.shards)]
@@ -47,16 +89,34 @@ class Keys:
 
     def vote_seen(self, shard: int, poll_id: str, vote_id: str) -> str:
         """Marks a vote_id as queued; in its stream shard's slot."""
-        return f"{self.prefix}:seen:{{s{shard}}}:{poll_id}:{vote_id}"
+        return f"{self.prefix}:seen:{{{self._tags[shard]}}}:{poll_id}:{vote_id}"
 
-    def rate_ip(self, ip: str) -> str:
-        return f"{self.prefix}:rl:{{ip:{ip}}}"
+    def rate_ip(self, ip: str, shard: int) -> str:
+        """The per-address limiter of a vote appended to `shard`.
 
-    def rate_voter(self, voter: str) -> str:
-        return f"{self.prefix}:rl:{{voter:{voter}}}"
+        On one Redis it is one key per address. On a cluster it must share the
+        shard's slot with the append, so an address has one limiter per shard
+        (and the edge gives each 1/shards of the limit, see ingest.append).
+        """
+        if self.cluster:
+            return f"{self.prefix}:rl:{{{self._tags[shard]}}}:ip:{ip}"
+        return f"{self.prefix}:rl:ip:{ip}"
+
+    def rate_voter(self, voter: str, shard: int) -> str:
+        # A voter's ballots all go to one shard (voteflow.message.Vote.shard),
+        # so one key per voter in that shard's slot: exact on a cluster too.
+        return f"{self.prefix}:rl:{{{self._tags[shard]}}}:voter:{voter}"
+
+    def arq_tag(self) -> str:
+        """arq's keys are its queue, health check and per-job keys; on a
+        cluster arq talks to the one node that holds this tag's slot."""
+        return f"{{{self.prefix}:arq}}"
 
     def arq_queue(self) -> str:
-        return f"{self.prefix}:arq:queue"
+        return f"{self.arq_tag()}:queue"
+
+    def arq_aborted(self) -> str:
+        return f"{self.arq_tag()}:aborted"
 
     def arq_health(self) -> str:
-        return f"{self.prefix}:arq:health-check"
+        return f"{self.arq_tag()}:health-check"

@@ -45,6 +45,8 @@ HOST = "127.0.0.1"
 SERVICE_USER = "voteflow"
 _USERADD = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER]
 _PR_SET_PDEATHSIG = 1
+# Milliseconds after which a cluster's unanswering master is failed over.
+CLUSTER_NODE_TIMEOUT_MS = 1000
 # sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 
@@ -292,12 +294,16 @@ class RedisServer(_Server):
         *,
         appendonly: bool = True,
         appendfsync: str = "always",
+        cluster: bool = False,
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
         super().__init__(data_dir, port)
         self.appendonly = appendonly
         self.appendfsync = appendfsync
+        self.cluster = cluster
+        # The cluster bus: by default port + 10000, which may be taken.
+        self.bus_port = free_port() if cluster else 0
 
     @property
     def url(self) -> str:
@@ -311,6 +317,12 @@ class RedisServer(_Server):
         argv += ["--appendfsync", self.appendfsync]
         # A queue must never be evicted: refuse writes when memory is full instead.
         argv += ["--maxmemory-policy", "noeviction"]
+        if self.cluster:
+            argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            argv += ["--cluster-port", str(self.bus_port)]
+            # A master that does not answer for 1 s is failed over: quick, for
+            # tests on one machine (the server's default is 15 s).
+            argv += ["--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS)]
         return argv, None  # logs go to stdout, which _spawn sends to log_path
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], deadline: float) -> None:
@@ -334,6 +346,135 @@ class RedisServer(_Server):
                 time.sleep(0.02)
         finally:
             client.close()
+
+
+class RedisClusterServers:
+    """A private Redis Cluster: `masters` masters holding equal shares of the
+    16,384 slots, each with `replicas` replicas, all on 127.0.0.1.
+
+    Built with plain CLUSTER commands (ADDSLOTSRANGE, MEET, REPLICATE), so the
+    only binary it needs is the server's. `url` names the first master; a
+    cluster client finds the rest.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        masters: int = 3,
+        replicas: int = 0,
+        *,
+        appendonly: bool = True,
+        appendfsync: str = "always",
+    ) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.masters = [
+            RedisServer(
+                self.data_dir / f"master-{i}", appendonly=appendonly,
+                appendfsync=appendfsync, cluster=True,
+            )
+            for i in range(masters)
+        ]  # fmt: skip
+        self.replicas = [
+            RedisServer(
+                self.data_dir / f"replica-{i}-{j}", appendonly=appendonly,
+                appendfsync=appendfsync, cluster=True,
+            )
+            for i in range(masters)
+            for j in range(replicas)
+        ]  # fmt: skip
+        self._replicas_per_master = replicas
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        return [*self.masters, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        return self.masters[0].url
+
+    def start(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            for server in self.servers:
+                server.start(timeout=max(deadline - time.monotonic(), 1.0))
+            self._form(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _form(self, deadline: float) -> None:
+        clients = [redis.Redis(host=HOST, port=s.port, socket_timeout=2) for s in self.servers]
+        try:
+            share = 16384 // len(self.masters)
+            for i, client in enumerate(clients[: len(self.masters)]):
+                last = 16383 if i == len(self.masters) - 1 else (i + 1) * share - 1
+                _command(client, "CLUSTER ADDSLOTSRANGE", i * share, last)
+            for server in self.servers[1:]:
+                _command(clients[0], "CLUSTER MEET", HOST, server.port, server.bus_port)
+            ids = [_text(_command(c, "CLUSTER MYID")) for c in clients]
+            self._until(deadline, "every node knows every other", lambda: all(
+                len(_cluster_nodes(c)) == len(clients) for c in clients
+            ))  # fmt: skip
+            for n, client in enumerate(clients[len(self.masters) :]):
+                master = ids[n // self._replicas_per_master]
+                # A replica must know its master's id before it can follow it.
+                self._until(
+                    deadline,
+                    "replicas see their masters",
+                    lambda m=master, c=client: m in _cluster_nodes(c),  # type: ignore[misc]
+                )
+                _command(client, "CLUSTER REPLICATE", master)
+            self._until(deadline, "the cluster is ok", lambda: all(
+                _cluster_info(c)["cluster_state"] == "ok" for c in clients
+            ))  # fmt: skip
+            self._until(deadline, "every replica is in sync", lambda: all(
+                cast(dict[str, Any], c.info("replication")).get("master_link_status") == "up"
+                for c in clients[len(self.masters) :]
+            ))  # fmt: skip
+        finally:
+            for client in clients:
+                client.close()
+
+    @staticmethod
+    def _until(deadline: float, what: str, condition: Callable[[], bool]) -> None:
+        while not condition():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis Cluster: timed out waiting until {what}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _cluster_nodes(client: redis.Redis) -> list[str]:
+    """The ids of the nodes `client`'s server knows."""
+    nodes = cast(dict[str, dict[str, Any]], _command(client, "CLUSTER NODES"))
+    return [node["node_id"] for node in nodes.values()]
+
+
+def _command(client: redis.Redis, *args: Any) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _cluster_info(client: redis.Redis) -> dict[str, Any]:
+    return cast(dict[str, Any], _command(client, "CLUSTER INFO"))
 
 
 def _spawn(

@@ -1,16 +1,27 @@
--- Acknowledge committed entries, then trim the stream below its oldest entry
--- that is pending or not yet delivered. Acknowledged entries leave at once,
--- so a shard's length is its backlog, which the edges compare with their
--- limit; an entry not yet acknowledged is never trimmed.
+-- Move rejected entries to the dead letters and acknowledge committed ones,
+-- then trim the stream below its oldest entry that is pending or not yet
+-- delivered. Acknowledged entries leave at once, so a shard's length is its
+-- backlog, which the edges compare with their limit; an entry not yet
+-- acknowledged is never trimmed. One script: a rejected entry reaches the
+-- dead letters exactly when it leaves the pending list, never twice and
+-- never neither (and its keys share a slot, so it runs on a Redis Cluster).
 --
--- KEYS[1] stream shard
--- ARGV[1] consumer group   ARGV[2..n] entry ids
+-- KEYS[1] stream shard   KEYS[2] its dead letters
+-- ARGV[1] consumer group   ARGV[2] the message field name
+-- ARGV[3] d, the number of rejected entries
+-- ARGV[4 .. 3 + 3d] per rejected entry: its id, its message, the reason
+-- ARGV[4 + 3d .. n] the ids to acknowledge (the rejected ones among them)
 -- Returns the number of entries acknowledged.
 
 local group = ARGV[1]
+local dead = tonumber(ARGV[3])
+for i = 0, dead - 1 do
+  local at = 4 + 3 * i
+  redis.call('XADD', KEYS[2], '*', 'entry', ARGV[at], ARGV[2], ARGV[at + 1], 'reason', ARGV[at + 2])
+end
 local acked = 0
 -- In slices: unpack() of thousands of arguments overflows Lua's stack.
-for first = 2, #ARGV, 1000 do
+for first = 4 + 3 * dead, #ARGV, 1000 do
   local last = math.min(first + 999, #ARGV)
   acked = acked + redis.call('XACK', KEYS[1], group, unpack(ARGV, first, last))
 end

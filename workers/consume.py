@@ -20,20 +20,19 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, MessageError, Vote, decode
 from voteflow.outages import POSTGRES_DOWN
+from voteflow.redisconn import AnyRedis, Nodes
 from voteflow.settings import Settings
 from voteflow.tally import Tally
 from voteflow.timeutil import now_us
 
-from .ack import Acknowledger
+from .ack import Acknowledger, Dead
 from .metrics import WorkerMetrics
 from .publish import Publisher
 
@@ -57,7 +56,9 @@ class Writer:
 
     settings: Settings
     keys: Keys
-    redis: Redis
+    redis: AnyRedis
+    # Per-master pipelines (on one Redis, the same client as `redis`).
+    nodes: Nodes
     pool: asyncpg.Pool
     publisher: Publisher
     acknowledger: Acknowledger
@@ -70,7 +71,7 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-async def ensure_groups(redis: Redis, keys: Keys) -> None:
+async def ensure_groups(redis: AnyRedis, keys: Keys) -> None:
     for stream in keys.streams():
         try:
             # From id 0: votes the edge appended before any worker ran count too.
@@ -156,7 +157,7 @@ async def write_batch(writer: Writer, shard: int, entries: Sequence[Entry]) -> N
     stream = writer.keys.stream(shard)
     votes: list[Vote] = []
     decoded: list[tuple[bytes, bytes]] = []  # entry id and raw message of each vote
-    dead: list[tuple[bytes, bytes, str]] = []  # entry id, raw message, reason
+    dead: list[Dead] = []
     for entry_id, fields in entries:
         raw = (fields or {}).get(FIELD, b"")
         try:
@@ -235,29 +236,35 @@ async def _acknowledge(
     writer: Writer,
     shard: int,
     entry_ids: list[bytes],
-    dead: list[tuple[bytes, bytes, str]],
+    dead: list[Dead],
     tallies: list[Tally],
 ) -> None:
-    # One MULTI/EXEC: a rejected entry reaches the dead letters exactly when it
-    # leaves the pending list, never twice and never neither.
-    pipe = writer.redis.pipeline(transaction=True)
-    for entry_id, raw, reason in dead:
-        pipe.xadd(
-            writer.keys.dead_letters(shard),
-            {b"entry": entry_id, FIELD: raw, b"reason": reason.encode()},
-        )
+    # One round trip: the acknowledgement (with the dead letters, atomically
+    # in ack.lua) and the tallies. On a cluster they go to the masters of the
+    # shard and of the polls; a tally published without its acknowledgement,
+    # or the reverse, is harmless (versions decide; a redelivery is counted once).
+    batch = writer.nodes.pipeline()
     if entry_ids:
-        writer.acknowledger.queue(pipe, writer.keys.stream(shard), entry_ids)
+        writer.acknowledger.queue(
+            batch, writer.keys.stream(shard), writer.keys.dead_letters(shard), entry_ids, dead
+        )
     for tally in tallies:
-        writer.publisher.queue(pipe, tally)
-    replies: list[Any] = await pipe.execute(raise_on_error=False)
-    if entry_ids and isinstance(replies[len(dead)], NoScriptError):
-        # Redis restarted and forgot the scripts: the entries are still
-        # pending; acknowledge them again once the scripts are back.
+        writer.publisher.queue(batch, tally)
+    replies = await batch.execute()
+    if entry_ids and isinstance(replies[0], NoScriptError):
+        # Redis restarted (or a replica took over) without the scripts: the
+        # entries are still pending; acknowledge them again once the scripts
+        # are back.
         await writer.acknowledger.load()
-        retry = writer.redis.pipeline(transaction=True)
-        writer.acknowledger.queue(retry, writer.keys.stream(shard), entry_ids)
-        await retry.execute()
+        retry = writer.nodes.pipeline()
+        writer.acknowledger.queue(
+            retry, writer.keys.stream(shard), writer.keys.dead_letters(shard), entry_ids, dead
+        )
+        (acked,) = await retry.execute()
+        if isinstance(acked, BaseException):
+            raise acked
+    elif entry_ids and isinstance(replies[0], BaseException):
+        raise replies[0]
     for _, _, reason in dead:
         writer.metrics.dead_letters.labels(reason.split(":")[0]).inc()
     await writer.publisher.retry_unloaded(replies[len(replies) - len(tallies) :], tallies)

@@ -6,35 +6,38 @@ import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError
 
 from voteflow.keys import Keys
+from voteflow.redisconn import LuaScript, Nodes, RoutedPipeline
 from voteflow.tally import SNAPSHOT_TALLY, SNAPSHOT_VERSION, Tally
 
 
 class Publisher:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
-        self._redis = redis
+    def __init__(self, nodes: Nodes, keys: Keys, sharded: bool = False) -> None:
+        self._nodes = nodes
         self._keys = keys
-        self._script = redis.register_script((Path(__file__).parent / "publish.lua").read_text())
+        # Sharded pub/sub on a cluster (Redis 7): the message stays on the
+        # master of the poll's slot, where the edges watching it subscribe.
+        self._publish = "SPUBLISH" if sharded else "PUBLISH"
+        self._script = LuaScript.read(Path(__file__).parent / "publish.lua")
 
     async def load(self) -> None:
-        await self._redis.script_load(self._script.script)
+        await self._nodes.script_load(self._script.source)
 
-    def queue(self, pipe: Pipeline, tally: Tally) -> None:
-        """Add the publication of ``tally`` to a pipeline the caller executes."""
-        # redis-py's stubs type script arguments as str; bytes and ints are sent as-is.
-        pipe.evalsha(
+    def queue(self, batch: RoutedPipeline, tally: Tally) -> None:
+        """Add the publication of ``tally`` to a batch the caller executes."""
+        snapshot = self._keys.tally(tally.poll_id)
+        batch.for_key(snapshot).evalsha(
             self._script.sha,
             1,
-            self._keys.tally(tally.poll_id),
-            tally.version,  # type: ignore[arg-type]
-            tally.encode(),  # type: ignore[arg-type]
+            snapshot,
+            tally.version,
+            tally.encode(),
             self._keys.tally_channel(tally.poll_id),
             SNAPSHOT_VERSION,
             SNAPSHOT_TALLY,
+            self._publish,
         )
 
     async def retry_unloaded(self, replies: Sequence[object], tallies: Sequence[Tally]) -> None:
@@ -45,7 +48,7 @@ class Publisher:
             return
         with contextlib.suppress(RedisError, OSError):
             await self.load()
-            pipe = self._redis.pipeline(transaction=False)
+            batch = self._nodes.pipeline()
             for tally in missed:
-                self.queue(pipe, tally)
-            await pipe.execute(raise_on_error=False)
+                self.queue(batch, tally)
+            await batch.execute()

@@ -82,18 +82,20 @@ async def _deliveries(writer: Writer, stream: str, first: bytes, last: bytes) ->
 
 
 async def _dead_letter(writer: Writer, shard: int, entries: list[Any]) -> None:
-    pipe = writer.redis.pipeline(transaction=True)
-    for entry_id, fields in entries:
-        pipe.xadd(
-            writer.keys.dead_letters(shard),
-            {
-                b"entry": entry_id,
-                FIELD: (fields or {}).get(FIELD, b""),
-                b"reason": b"max_deliveries",
-            },
-        )
-        pipe.xack(writer.keys.stream(shard), GROUP, entry_id)
-    await pipe.execute()
+    dead = [
+        (entry_id, (fields or {}).get(FIELD, b""), "max_deliveries") for entry_id, fields in entries
+    ]
+    batch = writer.nodes.pipeline()
+    writer.acknowledger.queue(
+        batch,
+        writer.keys.stream(shard),
+        writer.keys.dead_letters(shard),
+        [entry_id for entry_id, _ in entries],
+        dead,
+    )
+    (acked,) = await batch.execute()
+    if isinstance(acked, BaseException):
+        raise acked
     writer.metrics.dead_letters.labels("max_deliveries").inc(len(entries))
     log.error("shard %d: %d entries dead-lettered after too many deliveries", shard, len(entries))
 

@@ -17,16 +17,23 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from arq.cron import cron
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from voteflow.keys import Keys
+from voteflow.redisconn import (
+    Nodes,
+    SlotOwner,
+    SlotOwnerConnection,
+    has_sharded_pubsub,
+    open_redis,
+)
 from voteflow.settings import Settings
 
 from .ack import Acknowledger
@@ -41,6 +48,7 @@ SETTINGS = "voteflow_settings"
 CONSUMERS = "voteflow_consumers"
 STOP = "voteflow_stop"
 METRICS_RUNNER = "voteflow_metrics_runner"
+SLOT_OWNER = "voteflow_slot_owner"
 # A consumer still committing after this long is cancelled; its batch stays
 # pending and another worker reclaims it.
 SHUTDOWN_GRACE = 20.0
@@ -54,10 +62,10 @@ REDIS_RETRIES = REDIS_OUTAGE_TOLERANCE // 2
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx[SETTINGS]
-    keys = Keys(settings.key_prefix, settings.stream_shards)
+    keys = Keys(settings.key_prefix, settings.stream_shards, settings.redis_cluster)
     metrics = WorkerMetrics()
-    redis = Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2, health_check_interval=15,
+    redis = open_redis(
+        settings, socket_connect_timeout=2, health_check_interval=15,
         # Every shard's consumer holds a connection in a blocking read.
         max_connections=settings.stream_shards + 8,
     )  # fmt: skip
@@ -65,12 +73,17 @@ async def startup(ctx: dict[str, Any]) -> None:
         settings.database_url, min_size=1, max_size=settings.consumers, timeout=5,
         statement_cache_size=settings.database_statement_cache_size,
     )  # fmt: skip
-    publisher = Publisher(redis, keys)
+    nodes = Nodes(redis, max_connections=settings.stream_shards + 8)
+    await nodes.start()
+    sharded = settings.redis_cluster and await has_sharded_pubsub(redis)
+    publisher = Publisher(nodes, keys, sharded)
     await publisher.load()
-    acknowledger = Acknowledger(redis)
+    acknowledger = Acknowledger(nodes)
     await acknowledger.load()
     await ensure_groups(redis, keys)
-    writer = Writer(settings, keys, redis, pool, publisher, acknowledger, metrics, consumer_name())
+    writer = Writer(
+        settings, keys, redis, nodes, pool, publisher, acknowledger, metrics, consumer_name()
+    )
     ctx[WRITER] = writer
     ctx[METRICS_RUNNER] = await _serve_metrics(metrics, settings.worker_metrics_port)
     stop = ctx[STOP] = asyncio.Event()
@@ -97,7 +110,10 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if WRITER in ctx:
         writer: Writer = ctx[WRITER]
         await writer.pool.close()
+        await writer.nodes.close()
         await writer.redis.aclose()
+    if SLOT_OWNER in ctx:
+        await ctx[SLOT_OWNER].close()
 
 
 async def _serve_metrics(metrics: WorkerMetrics, port: int) -> web.AppRunner:
@@ -125,15 +141,46 @@ async def _serve_metrics(metrics: WorkerMetrics, port: int) -> web.AppRunner:
     return runner
 
 
+def _retrying() -> dict[str, Any]:
+    # arq's own loop does not survive a Redis outage; its commands retry with
+    # backoff instead, for up to REDIS_OUTAGE_TOLERANCE.
+    return {
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), REDIS_RETRIES),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError, OSError],
+    }
+
+
+def _arq_on_cluster(settings: Settings, keys: Keys) -> tuple[ArqRedis, SlotOwner]:
+    """arq is not cluster-aware: its keys share one slot (Keys.arq_tag), and its
+    connections go to that slot's master, found again after a failover."""
+    owner = SlotOwner(settings.redis_url, keys.arq_tag())
+    pool = ConnectionPool(
+        connection_class=SlotOwnerConnection, slot_owner=owner, socket_connect_timeout=2,
+        **_retrying(),
+    )  # fmt: skip
+    return ArqRedis(pool, default_queue_name=keys.arq_queue()), owner
+
+
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """arq's settings for a voteflow worker."""
     settings.require_urls()
-    keys = Keys(settings.key_prefix, settings.stream_shards)
+    keys = Keys(settings.key_prefix, settings.stream_shards, settings.redis_cluster)
+    ctx: dict[str, Any] = {SETTINGS: settings}
+    connection: dict[str, Any]
+    if settings.redis_cluster:
+        pool, ctx[SLOT_OWNER] = _arq_on_cluster(settings, keys)
+        connection = {"redis_pool": pool}
+    else:
+        connection = {
+            "redis_settings": replace(RedisSettings.from_dsn(settings.redis_url), **_retrying())
+        }
     return {
         "functions": [],
         "cron_jobs": [
             cron(
                 reclaim,
+                # In arq's tag, as are the job keys arq derives from the name.
+                name=f"{keys.arq_tag()}reclaim",
                 second=set(range(0, 60, RECLAIM_EVERY)),
                 run_at_startup=True,
                 timeout=60,
@@ -141,14 +188,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         ],
         "on_startup": startup,
         "on_shutdown": shutdown,
-        "ctx": {SETTINGS: settings},
-        "redis_settings": replace(
-            RedisSettings.from_dsn(settings.redis_url),
-            # arq's own loop does not survive a Redis outage; its commands
-            # retry with backoff instead, for up to REDIS_OUTAGE_TOLERANCE.
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), REDIS_RETRIES),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
-        ),
+        "ctx": ctx,
+        **connection,
         "queue_name": keys.arq_queue(),
         "health_check_key": keys.arq_health(),
         "keep_result": 0,
@@ -165,6 +206,12 @@ def run(settings: Settings) -> None:
     import uvloop
 
     asyncio.set_event_loop(uvloop.new_event_loop())
-    from arq.worker import run_worker
+    import arq.worker
 
-    run_worker(worker_settings(settings))
+    # arq names its set of aborted jobs with a constant ("arq:abort") and
+    # touches it in the transactions that finish a job; on a Redis Cluster
+    # every key of a transaction must share a slot. This process runs one
+    # voteflow worker, so its arq uses a set inside voteflow's arq tag.
+    keys = Keys(settings.key_prefix, settings.stream_shards, settings.redis_cluster)
+    arq.worker.abort_jobs_ss = keys.arq_aborted()  # type: ignore[attr-defined]
+    arq.worker.run_worker(worker_settings(settings))

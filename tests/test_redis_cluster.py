@@ -1,0 +1,158 @@
+"""voteflow on a Redis Cluster (VOTEFLOW_REDIS_CLUSTER): three masters started
+by the test from the same server binary `voteflow up` uses.
+
+The edge and the worker run in the test's loop here; the failover test, with
+processes and replicas, is in test_redis_failover.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import RedisCluster
+
+from tests.support import InProcessWorker, create_poll, drain, edge_client, recount, results
+from tests.test_live import next_event
+from voteflow.keys import Keys
+from voteflow.message import Vote
+from voteflow.servers import RedisClusterServers
+from voteflow.settings import Settings
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture(scope="module")
+def three_masters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    with RedisClusterServers(
+        tmp_path_factory.mktemp("redis-cluster"), masters=3, appendonly=False
+    ) as servers:
+        yield servers
+
+
+@pytest.fixture
+def on_cluster(settings: Settings, three_masters: RedisClusterServers) -> Settings:
+    return dataclasses.replace(
+        settings, redis_url=three_masters.url, redis_cluster=True, stream_shards=8
+    )
+
+
+@pytest.fixture
+async def cluster_client(on_cluster: Settings) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster.from_url(on_cluster.redis_url)
+    await client.initialize()
+    yield client
+    await client.aclose()
+
+
+async def _vote(
+    edge: Client, poll: dict[str, Any], voter: str, option: int = 0, **extra: Any
+) -> Any:
+    body = {
+        "poll_id": poll["id"],
+        "option_ids": [poll["options"][option]["id"]],
+        "voter_fingerprint": voter,
+        **extra,
+    }
+    return await edge.post("/api/vote", json=body)
+
+
+async def test_the_stream_shards_spread_over_every_master(
+    on_cluster: Settings, cluster_client: RedisCluster
+) -> None:
+    keys = Keys(on_cluster.key_prefix, on_cluster.stream_shards, cluster=True)
+    holders: dict[str, int] = {}
+    for stream in keys.streams():
+        node = cluster_client.get_node_from_key(stream)
+        assert node is not None
+        holders[node.name] = holders.get(node.name, 0) + 1
+    masters = {node.name for node in cluster_client.get_primaries()}
+    assert set(holders) == masters
+    # 8 shards over 3 masters: 3, 3 and 2, never 4 on one.
+    assert sorted(holders.values()) == [2, 3, 3]
+
+
+async def test_votes_through_a_cluster_are_counted_exactly_once(
+    on_cluster: Settings, cluster_client: RedisCluster
+) -> None:
+    async with edge_client(on_cluster) as edge, InProcessWorker(on_cluster):
+        poll = await create_poll(edge)
+        sent: dict[str, int] = {}
+        for n in range(240):
+            vote_id = str(uuid.uuid4())
+            response = await _vote(edge, poll, f"voter-{n}", n % 3, vote_id=vote_id)
+            assert response.status == 202, await response.text()
+            sent[vote_id] = n % 3
+        # Retries of accepted votes are answered 202 and counted once.
+        for vote_id, option in list(sent.items())[:40]:
+            voter = f"voter-{list(sent).index(vote_id)}"
+            assert (await _vote(edge, poll, voter, option, vote_id=vote_id)).status == 202
+        await drain(cluster_client, on_cluster)
+        counted = await results(edge, poll["id"])
+    expected = {poll["options"][i]["id"]: list(sent.values()).count(i) for i in range(3)}
+    assert {o["id"]: o["votes"] for o in counted["options"]} == expected
+    assert counted["total_ballots"] == 240
+    assert await recount(on_cluster.database_url, poll["id"]) == expected
+    # Every master took appends: the votes were spread, not funnelled to one.
+    keys = Keys(on_cluster.key_prefix, on_cluster.stream_shards, cluster=True)
+    appended: dict[str, int] = {}
+    for stream in keys.streams():
+        node = cluster_client.get_node_from_key(stream)
+        assert node is not None
+        info = await cluster_client.xinfo_stream(stream)
+        appended[node.name] = appended.get(node.name, 0) + info["entries-added"]
+    assert len(appended) == 3 and all(n > 0 for n in appended.values())
+
+
+async def test_a_voters_limit_holds_exactly_on_a_cluster(on_cluster: Settings) -> None:
+    limited = dataclasses.replace(on_cluster, rate_limit_per_voter=3)
+    async with edge_client(limited) as edge:
+        poll = await create_poll(edge)
+        statuses = [(await _vote(edge, poll, "eager")).status for _ in range(5)]
+    assert statuses == [202, 202, 202, 429, 429]
+
+
+async def test_an_address_gets_its_limit_in_shares_over_the_shards(on_cluster: Settings) -> None:
+    # 16 a minute over 8 shards: 2 per shard. One address, many voters.
+    limited = dataclasses.replace(on_cluster, rate_limit_per_ip=16)
+    keys = Keys(on_cluster.key_prefix, on_cluster.stream_shards, cluster=True)
+    async with edge_client(limited) as edge:
+        poll = await create_poll(edge)
+        voters = [f"office-{n}" for n in range(64)]
+        statuses = [(await _vote(edge, poll, voter)).status for voter in voters]
+    per_shard: dict[int, int] = {}
+    for voter, status in zip(voters, statuses, strict=True):
+        if status == 202:
+            shard = Vote("", "", f"f:{voter}", (), 0).shard(keys.shards)
+            per_shard[shard] = per_shard.get(shard, 0) + 1
+    assert statuses.count(202) == 16
+    assert set(statuses) == {202, 429}
+    assert all(n == 2 for n in per_shard.values())
+
+
+async def test_live_tallies_reach_watchers_over_sharded_pubsub(on_cluster: Settings) -> None:
+    async with edge_client(on_cluster) as edge, InProcessWorker(on_cluster):
+        polls = [await create_poll(edge) for _ in range(3)]
+        for poll in polls:
+            async with edge.get(f"/api/polls/{poll['id']}/live") as response:
+                first = await next_event(response)
+                assert first["total_ballots"] == 0
+                assert (await _vote(edge, poll, "watcher")).status == 202
+                update = await next_event(response)
+                assert update["total_ballots"] == 1
+
+
+async def test_without_enough_replicas_a_vote_is_not_confirmed(on_cluster: Settings) -> None:
+    # These masters have no replicas: WAIT can never confirm one.
+    wanting = dataclasses.replace(on_cluster, redis_min_replicas=1)
+    async with edge_client(wanting) as edge:
+        poll = await create_poll(edge)
+        response = await _vote(edge, poll, "careful")
+        assert response.status == 503, await response.text()
+        assert "Retry-After" in response.headers
+        metrics = await (await edge.get("/metrics")).text()
+    assert "voteflow_append_unreplicated_total 1.0" in metrics
