@@ -1,12 +1,13 @@
-"""The deployment files keep their promises: the Dockerfile and the
-Kubernetes manifests (infra/k8s/).
+"""The deployment files keep their promises: the Dockerfile, the Kubernetes
+manifests (infra/k8s/) and the Compose project (infra/compose/).
 
 No image can be built and no cluster runs here, so each file is checked for
 what it promises and against the code it deploys: the Dockerfile by parsing
 it, the Kustomize base and overlay by rendering them with kubectl and
-validating every object against Kubernetes' schemas. Every name one file
-takes from another (a setting, a route, a stream, a port, a label, a uid)
-must exist there.
+validating every object against Kubernetes' schemas, compose.yaml against
+the Compose Specification's schema. Every name one file takes from another (a
+setting, a route, a stream, a port, a label, a uid, a mounted file) must exist
+there.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import subprocess
 import sys
 import time
 import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import redis.asyncio as aioredis
@@ -495,3 +498,151 @@ async def test_sigterm_drains_the_edge_and_the_worker_within_their_grace_period(
     finally:
         problems = await cluster.close()
     assert not problems, "\n".join(problems)
+
+
+# -- Compose ------------------------------------------------------------------
+
+COMPOSE_DIR = REPO / "infra" / "compose"
+COMPOSE = COMPOSE_DIR / "compose.yaml"
+# The Compose Specification's JSON schema, as check-jsonschema vendors it.
+COMPOSE_SCHEMA = ("check_jsonschema", "builtin_schemas/vendor/compose-spec.json")
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return loaded
+
+
+def compose_validator() -> Any:
+    package, path = COMPOSE_SCHEMA
+    schema = json.loads((resources.files(package) / path).read_text())
+    validator = jsonschema.validators.validator_for(schema)
+    validator.check_schema(schema)
+    return validator(schema)
+
+
+def _bind_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(source on the host, target in the container) of each bind mount."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith((".", "/")):
+            mounts.append((source, target))
+    return mounts
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    validator = compose_validator()
+    document = compose()
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(document)]
+    assert not errors, "\n".join(errors)
+    # The check above can fail: an unknown key, a value of the wrong type.
+    for service, key, value in (("worker", "restart_policy", "always"), ("edge", "ports", 8080)):
+        broken = json.loads(json.dumps(document))
+        broken["services"][service][key] = value
+        assert list(validator.iter_errors(broken)), (service, key, value)
+
+
+def test_compose_references_resolve() -> None:
+    services = compose()["services"]
+    for name, service in services.items():
+        for source, _ in _bind_mounts(service):
+            assert (COMPOSE_DIR / source).exists(), f"{name} mounts {source}, which is missing"
+        for needed in service.get("depends_on", {}):
+            assert needed in services, f"{name} depends on {needed}, which is no service"
+        build = service.get("build")
+        if build:
+            assert (COMPOSE_DIR / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+    # The edges and workers start after the migrations have succeeded.
+    for name in ("edge", "worker"):
+        condition = services[name]["depends_on"]["migrate"]["condition"]
+        assert condition == "service_completed_successfully"
+        assert services[name]["command"] == [name]
+    assert services["migrate"]["command"] == ["migrate"]
+    assert services["edge"]["deploy"]["replicas"] == 2
+
+
+def test_compose_gives_edges_and_workers_real_settings() -> None:
+    services = compose()["services"]
+    for name in ("edge", "worker", "migrate"):
+        env = services[name]["environment"]
+        assert set(env) <= SETTING_NAMES, set(env) - SETTING_NAMES
+        Settings.from_env({k: str(v) for k, v in env.items()}).require_urls()
+    assert services["edge"]["environment"] == services["worker"]["environment"]
+
+
+def test_compose_redis_keeps_every_acknowledged_vote() -> None:
+    redis_ = compose()["services"]["redis"]
+    command = redis_["command"]
+    options = dict(zip(command[1::2], command[2::2], strict=True))
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] == "always"
+    assert options["--maxmemory-policy"] == "noeviction"
+    assert any(target == "/data" for target in (v.split(":")[1] for v in redis_["volumes"]))
+
+
+def test_compose_transaction_pooling_turns_off_the_statement_cache() -> None:
+    services = compose()["services"]
+    assert services["pgbouncer"]["environment"]["POOL_MODE"] == "transaction"
+    for name in ("edge", "worker"):
+        env = Settings.from_env({k: str(v) for k, v in services[name]["environment"].items()})
+        assert "@pgbouncer:" in env.database_url
+        assert env.database_statement_cache_size == 0
+
+
+def test_compose_nginx_fronts_every_edge() -> None:
+    services = compose()["services"]
+    nginx = services["nginx"]
+    mounts = dict((target, source) for source, target in _bind_mounts(nginx))
+    assert mounts["/etc/nginx/conf.d/default.conf"] == "../nginx/voteflow.conf"
+    site = (COMPOSE_DIR / mounts["/etc/nginx/conf.d/default.conf"]).read_text()
+    assert "include voteflow-upstream.conf;" in site
+    listens = [
+        line.split()[1].rstrip(";") for line in site.splitlines() if "listen" in line.split()[:1]
+    ]
+    assert "80" in listens, listens
+    assert any(port.endswith(":80") for port in nginx["ports"])
+    upstream = (COMPOSE_DIR / mounts["/etc/nginx/voteflow-upstream.conf"]).read_text()
+    servers = [
+        line.split()[1] for line in upstream.splitlines() if line.strip().startswith("server ")
+    ]
+    env = Settings.from_env({k: str(v) for k, v in services["edge"]["environment"].items()})
+    assert servers == [f"edge:{env.port}"]
+    # The edges believe nginx's X-Forwarded-For, and only nginx's.
+    assert env.trusted_proxies == nginx["networks"]["voteflow"]["ipv4_address"]
+
+
+def test_compose_prometheus_scrapes_every_edge_and_worker_with_the_alert_rules() -> None:
+    services = compose()["services"]
+    mounts = {target: source for source, target in _bind_mounts(services["prometheus"])}
+    config_path = COMPOSE_DIR / mounts["/etc/prometheus/prometheus.yml"]
+    config = load_yaml(config_path)
+    for rules in config["rule_files"]:
+        source = mounts[f"/etc/prometheus/{rules}"]
+        assert (COMPOSE_DIR / source).resolve() == REPO / "infra" / "prometheus" / "alerts.yml"
+    env = Settings.from_env({k: str(v) for k, v in services["edge"]["environment"].items()})
+    ports = {"edge": env.port, "worker": env.worker_metrics_port}
+    # The job names the rules and the dashboard tell edges from workers by.
+    reference = load_yaml(REPO / "infra" / "prometheus" / "prometheus.yml")
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {job["job_name"] for job in reference["scrape_configs"]}
+    for job in jobs.values():
+        [sd] = job["dns_sd_configs"]
+        [name] = sd["names"]
+        assert name in services
+        assert sd["port"] == ports[name]
+        assert job["job_name"] == f"voteflow-{name}"
+    # Grafana's provisioned data source is this Prometheus.
+    grafana = {t: s for s, t in _bind_mounts(services["grafana"])}
+    sources = COMPOSE_DIR / grafana["/etc/grafana/provisioning/datasources"]
+    [datasource] = load_yaml(sources / "prometheus.yml")["datasources"]
+    assert datasource["url"] == "http://prometheus:9090"
+    assert any(port.endswith(":9090") for port in services["prometheus"]["ports"])
+    dashboards = COMPOSE_DIR / grafana["/etc/grafana/provisioning/dashboards"]
+    [provider] = load_yaml(dashboards / "voteflow.yml")["providers"]
+    dashboard_target = next(t for t in grafana if t.endswith("voteflow.json"))
+    assert Path(dashboard_target).parent == Path(provider["options"]["path"])
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
