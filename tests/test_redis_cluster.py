@@ -18,6 +18,7 @@ from redis.asyncio import RedisCluster
 
 from tests.support import InProcessWorker, create_poll, drain, edge_client, recount, results
 from tests.test_live import next_event
+from voteflow.audit import audit
 from voteflow.keys import Keys
 from voteflow.message import Vote
 from voteflow.servers import RedisClusterServers
@@ -156,3 +157,18 @@ async def test_without_enough_replicas_a_vote_is_not_confirmed(on_cluster: Setti
         assert "Retry-After" in response.headers
         metrics = await (await edge.get("/metrics")).text()
     assert "voteflow_append_unreplicated_total 1.0" in metrics
+
+
+async def test_the_audit_checks_a_cluster_and_names_each_shards_master(
+    on_cluster: Settings, cluster_client: RedisCluster
+) -> None:
+    async with edge_client(on_cluster) as edge, InProcessWorker(on_cluster):
+        poll = await create_poll(edge)
+        for n in range(30):
+            assert (await _vote(edge, poll, f"audited-{n}")).status == 202
+        await drain(cluster_client, on_cluster)
+    report = await audit(on_cluster)
+    assert report.problems == []
+    masters = {node.name for node in cluster_client.get_primaries()}
+    assert {shard.node for shard in report.shards} == masters
+    assert all(f", on {shard.node}" in shard.line() for shard in report.shards)

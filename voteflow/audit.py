@@ -41,10 +41,11 @@ from typing import Any, TextIO
 
 import asyncpg
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from .keys import GROUP, Keys
+from .redisconn import AnyRedis, open_redis
 from .settings import Settings, SettingsError
 from .tally import SNAPSHOT_TALLY, SNAPSHOT_VERSION, decode
 
@@ -85,6 +86,8 @@ class Shard:
     oldest_pending_idle_ms: int | None
     dead_letters: int
     group: bool
+    # On a Redis Cluster, the master ("host:port") that holds the shard.
+    node: str = ""
 
     @property
     def backlog(self) -> int:
@@ -98,6 +101,7 @@ class Shard:
             f"{self.pending} pending), oldest pending idle {idle}, "
             f"dead letters {self.dead_letters}"
             + ("" if self.group else f" (no group {GROUP!r}: no worker has started)")
+            + (f", on {self.node}" if self.node else "")
         )
 
 
@@ -293,7 +297,7 @@ def _check_snapshot(
 
 
 async def _snapshots(
-    redis: Redis, keys: Keys, poll_ids: Sequence[str]
+    redis: AnyRedis, keys: Keys, poll_ids: Sequence[str]
 ) -> dict[str, list[bytes | None]]:
     """Each poll's published (version, tally), one round trip per SNAPSHOT_BATCH polls."""
     found: dict[str, list[bytes | None]] = {}
@@ -306,7 +310,14 @@ async def _snapshots(
     return found
 
 
-async def _shards(redis: Redis, keys: Keys) -> list[Shard]:
+def _holder(redis: AnyRedis, key: str) -> str:
+    if isinstance(redis, RedisCluster):
+        node = redis.get_node_from_key(key)
+        return "" if node is None else str(node.name)
+    return ""
+
+
+async def _shards(redis: AnyRedis, keys: Keys) -> list[Shard]:
     """Every shard's figures in two round trips."""
     pipe = redis.pipeline(transaction=False)
     for shard in range(keys.shards):
@@ -343,6 +354,7 @@ async def _shards(redis: Redis, keys: Keys) -> list[Shard]:
                 oldest_pending_idle_ms=first[0]["time_since_delivered"] if first else None,
                 dead_letters=dead,
                 group=group is not None,
+                node=_holder(redis, keys.stream(shard)),
             )
         )
     return shards
@@ -351,7 +363,7 @@ async def _shards(redis: Redis, keys: Keys) -> list[Shard]:
 async def audit(settings: Settings, poll_id: str | None = None) -> Report:
     """Audit the deployment ``settings`` names; raise AuditError if it cannot."""
     settings.require_urls()
-    keys = Keys(settings.key_prefix, settings.stream_shards)
+    keys = Keys(settings.key_prefix, settings.stream_shards, settings.redis_cluster)
     # The only connections the audit uses, opened and closed here. The session
     # is read-only: the audit cannot change what it checks.
     conn = await asyncpg.connect(
@@ -363,8 +375,9 @@ async def audit(settings: Settings, poll_id: str | None = None) -> Report:
         },
     )
     try:
-        async with Redis.from_url(
-            settings.redis_url,
+        async with open_redis(
+            settings,
+            max_connections=4,
             socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=REDIS_TIMEOUT,
         ) as redis:
