@@ -60,6 +60,9 @@ UNAVAILABLE_ERRORS = POSTGRES_DOWN + REDIS_DOWN
 # Redis connections per edge process and per master; a request waits for one
 # (never fails) when all are busy, and the appends share a few pipelines.
 REDIS_CONNECTIONS = 32
+# PostgreSQL connections per edge process (per pool): the edge reads polls
+# through a cache and writes only when an admin creates or closes one.
+DATABASE_CONNECTIONS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,9 @@ class Edge:
     keys: Keys
     redis: AnyRedis
     pool: asyncpg.Pool
+    # Reads that need not be fresh (the poll list): VOTEFLOW_DATABASE_READ_URL,
+    # a replica say, else the same pool.
+    read_pool: asyncpg.Pool
     polls: PollCache
     appender: Appender
     hub: live.TallyHub
@@ -251,7 +257,7 @@ async def list_polls(request: web.Request) -> web.Response:
             after = Cursor.decode(token)
         except ValueError:  # binascii.Error and UnicodeDecodeError among them
             raise Invalid(400, "cursor", "not a cursor this API handed out") from None
-    page = await list_open(edge.pool, after, limit)
+    page = await list_open(edge.read_pool, after, limit)
     now = now_us()
     return json_response(
         {
@@ -338,6 +344,13 @@ async def get_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def _database_pool(settings: Settings, url: str) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        url, min_size=1, max_size=DATABASE_CONNECTIONS, timeout=5,
+        statement_cache_size=settings.database_statement_cache_size,
+    )  # fmt: skip
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Open everything the routes share, and close it in reverse on shutdown."""
     settings = app[EDGE_SETTINGS]
@@ -348,10 +361,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         socket_connect_timeout=2, health_check_interval=15,
     )  # fmt: skip
     nodes = Nodes(redis, REDIS_CONNECTIONS)
-    pool = await asyncpg.create_pool(
-        settings.database_url, min_size=1, max_size=8, timeout=5,
-        statement_cache_size=settings.database_statement_cache_size,
-    )  # fmt: skip
+    pool = await _database_pool(settings, settings.database_url)
+    read_pool = pool
+    if settings.database_read_url:
+        read_pool = await _database_pool(settings, settings.database_read_url)
     polls = PollCache(pool, settings.poll_cache_ttl)
     appender = Appender(
         nodes,
@@ -371,13 +384,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await appender.start(waitaof=bool(settings.redis_min_replicas) and await has_waitaof(redis))
     await hub.start()
     proxies = parse_networks(settings.trusted_proxies)
-    app[EDGE] = Edge(settings, keys, redis, pool, polls, appender, hub, metrics, proxies)
+    app[EDGE] = Edge(settings, keys, redis, pool, read_pool, polls, appender, hub, metrics, proxies)
     try:
         yield
     finally:
         await hub.close()
         await appender.close()
         await nodes.close()
+        if read_pool is not pool:
+            await read_pool.close()
         await pool.close()
         await redis.aclose()
 

@@ -116,6 +116,14 @@ async def database_url(pg_server_url: str, template_database: str) -> AsyncItera
 
 
 @pytest.fixture
+async def other_database_url(pg_server_url: str, template_database: str) -> AsyncIterator[str]:
+    """A second migrated database, for a test that needs two (a read replica)."""
+    name = await _new_database(pg_server_url, template_database)
+    yield _with_database(pg_server_url, name)
+    await _admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
 async def empty_database_url(pg_server_url: str, template_database: str) -> AsyncIterator[str]:
     """A brand-new database with nothing in it."""
     name = await _new_database(pg_server_url, "template0")
