@@ -1,10 +1,18 @@
 """Schema migrations: the numbered ``sql/NNNN_*.sql`` files, applied in order.
 
-Each file not applied yet runs in its own transaction and is recorded in
-``schema_migrations`` in that same transaction, so a file is applied entirely
-or not at all. The whole run holds a session-level advisory lock: a second
-process migrating the same database at the same time waits for the first,
-then finds nothing left to do.
+A run applies the files not applied yet in one transaction, recording each in
+``schema_migrations`` in that same transaction: a run applies all of them or,
+should one fail, none (the database keeps the schema it had). The transaction
+holds an advisory lock from its first statement: a second process migrating
+the same database at the same time waits for the first, then finds nothing
+left to do.
+
+Nothing outlives the transaction (a transaction-level lock, SET LOCAL, no
+prepared statements), so migrations run through PgBouncer in transaction
+pooling mode as well as straight to PostgreSQL. A session-level lock would
+not: PgBouncer gives each transaction whichever server connection is free, so
+the lock would stay with one pooled server connection after the run and block
+the next run that is given another.
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ log = logging.getLogger(__name__)
 # Files named like 0001_schema.sql; the version recorded is the number.
 _FILE_NAME = re.compile(r"(?P<version>[0-9]{4})_[A-Za-z0-9_]+\.sql")
 
-# One advisory lock key for every voteflow migration run on a database.
-_LOCK = "SELECT pg_advisory_lock(hashtextextended('voteflow.migrate', 0))"
+# One advisory lock key for every voteflow migration run on a database; held
+# until the run's transaction ends.
+_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('voteflow.migrate', 0))"
 
 _CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -69,28 +78,31 @@ async def migrate(dsn: str, *, vote_partitions: int = 16) -> list[str]:
         raise ValueError(f"vote_partitions must be from 1 to 9999, got {vote_partitions}")
     files = migration_files()
     applied: list[str] = []
-    conn = await asyncpg.connect(dsn)
+    # No statement cache: each statement runs once, and behind PgBouncer a
+    # named prepared statement would stay on a pooled server connection.
+    conn = await asyncpg.connect(dsn, statement_cache_size=0)
     try:
-        # A session lock: closing the connection (the finally below, or its
-        # loss) releases it, also after a failed migration.
-        await conn.execute(_LOCK)
-        await conn.execute(_CREATE_TABLE)
-        done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
-        for version, path in files:
-            if version in done:
-                continue
-            async with conn.transaction():
-                # SET LOCAL: the setting ends with this transaction.
-                await conn.execute(
-                    "SELECT set_config('voteflow.vote_partitions', $1, true)",
-                    str(vote_partitions),
-                )
+        async with conn.transaction():
+            # First, so that a concurrent run waits here until this one commits
+            # or rolls back (which releases the lock), then sees what it did.
+            await conn.execute(_LOCK)
+            await conn.execute(_CREATE_TABLE)
+            rows = await conn.fetch("SELECT version FROM schema_migrations")
+            done = {row["version"] for row in rows}
+            # SET LOCAL: the setting ends with this transaction.
+            await conn.execute(
+                "SELECT set_config('voteflow.vote_partitions', $1, true)", str(vote_partitions)
+            )
+            for version, path in files:
+                if version in done:
+                    continue
                 # No arguments: the simple query protocol, which runs a file
                 # of several statements.
                 await conn.execute(path.read_text(encoding="utf-8"))
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
-            log.info("applied migration %s", path.name)
-            applied.append(path.name)
+                applied.append(path.name)
     finally:
         await conn.close()
+    for name in applied:
+        log.info("applied migration %s", name)
     return applied
