@@ -1,12 +1,31 @@
-"""The edge's Prometheus metrics, in a registry of the app's own (no globals)."""
+"""The edge's Prometheus metrics, in a registry of the app's own (no globals).
+
+With several edge processes on one port (``voteflow edge --processes N``), a
+scrape reaches whichever process accepts it, so each one must answer for all
+of them: the supervisor (ingest.prefork) then sets prometheus-client's
+``PROMETHEUS_MULTIPROC_DIR`` to a directory of its own before any process
+imports prometheus-client. Every process then keeps its values in files there
+(prometheus-client decides that at import), and ``registry`` holds only a
+``MultiProcessCollector``, which adds up the files of all of them: counters and
+histograms summed over every process that ever ran (a replaced process's
+counts stay), the live-stream gauge summed over the processes alive, the pool
+gauges one series per process (a ``pid`` label, which the dashboards sum).
+Without that variable, as with one process, the metrics live in ``registry``
+itself.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from voteflow.poolmetrics import PoolGauges, PoolStats
+
+# prometheus-client's own switch to multiprocess mode: the directory of the files.
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 # Request latencies of a queue-backed edge are sub-millisecond to seconds.
 LATENCY_BUCKETS = (
@@ -32,6 +51,13 @@ class EdgeMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        shared = os.environ.get(MULTIPROC_DIR)
+        if shared:
+            # The metrics below go to a registry nobody reads (their values are
+            # in the shared files); registering them in the one scraped too
+            # would export this process's values twice.
+            MultiProcessCollector(self.registry, path=shared)  # type: ignore[no-untyped-call]
+            r = CollectorRegistry()
         self.requests = Counter(
             "voteflow_http_requests",
             "HTTP requests answered, by route, method and status.",
@@ -81,7 +107,10 @@ class EdgeMetrics:
             registry=r,
         )
         self.live_subscribers = Gauge(
-            "voteflow_live_subscribers", "Open live tally streams (SSE and WebSocket).", registry=r
+            "voteflow_live_subscribers",
+            "Open live tally streams (SSE and WebSocket).",
+            registry=r,
+            multiprocess_mode="livesum",  # with several processes: their sum
         )
         self.live_dropped = Counter(
             "voteflow_live_dropped",

@@ -27,7 +27,9 @@ import asyncio
 import logging
 import resource
 import signal
+import socket
 import time
+from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -169,7 +171,9 @@ def _raise_fd_limit(wanted: int) -> None:
         )  # fmt: skip
 
 
-async def _serve(app: web.Application, settings: Settings) -> None:
+async def _serve(
+    app: web.Application, settings: Settings, sockets: Sequence[socket.socket] | None
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -184,9 +188,17 @@ async def _serve(app: web.Application, settings: Settings) -> None:
     try:
         assert runner.server is not None  # set by setup()
         gate = _Gate(runner.server, settings)
-        listener = await loop.create_server(
-            lambda: _Connection(gate), settings.host, settings.port, backlog=BACKLOG
-        )
+        if sockets is None:
+            listeners = [
+                await loop.create_server(
+                    lambda: _Connection(gate), settings.host, settings.port, backlog=BACKLOG
+                )
+            ]
+        else:  # opened by the supervisor (ingest.prefork), shared with the other processes
+            listeners = [
+                await loop.create_server(lambda: _Connection(gate), sock=sock, backlog=BACKLOG)
+                for sock in sockets
+            ]
         try:
             log.info(
                 "edge listening on http://%s:%d (at most %d connections)",
@@ -194,7 +206,8 @@ async def _serve(app: web.Application, settings: Settings) -> None:
             )  # fmt: skip
             await stop.wait()
         finally:
-            listener.close()  # accept no more connections
+            for listener in listeners:
+                listener.close()  # accept no more connections
     finally:
         # As web.run_app does: close idle connections, run on_shutdown (which
         # ends live streams), give requests in flight SHUTDOWN_TIMEOUT seconds,
@@ -204,11 +217,14 @@ async def _serve(app: web.Application, settings: Settings) -> None:
             loop.remove_signal_handler(signum)
 
 
-def serve(app: web.Application, settings: Settings) -> None:
-    """Run the edge on settings.host:settings.port until SIGINT or SIGTERM,
-    then stop accepting, finish the requests in flight and close its resources."""
+def serve(
+    app: web.Application, settings: Settings, sockets: Sequence[socket.socket] | None = None
+) -> None:
+    """Run the edge on settings.host:settings.port (or on listening ``sockets``
+    it was given) until SIGINT or SIGTERM, then stop accepting, finish the
+    requests in flight and close its resources."""
     import uvloop
 
     _raise_fd_limit(settings.max_connections + FD_HEADROOM)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(app, settings))
+        runner.run(_serve(app, settings, sockets))

@@ -24,10 +24,12 @@ from .settings import Settings, SettingsError
 log = logging.getLogger("voteflow")
 
 
-def _logging(settings: Settings) -> None:
+def _logging(settings: Settings, several_processes: bool = False) -> None:
+    # Several processes write to one terminal or journal: say which wrote what.
+    pid = " [%(process)d]" if several_processes else ""
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s{pid} %(name)s: %(message)s",
     )
     if settings.log_level.upper() != "DEBUG":
         # arq logs every run of the 5-second reclaim job at INFO.
@@ -44,7 +46,11 @@ def cmd_migrate(settings: Settings) -> int:
     return 0
 
 
-def cmd_edge(settings: Settings) -> int:
+def cmd_edge(settings: Settings, processes: int) -> int:
+    if processes > 1:
+        from ingest.prefork import supervise
+
+        return supervise(settings, processes)
     from ingest.app import run
 
     run(settings)
@@ -192,11 +198,30 @@ def cmd_up(settings: Settings, data_dir: Path) -> int:
         return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="voteflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply the SQL migrations in sql/")
-    sub.add_parser("edge", help="run the HTTP edge")
+    edge = sub.add_parser("edge", help="run the HTTP edge")
+    edge.add_argument(
+        "--processes",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="edge processes serving the one port, under a supervisor that restarts any that "
+        "dies (default: 1, a single process and no supervisor). One process uses at most one "
+        "core: N up to the cores it may have",
+    )
     sub.add_parser("worker", help="run a stream worker (arq)")
     up = sub.add_parser("up", help="run the whole stack, with private servers if no URL is set")
     up.add_argument(
@@ -221,11 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
-        _logging(settings)
+        _logging(settings, several_processes=args.command == "edge" and args.processes > 1)
         if args.command == "migrate":
             return cmd_migrate(settings)
         if args.command == "edge":
-            return cmd_edge(settings)
+            return cmd_edge(settings, args.processes)
         if args.command == "worker":
             return cmd_worker(settings)
         if args.command == "audit":
