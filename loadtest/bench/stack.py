@@ -18,7 +18,7 @@ import redis
 
 from voteflow.keys import GROUP, Keys
 from voteflow.migrate import migrate
-from voteflow.servers import PostgresServer, RedisServer
+from voteflow.servers import PostgresServer, RedisClusterServers, RedisServer
 
 from .procs import Child
 
@@ -99,7 +99,7 @@ def _wait_for_rewrite(client: redis.Redis) -> None:
         time.sleep(0.05)
 
 
-def backlog(client: redis.Redis, keys: Keys) -> int:
+def backlog(client: redis.Redis | redis.RedisCluster, keys: Keys) -> int:
     """Entries of the consumer group not yet delivered, plus those delivered
     but not yet acknowledged: 0 once every appended vote is committed."""
     streams = keys.streams()
@@ -122,7 +122,7 @@ def backlog(client: redis.Redis, keys: Keys) -> int:
 
 
 def wait_drained(
-    client: redis.Redis,
+    client: redis.Redis | redis.RedisCluster,
     keys: Keys,
     workers: Sequence[Child],
     stall_timeout: float,
@@ -154,6 +154,8 @@ class Bench:
         self.stack = stack
         self.work_dir = work_dir
         self._servers: dict[str, Servers] = {}
+        self._databases: dict[str, tuple[PostgresServer, str]] = {}
+        self._clusters: dict[str, RedisClusterServers] = {}
         # What stages share beyond the servers (the pipeline of stages 5-7), by name.
         self.shared: dict[str, object] = {}
         # Each stage's rates measured so far in this run, by stage number.
@@ -169,6 +171,18 @@ class Bench:
         """
         found = self._servers.get(name)
         if found is None:
+            postgres, database_url = self.database(name)
+            redis = self.stack.enter_context(
+                RedisServer(self.work_dir / f"{name}-redis", appendonly=True, appendfsync="always")
+            )
+            found = self._servers[name] = Servers(postgres, redis, database_url)
+        return found
+
+    def database(self, name: str) -> tuple[PostgresServer, str]:
+        """A private PostgreSQL and the URL of its migrated database "bench",
+        started on first use, by name (servers(name) uses the same one)."""
+        found = self._databases.get(name)
+        if found is None:
             # Commit timestamps let the end-to-end stages read when each
             # vote's transaction committed (pg_xact_commit_timestamp).
             postgres = self.stack.enter_context(
@@ -177,9 +191,6 @@ class Bench:
                     settings={"track_commit_timestamp": "on"},
                 )
             )
-            redis = self.stack.enter_context(
-                RedisServer(self.work_dir / f"{name}-redis", appendonly=True, appendfsync="always")
-            )
 
             async def create(conn: asyncpg.Connection) -> None:
                 await conn.execute(f'CREATE DATABASE "{DATABASE}"')
@@ -187,7 +198,19 @@ class Bench:
             run_sql(postgres.url, create)
             database_url = _database_url(postgres.url, DATABASE)
             asyncio.run(migrate(database_url))
-            found = self._servers[name] = Servers(postgres, redis, database_url)
+            found = self._databases[name] = (postgres, database_url)
+        return found
+
+    def redis_cluster(self, name: str, masters: int, replicas: int) -> RedisClusterServers:
+        """A private Redis Cluster, started on first use, by name: every node
+        with ``appendfsync always``, as `voteflow up` runs its Redis."""
+        found = self._clusters.get(name)
+        if found is None:
+            found = self._clusters[name] = self.stack.enter_context(
+                RedisClusterServers(
+                    self.work_dir / f"{name}-redis-cluster", masters=masters, replicas=replicas
+                )
+            )
         return found
 
     def child_env(self, **extra: str) -> dict[str, str]:
