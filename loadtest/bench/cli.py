@@ -21,6 +21,7 @@ from .drain import Drain, DrainSettings
 from .edge import Edge
 from .fanout import FanOut
 from .naive import Naive
+from .replicas import Confirmed, Unconfirmed
 from .spike import Spike
 from .stack import Bench, Options, progress
 from .stage import Sample, Stage, WrkStage
@@ -38,6 +39,8 @@ STAGES: dict[int, type[Stage]] = {
     6: Spike,
     7: Cost,
     8: FanOut,
+    9: Unconfirmed,
+    10: Confirmed,
 }
 
 

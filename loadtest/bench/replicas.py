@@ -1,0 +1,197 @@
+"""Stages 9 and 10, what a replica's confirmation costs: the edge alone on a
+Redis Cluster, answering 202 once the vote's master holds it (9) or once a
+replica holds it too (10, VOTEFLOW_REDIS_MIN_REPLICAS=1).
+
+One private cluster of 3 masters with a replica each, every node with
+``appendfsync always`` (as `voteflow up` runs Redis), and two edges on it,
+started once, each with a key prefix of its own; as in stage 2, no worker,
+rate limits off and VOTEFLOW_MAX_BACKLOG=0. Stage 10's edge ends each
+pipeline to a master with WAITAOF where every master has it (the replica has
+written the votes to its own append-only file) or else WAIT (it has received
+them). The two run one after the other in each round, so their ratios (rate,
+and p50 latency) are taken within a round.
+
+Before each repeat every master is emptied (FLUSHALL, which its replica
+follows) and every node's append-only file rewritten, so repeats start alike;
+after it the stream entries of the edge's prefix are counted on their
+masters: every 202 must be one. Store CPU: every node, replicas included.
+"""
+
+from __future__ import annotations
+
+import secrets
+import statistics
+import sys
+import urllib.request
+from dataclasses import replace
+from typing import ClassVar
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from voteflow.keys import Keys
+from voteflow.servers import HOST, free_port
+
+from . import wrk
+from .edge import create_poll
+from .redis_cluster import (
+    SHARDS,
+    client,
+    cluster_env,
+    confirmation,
+    cpu,
+    cpu_used,
+    node_pids,
+    rewrite_every_aof,
+)
+from .stack import Bench
+from .stage import Sample, WrkStage, median_extra
+
+NAME = "replicated"
+MASTERS = 3
+REPLICAS = 1
+
+
+class ReplicatedCluster:
+    """The cluster stages 9 and 10 share, and the PostgreSQL their edges read polls from."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.servers = bench.redis_cluster(NAME, MASTERS, REPLICAS)
+        self.database_url = bench.database(NAME)[1]
+        self.client = client(self.servers)
+        bench.stack.callback(self.client.close)
+        self.confirmation = confirmation(self.servers)
+        # Each stage's samples so far: stage 10 takes its latency ratio to the
+        # sample stage 9 took just before it, in the same round.
+        self.samples: dict[int, list[Sample]] = {}
+
+    @classmethod
+    def of(cls, bench: Bench) -> ReplicatedCluster:
+        found = bench.shared.get(cls.__name__)
+        if found is None:
+            found = bench.shared[cls.__name__] = cls(bench)
+        assert isinstance(found, cls)
+        return found
+
+    def empty(self) -> None:
+        # FLUSHALL keeps the script cache, where the edges' admit.lua lives.
+        self.client.flushall(target_nodes=self.client.PRIMARIES)
+        rewrite_every_aof(self.servers)
+
+
+class ReplicaEdge(WrkStage):
+    """An edge on the replicated cluster, with `min_replicas` replicas to confirm."""
+
+    min_replicas: ClassVar[int]
+
+    def start(self, bench: Bench) -> None:
+        super().start(bench)
+        self.cluster = ReplicatedCluster.of(bench)
+        prefix = f"bench{self.number}"
+        port = free_port()
+        token = secrets.token_urlsafe(16)
+        env = bench.child_env(
+            **cluster_env(self.cluster.servers, self.cluster.database_url, prefix),
+            VOTEFLOW_REDIS_MIN_REPLICAS=str(self.min_replicas),
+            VOTEFLOW_ADMIN_TOKEN=token,
+            VOTEFLOW_HOST=HOST,
+            VOTEFLOW_PORT=str(port),
+            VOTEFLOW_RATE_LIMIT_PER_IP="0",
+            VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
+            VOTEFLOW_MAX_BACKLOG="0",
+        )
+        self.server = bench.spawn(
+            f"edge-{self.number}", [sys.executable, "-m", "voteflow", "edge"], env
+        )
+        self.url = f"http://{HOST}:{port}"
+        self.server.wait_http(f"{self.url}/health")
+        self.keys = Keys(prefix, SHARDS, cluster=True)
+        self.redis_pids = node_pids(self.cluster.servers)
+        self.redis_used = 0.0
+        poll = create_poll(self.url, token)
+        self.poll_id = poll["id"]
+        self.option_ids = [option["id"] for option in poll["options"]]
+
+    def reset(self) -> None:
+        self.cluster.empty()
+
+    def _wrk(self, duration: int) -> wrk.WrkRun:
+        # Every node's CPU over the same run as the edge's (WrkStage reads one store).
+        before = cpu(self.redis_pids)
+        run = super()._wrk(duration)
+        self.redis_used = cpu_used(before)
+        return run
+
+    def stored(self) -> int:
+        # XLEN of each shard, on the master that holds it.
+        pipe = self.cluster.client.pipeline(transaction=False)  # type: ignore[no-untyped-call]
+        for stream in self.keys.streams():
+            pipe.xlen(stream)
+        return sum(pipe.execute())
+
+    def measure(self) -> Sample:
+        before = self._append_totals()
+        sample = super().measure()
+        used = {k: v - before.get(k, 0.0) for k, v in self._append_totals().items()}
+        extra = {}
+        if batches := used.get("voteflow_append_batch_size_count", 0.0):
+            extra["votes_per_batch"] = used["voteflow_append_batch_size_sum"] / batches
+        if pipelines := used.get("voteflow_append_seconds_count", 0.0):
+            # A batch goes out as one pipeline per master holding its votes'
+            # shards, with WAIT/WAITAOF at its end on stage 10.
+            extra["master_pipeline_ms"] = 1000 * used["voteflow_append_seconds_sum"] / pipelines
+        earlier = self.cluster.samples.setdefault(self.number, [])
+        if self.number == Confirmed.number:
+            unconfirmed = self.cluster.samples.get(Unconfirmed.number, [])
+            if len(unconfirmed) == len(earlier) + 1 and unconfirmed[-1].p50_ms > 0:
+                extra["p50_ratio"] = sample.p50_ms / unconfirmed[-1].p50_ms
+        sample = replace(sample, store_cpu_seconds=self.redis_used, extra=extra)
+        earlier.append(sample)
+        return sample
+
+    def _append_totals(self) -> dict[str, float]:
+        """The appender's histograms' sums and counts, from the edge's /metrics."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        totals = {}
+        for family in text_string_to_metric_families(text):
+            if family.name in ("voteflow_append_batch_size", "voteflow_append_seconds"):
+                for sample in family.samples:
+                    if sample.name.endswith(("_sum", "_count")):
+                        totals[sample.name] = float(sample.value)
+        return totals
+
+    def summary(self, samples: list[Sample]) -> str:
+        parts = [
+            f"{name.replace('_', ' ')} {median_extra(samples, name):.3g}"
+            for name in ("votes_per_batch", "master_pipeline_ms")
+            if any(name in s.extra for s in samples)
+        ]
+        return f"{MASTERS} masters, {REPLICAS} replica each; medians: " + ", ".join(parts)
+
+
+class Unconfirmed(ReplicaEdge):
+    number = 9
+    name = "cluster-edge"
+    title = (
+        "voteflow edge -> Redis Cluster (3 masters + 1 replica each, appendfsync always), "
+        "no worker; 202 once the master holds the vote (MIN_REPLICAS=0)"
+    )
+    min_replicas = 0
+
+
+class Confirmed(ReplicaEdge):
+    number = 10
+    name = "cluster-edge-replicated"
+    title = "as 9, 202 once a replica holds the vote too (MIN_REPLICAS=1); ratio to 9"
+    ratio = (10, 9)
+    min_replicas = 1
+
+    def summary(self, samples: list[Sample]) -> str:
+        text = super().summary(samples) + f"; confirmed with {self.cluster.confirmation}"
+        ratios = [s.extra["p50_ratio"] for s in samples if "p50_ratio" in s.extra]
+        if ratios:
+            text += (
+                f"; p50 latency over stage 9's, median of rounds "
+                f"{statistics.median(ratios):.2f} (min-max {min(ratios):.2f}-{max(ratios):.2f})"
+            )
+        return text
