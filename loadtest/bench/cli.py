@@ -16,6 +16,7 @@ from typing import Any
 
 from . import report, wrk
 from .ceiling import HttpCeiling
+from .cluster_cost import ClusterCost
 from .cost import Cost
 from .drain import Drain, DrainSettings
 from .edge import Edge
@@ -41,6 +42,7 @@ STAGES: dict[int, type[Stage]] = {
     8: FanOut,
     9: Unconfirmed,
     10: Confirmed,
+    11: ClusterCost,
 }
 
 
