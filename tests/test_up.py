@@ -115,10 +115,11 @@ class Up:
         assert self.proc is not None
         return self.proc.pid
 
-    async def start(self) -> None:
+    async def start(self, *options: str) -> None:
         with self.stderr_path.open("wb") as stderr:
             self.proc = await asyncio.create_subprocess_exec(
                 *(sys.executable, "-m", "voteflow", "up", "--data-dir", str(self.data_dir)),
+                *options,
                 env=_up_env(self.port),
                 cwd=REPO,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -205,9 +206,18 @@ STOPS = {
 }
 
 
-@pytest.mark.parametrize("stop", sorted(STOPS))
-async def test_up_serves_and_counts_a_vote_then_stops_leaving_no_process(up: Up, stop: str) -> None:
-    await up.start()
+@pytest.mark.parametrize(
+    ("stop", "options"),
+    [
+        *((stop, ()) for stop in sorted(STOPS)),
+        # Several edge processes under their supervisor, all sent SIGINT by the terminal.
+        ("ctrl-c", ("--edge-processes", "2")),
+    ],
+)
+async def test_up_serves_and_counts_a_vote_then_stops_leaving_no_process(
+    up: Up, stop: str, options: tuple[str, ...]
+) -> None:
+    await up.start(*options)
     try:
         async with asyncio.timeout(UP_TIMEOUT):
             while not (curl := await up.read_line()).lstrip().startswith("curl -s -X POST"):
@@ -237,6 +247,14 @@ async def test_up_serves_and_counts_a_vote_then_stops_leaving_no_process(up: Up,
     commands = " | ".join(command for _, command in up.remember_processes().values())
     for part in ("postgres", "valkey-server", "voteflow worker", "voteflow edge"):
         assert part in commands, f"{part!r} is not among the processes of up: {commands}"
+    # As many edge processes run as up says, and a supervisor when more than one.
+    said = re.search(r"\((\d+) edge process(es)?, 1 worker\)", output)
+    assert said is not None, output
+    edges = int(said[1])
+    if options:
+        assert edges == int(options[1])
+    running = commands.split(" | ").count(f"{sys.executable} -m voteflow edge --processes {edges}")
+    assert running == (edges + 1 if edges > 1 else 1), commands
     STOPS[stop](up.pid)
     assert await up.exits() == 0, up.stderr()
     assert not up.leftovers()
