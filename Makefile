@@ -18,8 +18,12 @@ run: $(STAMP)
 	$(BIN)/voteflow up
 
 ## test: lint, type-check, then the whole test suite against real servers
+# A temporary directory of the run's own: pytest removes the oldest of the
+# directories it numbers under /tmp/pytest-of-<user>, even while another run
+# (another checkout's) still has its private servers' data in it.
 test: lint $(STAMP)
-	$(BIN)/pytest -q
+	@tmp=$$(mktemp -d /tmp/voteflow-test.XXXXXX) && chmod 755 $$tmp; \
+	$(BIN)/pytest -q --basetemp=$$tmp/run; status=$$?; rm -rf $$tmp; exit $$status
 
 ## lint: ruff (lint and format check) and mypy
 lint: $(STAMP)

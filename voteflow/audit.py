@@ -360,19 +360,25 @@ async def _shards(redis: AnyRedis, keys: Keys) -> list[Shard]:
     return shards
 
 
+async def _read(conn: asyncpg.Connection, query: str, *args: Any) -> list[asyncpg.Record]:
+    async with conn.transaction(readonly=True):
+        rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+        return rows
+
+
 async def audit(settings: Settings, poll_id: str | None = None) -> Report:
     """Audit the deployment ``settings`` names; raise AuditError if it cannot."""
     settings.require_urls()
     keys = Keys(settings.key_prefix, settings.stream_shards, settings.redis_cluster)
-    # The only connections the audit uses, opened and closed here. The session
-    # is read-only: the audit cannot change what it checks.
+    # The only connections the audit uses, opened and closed here. Its queries
+    # run in read-only transactions: the audit cannot change what it checks.
+    # (Per transaction, not a session setting: PgBouncer's transaction
+    # pooling refuses that start-up parameter.)
     conn = await asyncpg.connect(
         settings.database_url,
         timeout=CONNECT_TIMEOUT,
-        server_settings={
-            "application_name": "voteflow-audit",
-            "default_transaction_read_only": "on",
-        },
+        server_settings={"application_name": "voteflow-audit"},
+        statement_cache_size=settings.database_statement_cache_size,
     )
     try:
         async with open_redis(
@@ -382,18 +388,18 @@ async def audit(settings: Settings, poll_id: str | None = None) -> Report:
             socket_timeout=REDIS_TIMEOUT,
         ) as redis:
             if poll_id is None:
-                polls = [str(r["id"]) for r in await conn.fetch("SELECT id FROM polls")]
+                polls = [str(r["id"]) for r in await _read(conn, "SELECT id FROM polls")]
             else:
                 polls = [
                     str(r["id"])
-                    for r in await conn.fetch("SELECT id FROM polls WHERE id = $1", poll_id)
+                    for r in await _read(conn, "SELECT id FROM polls WHERE id = $1", poll_id)
                 ]
                 if not polls:
                     raise AuditError(f"no poll {poll_id}")
             # Redis first, then PostgreSQL (see the module docstring).
             snapshots = await _snapshots(redis, keys, polls)
             try:
-                rows = await conn.fetch("SELECT * FROM audit_polls($1)", poll_id)
+                rows = await _read(conn, "SELECT * FROM audit_polls($1)", poll_id)
             except asyncpg.UndefinedFunctionError:
                 raise AuditError(
                     "audit_polls() is missing from the database: run `voteflow migrate`"

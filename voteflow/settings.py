@@ -34,6 +34,9 @@ class Settings:
     # by transaction (a statement prepared on one server connection is not
     # there on the next).
     database_statement_cache_size: int = 100
+    # The database is Citus (docs/scaling.md): workers write a batch with one
+    # cast_poll_votes call per poll, which Citus runs on the node holding it.
+    database_citus: bool = False
     # redis_url names one node of a Redis Cluster; the edges and workers find
     # the rest, and follow failovers by themselves.
     redis_cluster: bool = False

@@ -20,6 +20,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -42,7 +43,14 @@ log = logging.getLogger(__name__)
 # they go to the dead letters with the outcome as the reason.
 REJECTED = frozenset({"unknown_poll", "invalid"})
 # PostgreSQL is away or busy for a while: keep the batch and try again.
-TRANSIENT_ERRORS = (*POSTGRES_DOWN, asyncpg.exceptions.TransactionRollbackError)
+TRANSIENT_ERRORS = (
+    *POSTGRES_DOWN,
+    asyncpg.exceptions.TransactionRollbackError,
+    # A prepared statement gone: behind PgBouncer in transaction pooling with
+    # VOTEFLOW_DATABASE_STATEMENT_CACHE_SIZE left on. A setting to fix, not a
+    # bad vote: retried (on another connection it may pass), never dead-lettered.
+    asyncpg.exceptions.InvalidSQLStatementNameError,
+)
 MAX_BACKOFF = 5.0
 # Where on_startup leaves the Writer in arq's ctx.
 WRITER = "voteflow_writer"
@@ -209,9 +217,7 @@ async def _commit(
     while True:
         started = time.perf_counter()
         try:
-            rows: list[asyncpg.Record] = await writer.pool.fetch(
-                "SELECT * FROM cast_vote_atomic($1::vote_in[])", args
-            )
+            rows = await _cast(writer, args)
         except TRANSIENT_ERRORS as exc:
             writer.metrics.commit_retries.inc()
             log.warning(
@@ -223,6 +229,37 @@ async def _commit(
             continue
         writer.metrics.commit_seconds.observe(time.perf_counter() - started)
         return rows
+
+
+async def _cast(writer: Writer, args: list[tuple[Any, ...]]) -> list[asyncpg.Record]:
+    """The outcome of each vote, in order, then the tally of each poll.
+
+    One call of cast_vote_atomic; on Citus, one call of cast_poll_votes per
+    poll (same rules, same rows), each its own statement, so that Citus runs it
+    on the node holding the poll. A retry after some polls committed is safe:
+    their votes come back as duplicates.
+    """
+    if not writer.settings.database_citus:
+        rows: list[asyncpg.Record] = await writer.pool.fetch(
+            "SELECT * FROM cast_vote_atomic($1::vote_in[])", args
+        )
+        return rows
+    by_poll: dict[str, list[int]] = {}
+    for i, vote in enumerate(args):
+        by_poll.setdefault(vote[1], []).append(i)
+    outcomes: list[asyncpg.Record | None] = [None] * len(args)
+    tallies: list[asyncpg.Record] = []
+    for poll_id in sorted(by_poll):
+        at = by_poll[poll_id]
+        found = await writer.pool.fetch(
+            "SELECT * FROM cast_poll_votes($1::uuid, $2::vote_in[])",
+            poll_id,
+            [args[i] for i in at],
+        )
+        for i, row in zip(at, found[: len(at)], strict=True):
+            outcomes[i] = row
+        tallies.extend(found[len(at) :])
+    return [row for row in outcomes if row is not None] + tallies
 
 
 async def _keep_ownership(writer: Writer, stream: str, entry_ids: Sequence[bytes]) -> None:
