@@ -111,6 +111,7 @@ def listen(host: str, port: int) -> list[socket.socket]:
 def supervise(settings: Settings, processes: int) -> int:
     """Run ``processes`` edge processes on settings.host:settings.port until
     SIGINT or SIGTERM; the exit status (0: all stopped cleanly)."""
+    settings.require_urls()  # once, here, rather than in a crash loop of every process
     if "prometheus_client" in sys.modules:
         raise RuntimeError(
             "prometheus_client was imported before its multiprocess directory was set"
