@@ -36,7 +36,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## bench: HTTP ceiling, edge and naive baseline side by side with wrk (apt-get install wrk); JSON in bench/results/
+## bench: the stages of python -m loadtest.bench side by side (wrk needed); JSON in bench/results/
 bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
 

@@ -12,8 +12,16 @@ voter and vote_id on every request):
 3. ``naive``: the design voteflow replaces (``naive_app``): SELECT, DELETE,
    INSERT in PostgreSQL per vote; the ratio of (2) to it.
 
-Stages 4-7 (drain, end to end, spike, cost per process) are to come as
-modules of their own, registered in ``cli.STAGES``.
+4. ``drain``: how fast workers empty a backlog, against PostgreSQL alone.
+5. ``steady``, 6. ``spike``, 7. ``cost``: the whole pipeline at a fixed rate,
+   at a 50,000-vote spike, and flat out with CPU per process.
+8. ``fanout``: thousands of SSE watchers on one edge while votes flow.
+9. / 10. ``replicas``: the edge on a Redis Cluster, without and with a
+   replica's confirmation of each append.
+11. ``cluster_cost``: the pipeline on a Redis Cluster, 1 edge + 1 worker and
+    2 + 2, CPU per vote and exactness.
+
+Each stage is registered in ``cli.STAGES``.
 
 The stages run in rounds, one repeat of each per round, so the shared
 machine's noise falls on each alike; ratios are taken within a round. The
