@@ -35,6 +35,7 @@ class Edge(WrkStage):
     name = "edge"
     title = "voteflow edge -> Redis Streams (appendfsync always), no worker"
     ratio = (2, 1)
+    processes = 1
 
     def start(self, bench: Bench) -> None:
         super().start(bench)
@@ -54,7 +55,8 @@ class Edge(WrkStage):
             VOTEFLOW_MAX_BACKLOG="0",
             VOTEFLOW_LOG_LEVEL="WARNING",
         )
-        edge = bench.spawn("edge", [sys.executable, "-m", "voteflow", "edge"], env)
+        command = [sys.executable, "-m", "voteflow", "edge", "--processes", str(self.processes)]
+        edge = bench.spawn(self.name, command, env)
         self.url = f"http://{HOST}:{port}"
         edge.wait_http(f"{self.url}/health")
         self.server = edge
@@ -122,3 +124,14 @@ def create_poll(url: str, token: str) -> dict[str, Any]:
     with urllib.request.urlopen(request, timeout=10) as response:
         poll: dict[str, Any] = json.load(response)
     return poll
+
+
+class EdgeProcesses(Edge):
+    """Stage 12: stage 2 with `voteflow edge --processes 2` on the one port, to
+    show what a second edge process adds on this machine (ratio to stage 2)."""
+
+    number = 12
+    name = "edge-2-processes"
+    title = "voteflow edge --processes 2 -> Redis Streams, no worker"
+    ratio = (12, 2)
+    processes = 2

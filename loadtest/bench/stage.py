@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from . import wrk
-from .procs import Child, cpu_seconds, tree_cpu, tree_cpu_used
+from .procs import Child, tree_cpu, tree_cpu_used
 from .stack import Bench
 
 # Seconds after wrk stops before its last requests are counted in storage:
@@ -167,11 +167,13 @@ class WrkStage(Stage):
 
     def measure(self) -> Sample:
         self.reset()
-        server_before = cpu_seconds(self.server.pid)
+        # The server's process tree: `voteflow edge --processes N` is a
+        # supervisor and N edge processes.
+        server_before = tree_cpu(self.server.pid)
         store_before = tree_cpu(self.store_pid) if self.store_pid else {}
         run = self._wrk(self.bench.options.duration)
         self.server.check_alive()  # else its CPU cannot be read, and the run means nothing
-        server_used = cpu_seconds(self.server.pid) - server_before
+        server_used = tree_cpu_used(server_before, tree_cpu(self.server.pid))
         store_used = None
         if self.store_pid:
             store_used = tree_cpu_used(store_before, tree_cpu(self.store_pid))
