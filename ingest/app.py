@@ -21,7 +21,6 @@ import asyncpg
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 
 from voteflow.keys import Keys
 from voteflow.outages import POSTGRES_DOWN, REDIS_DOWN
@@ -192,7 +191,7 @@ async def post_close(request: web.Request) -> web.Response:
     try:
         # A plain PUBLISH: on a cluster it reaches every node, and so every edge.
         await edge.redis.execute_command("PUBLISH", edge.keys.polls_changed_channel(), poll_id)
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         # Other edges then refuse the poll's votes once their cached copy
         # expires; the workers refuse any vote received after the close anyway.
         log.warning("could not announce the close of poll %s: %s", poll_id, exc)

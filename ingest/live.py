@@ -31,7 +31,8 @@ from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
 from voteflow.keys import Keys
-from voteflow.redisconn import AnyRedis
+from voteflow.outages import REDIS_DOWN
+from voteflow.redisconn import AnyRedis, ClusterClient
 from voteflow.tally import SNAPSHOT_TALLY, Tally, decode
 
 from .metrics import EdgeMetrics
@@ -183,7 +184,7 @@ class TallyHub:
                     message = await pubsub.get_message(timeout=5.0)
                     if message is not None:
                         self._dispatch(message)
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 log.warning("tally subscription lost (%s); retrying in %.1fs", exc, backoff)
             finally:
                 self.connected = False
@@ -199,7 +200,10 @@ class TallyHub:
         while True:
             followers: list[asyncio.Task[None]] = []
             try:
-                await cluster.nodes_manager.initialize()
+                if isinstance(cluster, ClusterClient):
+                    await cluster.refresh()
+                else:
+                    await cluster.nodes_manager.initialize()
                 masters = cluster.get_primaries()
                 followers = [
                     asyncio.create_task(self._follow_master(cluster, m.host, int(m.port), i == 0))
@@ -210,7 +214,7 @@ class TallyHub:
                 done, _ = await asyncio.wait(followers, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     task.result()  # raises what ended it
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 log.warning("tally subscription lost (%s); retrying in %.1fs", exc, backoff)
             except Exception:
                 # Never stop listening: live watchers would silently freeze.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 import asyncpg
-from redis.exceptions import RedisError
 
 from voteflow.keys import Keys
+from voteflow.outages import REDIS_DOWN
 from voteflow.redisconn import AnyRedis
 from voteflow.tally import SNAPSHOT_TALLY, Tally, decode
 from voteflow.timeutil import to_us
@@ -34,7 +34,7 @@ async def current_tally(redis: AnyRedis, pool: asyncpg.Pool, keys: Keys, poll_id
     """
     try:
         raw = await redis.hget(keys.tally(poll_id), SNAPSHOT_TALLY)  # type: ignore[misc]
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         log.warning("tally snapshot of %s unreadable, reading PostgreSQL: %s", poll_id, exc)
         raw = None
     if raw is not None:

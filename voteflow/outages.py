@@ -7,7 +7,7 @@ the edge; any other error is a bug or bad data and is not retried blindly.
 from __future__ import annotations
 
 import asyncpg
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 POSTGRES_DOWN: tuple[type[BaseException], ...] = (
     OSError,
@@ -19,4 +19,11 @@ POSTGRES_DOWN: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,
 )
 
-REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+# RedisClusterException: no node of a cluster answers, or a slot has no master
+# (during a failover); it is not a RedisError.
+REDIS_DOWN: tuple[type[BaseException], ...] = (
+    RedisError,
+    RedisClusterException,
+    OSError,
+    TimeoutError,
+)

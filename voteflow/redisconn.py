@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from redis.asyncio import BlockingConnectionPool, Connection, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
+from voteflow.outages import REDIS_DOWN
 from voteflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,40 @@ class LuaScript:
         return cls(source, hashlib.sha1(source.encode()).hexdigest())
 
 
+class ClusterClient(RedisCluster):
+    """redis-py's cluster client, but one that never forgets a node it has seen.
+
+    On a connection error redis-py drops the node from the nodes it asks for
+    the slot map and closes every connection; during a failover the commands
+    in flight on healthy nodes then fail too and drop their nodes, until no
+    node is left to ask ("provide at least one reachable node") and the
+    client stays broken. This one asks every node it has ever seen.
+    """
+
+    async def initialize(self) -> ClusterClient:
+        self._reseed()
+        await super().initialize()
+        self._remember()
+        return self
+
+    async def refresh(self) -> None:
+        """Read the slot map again (after a failover, moved slots)."""
+        self._reseed()
+        await self.nodes_manager.initialize()
+        self._remember()
+
+    def _remember(self) -> None:
+        seen: dict[str, tuple[str, int]] = self.__dict__.setdefault("_seen", {})
+        for node in self.nodes_manager.nodes_cache.values():
+            seen[node.name] = (node.host, int(node.port))
+
+    def _reseed(self) -> None:
+        manager = self.nodes_manager
+        for name, (host, port) in self.__dict__.get("_seen", {}).items():
+            if name not in manager.startup_nodes:
+                manager.startup_nodes[name] = ClusterNode(host, port, **manager.connection_kwargs)
+
+
 def open_redis(
     settings: Settings, *, max_connections: int, blocking: bool = False, **options: Any
 ) -> AnyRedis:
@@ -56,7 +92,7 @@ def open_redis(
     `blocking`: on one server, wait for a free connection (see blocking_client)."""
     client: AnyRedis
     if settings.redis_cluster:
-        client = RedisCluster.from_url(
+        client = ClusterClient.from_url(
             settings.redis_url, max_connections=max_connections, **options
         )
     elif blocking:
@@ -162,8 +198,11 @@ class Nodes:
 
     async def _refresh(self, cluster: RedisCluster) -> None:
         try:
-            await cluster.nodes_manager.initialize()
-        except (RedisError, OSError) as exc:
+            if isinstance(cluster, ClusterClient):
+                await cluster.refresh()
+            else:
+                await cluster.nodes_manager.initialize()
+        except Exception as exc:  # whatever it was, the next error asks again
             log.warning("reading the cluster's slot map failed: %s", exc)
             return
         masters = {node.name for node in cluster.get_primaries()}
@@ -176,7 +215,7 @@ class Nodes:
         """Close the per-master clients (the client given is the caller's)."""
         if self._refreshing is not None:
             self._refreshing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._refreshing
         for client in self._clients.values():
             with contextlib.suppress(RedisError, OSError):
@@ -190,16 +229,16 @@ class SlotOwner:
     def __init__(self, url: str, key: str) -> None:
         self._url = url
         self._key = key
-        self._cluster: RedisCluster | None = None
+        self._cluster: ClusterClient | None = None
 
     async def locate(self) -> tuple[str, int]:
         if self._cluster is None:
             # Kept: after its first read of the slot map it knows every node,
             # so a later search does not depend on the node the URL names.
-            self._cluster = RedisCluster.from_url(self._url, socket_connect_timeout=2)
+            self._cluster = ClusterClient.from_url(self._url, socket_connect_timeout=2)
             await self._cluster.initialize()
         else:
-            await self._cluster.nodes_manager.initialize()
+            await self._cluster.refresh()
         node = self._cluster.get_node_from_key(self._key)
         if node is None:  # pragma: no cover - only replicas are ever None
             raise RedisError(f"no master holds {self._key!r}")
@@ -227,7 +266,7 @@ class SlotOwnerConnection(Connection):
         # still name the master that died.
         try:
             self.host, self.port = await self._slot_owner.locate()
-        except (RedisError, OSError) as exc:
+        except Exception as exc:
             raise RedisConnectionError(f"no master found for arq's keys: {exc}") from exc
         await super()._connect()  # type: ignore[no-untyped-call]
 
@@ -270,7 +309,7 @@ class RoutedPipeline:
             answers = await asyncio.gather(
                 *(self._pipes[name].execute(raise_on_error=False) for name in names)
             )
-        except (RedisError, OSError):
+        except REDIS_DOWN:
             self._nodes.refresh_soon()
             raise
         by_master = dict(zip(names, answers, strict=True))

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import ClusterDownError, NoScriptError, ResponseError, TryAgainError
 
 from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, MessageError, Vote, decode
-from voteflow.outages import POSTGRES_DOWN
+from voteflow.outages import POSTGRES_DOWN, REDIS_DOWN
 from voteflow.redisconn import AnyRedis, Nodes
 from voteflow.settings import Settings
 from voteflow.tally import Tally
@@ -115,12 +115,17 @@ async def _consume(writer: Writer, shard: int, stop: asyncio.Event) -> None:
                 GROUP, writer.consumer, {stream: ">"}, count=writer.settings.batch_size, block=1000
             )
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if "NOGROUP" in str(exc):
+                # The stream vanished (a Redis without persistence restarted).
+                await ensure_groups(writer.redis, writer.keys)
+                continue
+            if not isinstance(exc, (ClusterDownError, TryAgainError)):
                 raise
-            # The stream vanished (a Redis without persistence restarted).
-            await ensure_groups(writer.redis, writer.keys)
-            continue
-        except (RedisError, OSError) as exc:
+            # A cluster between a master's death and its replica's promotion.
+            log.warning("shard %d: read failed (%s); retrying in %.1fs", shard, exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+        except REDIS_DOWN as exc:
             log.warning("shard %d: read failed (%s); retrying in %.1fs", shard, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
@@ -129,7 +134,7 @@ async def _consume(writer: Writer, shard: int, stop: asyncio.Event) -> None:
         if reply:
             try:
                 await write_batch(writer, shard, reply[0][1])
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 # Committed but not acknowledged: the entries stay pending and
                 # are reclaimed; their second delivery is a duplicate.
                 log.warning("shard %d: acknowledging failed: %s", shard, exc)
@@ -146,7 +151,7 @@ async def watch_backlog(writer: Writer, stop: asyncio.Event, every: float = 5.0)
     while not stop.is_set():
         writer.metrics.observe_pool(writer.pool)
         for shard, stream in enumerate(writer.keys.streams()):
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_DOWN):
                 for group in await writer.redis.xinfo_groups(stream):
                     if group["name"] == GROUP.encode():
                         # lag is None when Redis cannot tell (entries deleted
@@ -265,7 +270,7 @@ async def _cast(writer: Writer, args: list[tuple[Any, ...]]) -> list[asyncpg.Rec
 async def _keep_ownership(writer: Writer, stream: str, entry_ids: Sequence[bytes]) -> None:
     """Reset the entries' idle time so the reclaim job does not take them
     (and count a delivery) while this consumer is still retrying them."""
-    with contextlib.suppress(RedisError, OSError):
+    with contextlib.suppress(*REDIS_DOWN):
         await writer.redis.xclaim(stream, GROUP, writer.consumer, 0, list(entry_ids), justid=True)
 
 
