@@ -71,7 +71,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class _Server:
+class _StartStop:
+    """`with` starts it and stops it."""
+
+    def start(self, timeout: float = 30.0) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class _Server(_StartStop):
     """What both servers share: one child process leading its own process group,
     a port that survives stop()/start(), a log file in data_dir, and stop()/kill()
     that return only when every process of the group is gone."""
@@ -128,18 +150,6 @@ class _Server:
         proc, self._proc = self._proc, None
         if proc is not None:
             _kill_group(proc)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _prepare(self, deadline: float) -> tuple[list[str], pwd.struct_passwd | None]:
         """Everything before the launch; returns the command and the account to run it as."""
@@ -348,7 +358,7 @@ class RedisServer(_Server):
             client.close()
 
 
-class RedisClusterServers:
+class RedisClusterServers(_StartStop):
     """A private Redis Cluster: `masters` masters holding equal shares of the
     16,384 slots, each with `replicas` replicas, all on 127.0.0.1.
 
@@ -445,18 +455,6 @@ class RedisClusterServers:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _cluster_nodes(client: redis.Redis) -> list[str]:

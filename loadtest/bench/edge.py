@@ -77,9 +77,9 @@ class Edge(WrkStage):
 
     def measure(self) -> Sample:
         """A repeat, and how the edge's appender fared meanwhile (from its /metrics)."""
-        before = self._append_totals()
+        before = append_totals(self.url)
         sample = super().measure()
-        used = {k: v - before.get(k, 0.0) for k, v in self._append_totals().items()}
+        used = {k: v - before.get(k, 0.0) for k, v in append_totals(self.url).items()}
         pipelines = used.get("voteflow_append_batch_size_count", 0.0)
         waited = used.get("voteflow_append_seconds_sum", 0.0)
         if not pipelines:
@@ -95,22 +95,24 @@ class Edge(WrkStage):
         }
         return replace(sample, extra=extra)
 
-    def _append_totals(self) -> dict[str, float]:
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        totals = {}
-        for family in text_string_to_metric_families(text):
-            if family.name in ("voteflow_append_batch_size", "voteflow_append_seconds"):
-                for sample in family.samples:
-                    if sample.name.endswith(("_sum", "_count")):
-                        totals[sample.name] = float(sample.value)
-        return totals
-
     def stored(self) -> int:
         pipe = self.redis.pipeline(transaction=False)
         for stream in self.keys.streams():
             pipe.xlen(stream)
         return sum(pipe.execute())
+
+
+def append_totals(url: str) -> dict[str, float]:
+    """The appender's histograms' sums and counts, from an edge's /metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in ("voteflow_append_batch_size", "voteflow_append_seconds"):
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    totals[sample.name] = float(sample.value)
+    return totals
 
 
 def create_poll(url: str, token: str) -> dict[str, Any]:

@@ -22,17 +22,14 @@ from __future__ import annotations
 import secrets
 import statistics
 import sys
-import urllib.request
 from dataclasses import replace
 from typing import ClassVar
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from voteflow.keys import Keys
 from voteflow.servers import HOST, free_port
 
 from . import wrk
-from .edge import create_poll
+from .edge import append_totals, create_poll
 from .redis_cluster import (
     SHARDS,
     client,
@@ -129,9 +126,9 @@ class ReplicaEdge(WrkStage):
         return sum(pipe.execute())
 
     def measure(self) -> Sample:
-        before = self._append_totals()
+        before = append_totals(self.url)
         sample = super().measure()
-        used = {k: v - before.get(k, 0.0) for k, v in self._append_totals().items()}
+        used = {k: v - before.get(k, 0.0) for k, v in append_totals(self.url).items()}
         extra = {}
         if batches := used.get("voteflow_append_batch_size_count", 0.0):
             extra["votes_per_batch"] = used["voteflow_append_batch_size_sum"] / batches
@@ -147,18 +144,6 @@ class ReplicaEdge(WrkStage):
         sample = replace(sample, store_cpu_seconds=self.redis_used, extra=extra)
         earlier.append(sample)
         return sample
-
-    def _append_totals(self) -> dict[str, float]:
-        """The appender's histograms' sums and counts, from the edge's /metrics."""
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        totals = {}
-        for family in text_string_to_metric_families(text):
-            if family.name in ("voteflow_append_batch_size", "voteflow_append_seconds"):
-                for sample in family.samples:
-                    if sample.name.endswith(("_sum", "_count")):
-                        totals[sample.name] = float(sample.value)
-        return totals
 
     def summary(self, samples: list[Sample]) -> str:
         parts = [
