@@ -88,6 +88,8 @@ class Voters:
             self.abandoned.add(vote_id)
             self.voter_of[vote_id] = body["voter_fingerprint"]
             for _attempt in range(ATTEMPTS):
+                if self.stop.is_set():
+                    return  # this vote stays abandoned: never answered 202
                 status = await self._send(body)
                 self.statuses[status] += 1
                 if status == 202:
@@ -150,7 +152,7 @@ async def test_a_master_dies_its_replica_takes_over_and_the_pipeline_recovers(
             voters = Voters(session, edge.url, poll)
             sending = asyncio.gather(*(voters.client(n) for n in range(24)))
             try:
-                await until(lambda: len(voters.accepted) >= 1500, 60, "1,500 votes accepted")
+                await until(lambda: len(voters.accepted) >= 800, 60, "800 votes accepted")
                 # The master holding arq's keys (and shards of the stream):
                 # the worker's reclaim job must follow its failover too.
                 doomed = await _owner(six_nodes, keys.arq_tag())
@@ -165,9 +167,9 @@ async def test_a_master_dies_its_replica_takes_over_and_the_pipeline_recovers(
                 promoted_after = time.monotonic() - killed_at
                 at_promotion = len(voters.accepted)
                 await until(
-                    lambda: len(voters.accepted) >= at_promotion + 1500,
+                    lambda: len(voters.accepted) >= at_promotion + 800,
                     60,
-                    "1,500 more votes accepted after the failover",
+                    "800 more votes accepted after the failover",
                 )
             finally:
                 voters.stop.set()
@@ -203,7 +205,7 @@ async def test_a_master_dies_its_replica_takes_over_and_the_pipeline_recovers(
         f"MIN_REPLICAS={min_replicas}: {len(voters.accepted)} votes answered 202, "
         f"{len(lost)} of them lost (shards {sorted(shards_lost)} of the dead master's "
         f"{sorted(doomed_shards)}); replica promoted {promoted_after:.1f}s after the kill; "
-        f"answers {dict(voters.statuses)}"
+        f"answers {dict(voters.statuses)}; {len(voters.abandoned)} votes never answered 202"
     )
     if min_replicas:
         assert not lost, f"{len(lost)} votes answered 202 were lost"

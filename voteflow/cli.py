@@ -216,7 +216,10 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
                 if proc.returncode is not None:
                     print(f"{name} exited with status {proc.returncode}", file=sys.stderr)
             return 1
-    except (KeyboardInterrupt, _Stop):
+    except (KeyboardInterrupt, _Stop, asyncio.CancelledError):
+        # A Ctrl-C during asyncio.run() (the migration, say) arrives as
+        # CancelledError, not KeyboardInterrupt, when the interrupted task was
+        # cancelled more than once on its way out (asyncpg closing, say).
         print("\nstopped", file=sys.stderr)
         return 0
 
