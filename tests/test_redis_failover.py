@@ -200,12 +200,17 @@ async def test_a_master_dies_its_replica_takes_over_and_the_pipeline_recovers(
     assert set(stored) <= set(voters.accepted) | voters.abandoned
     assert votes_by_option(result) == await recount(settings.database_url, poll["id"])
     assert result["total_ballots"] == len(stored)
-    shards_lost = {Vote("", "", f"f:{voters.voter_of[v]}", (), 0).shard(keys.shards) for v in lost}
+
+    def shards(vote_ids: set[str]) -> set[int]:
+        return {Vote("", "", f"f:{voters.voter_of[v]}", (), 0).shard(keys.shards) for v in vote_ids}
+
+    shards_lost, shards_abandoned = shards(lost), shards(voters.abandoned)
     print(
         f"MIN_REPLICAS={min_replicas}: {len(voters.accepted)} votes answered 202, "
         f"{len(lost)} of them lost (shards {sorted(shards_lost)} of the dead master's "
         f"{sorted(doomed_shards)}); replica promoted {promoted_after:.1f}s after the kill; "
-        f"answers {dict(voters.statuses)}; {len(voters.abandoned)} votes never answered 202"
+        f"answers {dict(voters.statuses)}; {len(voters.abandoned)} votes never answered 202 "
+        f"(shards {sorted(shards_abandoned)})"
     )
     if min_replicas:
         assert not lost, f"{len(lost)} votes answered 202 were lost"
