@@ -43,18 +43,26 @@ def _processes_marked(entry: str) -> list[str]:
     return found
 
 
-def test_bench_measures_the_first_stages_and_leaves_no_process(tmp_path: Path) -> None:
+def run_bench(
+    tmp_path: Path, *options: str, timeout: float = SMOKE_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """Run the bench with `options`, its results in `tmp_path`; it must exit 0
+    and leave no process of its own behind. Skips without wrk."""
     if shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (apt-get install wrk): the bench's load generator")
     token = secrets.token_hex(8)
     env = {**os.environ, MARK: token}
-    argv = [sys.executable, "-m", "loadtest.bench", "--stages", "1,2,3,12", "--repeats", "1"]
-    argv += ["--duration", "2", "--connections", "8", "--results-dir", str(tmp_path)]
-    done = subprocess.run(
-        argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT
-    )
+    argv = [sys.executable, "-m", "loadtest.bench", *options, "--results-dir", str(tmp_path)]
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert _processes_marked(f"{MARK}={token}") == []
     assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_bench_measures_the_first_stages_and_leaves_no_process(tmp_path: Path) -> None:
+    done = run_bench(
+        tmp_path, "--stages", "1,2,3,12", "--repeats", "1", "--duration", "2", "--connections", "8"
+    )
     assert "p50/p95/p99 ms" in done.stdout
     for row in (
         "1 http-ceiling",
@@ -123,20 +131,13 @@ def test_bench_drain_stage_with_a_small_backlog(tmp_path: Path) -> None:
 
 
 def test_bench_end_to_end_stages_measure_lag_spike_and_cost(tmp_path: Path) -> None:
-    if shutil.which("wrk") is None:
-        pytest.skip("wrk is not installed (apt-get install wrk): the bench's load generator")
-    token = secrets.token_hex(8)
-    env = {**os.environ, MARK: token}
-    argv = [sys.executable, "-m", "loadtest.bench", "--stages", "5,6,7,8", "--repeats", "1"]
-    argv += ["--duration", "2", "--connections", "8", "--steady-rate", "300"]
-    argv += ["--steady-duration", "3", "--spike-votes", "2000", "--spike-connections", "100"]
-    argv += ["--watchers", "300", "--fanout-rate", "100"]
-    argv += ["--results-dir", str(tmp_path)]
-    done = subprocess.run(
-        argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT
+    done = run_bench(
+        tmp_path,
+        *("--stages", "5,6,7,8", "--repeats", "1", "--duration", "2", "--connections", "8"),
+        *("--steady-rate", "300", "--steady-duration", "3"),
+        *("--spike-votes", "2000", "--spike-connections", "100"),
+        *("--watchers", "300", "--fanout-rate", "100"),
     )
-    assert _processes_marked(f"{MARK}={token}") == []
-    assert done.returncode == 0, done.stdout + done.stderr
     for text in (
         "5 steady",
         "6 spike",

@@ -4,16 +4,11 @@ each, on clusters of their own, every 202 checked in storage."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_bench import MARK, REPO, _processes_marked
+from tests.test_bench import run_bench
 
 # Two clusters (6 and 3 nodes), two PostgreSQL servers, 5 edges and 3
 # workers, then six 1 s warm-ups and five 2 s runs: about 50 s.
@@ -23,17 +18,11 @@ PROCESS_GROUPS = ("edge", "worker", "redis", "postgresql", "wrk")
 
 @pytest.mark.timeout(SMOKE_TIMEOUT + 30)
 def test_bench_cluster_stages_measure_replica_confirmation_and_cost(tmp_path: Path) -> None:
-    if shutil.which("wrk") is None:
-        pytest.skip("wrk is not installed (apt-get install wrk): the bench's load generator")
-    token = secrets.token_hex(8)
-    env = {**os.environ, MARK: token}
-    argv = [sys.executable, "-m", "loadtest.bench", "--stages", "9,10,11", "--repeats", "1"]
-    argv += ["--duration", "2", "--connections", "8", "--results-dir", str(tmp_path)]
-    done = subprocess.run(
-        argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT
+    done = run_bench(
+        tmp_path,
+        *("--stages", "9,10,11", "--repeats", "1", "--duration", "2", "--connections", "8"),
+        timeout=SMOKE_TIMEOUT,
     )
-    assert _processes_marked(f"{MARK}={token}") == []
-    assert done.returncode == 0, done.stdout + done.stderr
     for text in (
         "9 cluster-edge",
         "10 cluster-edge-replicated",
