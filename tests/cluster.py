@@ -306,6 +306,8 @@ class Flood:
     errors: list[BaseException] = field(default_factory=list)
     accepted_at: list[float] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    # Seconds each client waits between its votes (0: as fast as answered).
+    pause: float = 0.0
 
     async def client(self, n: int, stop_on_connection_error: bool) -> None:
         options = option_ids_of(self.poll)
@@ -333,6 +335,8 @@ class Flood:
                 if stop_on_connection_error:
                     return
                 await asyncio.sleep(0.05)
+            if self.pause:
+                await asyncio.sleep(self.pause)
 
     def run(self, clients: int, stop_on_connection_error: bool = False) -> asyncio.Future[Any]:
         return asyncio.gather(*(self.client(n, stop_on_connection_error) for n in range(clients)))

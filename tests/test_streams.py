@@ -6,7 +6,6 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
-import asyncpg
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
@@ -20,7 +19,6 @@ from tests.support import (
     results,
 )
 from voteflow.keys import GROUP, Keys
-from voteflow.message import FIELD
 from voteflow.settings import Settings
 
 Client = TestClient[Any, Any]
@@ -107,56 +105,3 @@ async def test_a_full_shard_sheds_votes_with_503_until_it_drains(
             assert response.status == 202
             await drain(redis_client, settings)
         assert (await results(client, poll["id"]))["total_ballots"] == accepted + 1
-
-
-async def test_a_message_that_keeps_failing_is_dead_lettered_and_blocks_nothing(
-    edge: Client, redis_client: aioredis.Redis, settings: Settings
-) -> None:
-    """A vote PostgreSQL refuses every time (here a trigger refuses one voter)
-    fails its batch; the reclaim job commits the batch's other votes one by
-    one and, after VOTEFLOW_MAX_DELIVERIES, moves the bad one to the dead
-    letters with its reason."""
-    settings = replace(settings, max_deliveries=2)
-    keys = Keys(settings.key_prefix, settings.stream_shards)
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute(
-            """
-            CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                IF NEW.voter = 'f:poison' THEN RAISE EXCEPTION 'poison'; END IF;
-                RETURN NEW;
-            END $$;
-            CREATE TRIGGER refuse_poison BEFORE INSERT ON votes
-                FOR EACH ROW EXECUTE FUNCTION refuse_poison();
-            """
-        )
-    finally:
-        await conn.close()
-    poll = await create_poll(edge, allow_multiple_votes=True)
-    voters = ["poison", *(f"v{i}" for i in range(40))]
-    for voter in voters:
-        assert (await edge.post("/api/vote", json=ballot(poll, voter))).status == 202
-    async with InProcessWorker(settings) as worker:
-        async with asyncio.timeout(30):
-            # Every good vote gets counted while the poison one keeps failing.
-            while (await results(edge, poll["id"]))["total_ballots"] < 40:
-                await asyncio.sleep(settings.claim_idle_ms / 1000)
-                await worker.reclaim()
-            while not any(
-                [
-                    await redis_client.xlen(keys.dead_letters(s))
-                    for s in range(settings.stream_shards)
-                ]
-            ):
-                await asyncio.sleep(settings.claim_idle_ms / 1000)
-                await worker.reclaim()
-        await drain(redis_client, settings)
-    dead = [
-        fields
-        for shard in range(settings.stream_shards)
-        for _, fields in await redis_client.xrange(keys.dead_letters(shard))
-    ]
-    assert [fields[b"reason"] for fields in dead] == [b"max_deliveries"]
-    assert b"f:poison" in dead[0][FIELD]
-    assert (await results(edge, poll["id"]))["total_ballots"] == 40

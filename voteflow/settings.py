@@ -70,7 +70,8 @@ class Settings:
     consumers: int = 4
     # A pending message idle this long belongs to a dead consumer and is claimed.
     claim_idle_ms: int = 30_000
-    # Deliveries after which a message that keeps failing goes to the dead letters.
+    # Workers that may die holding a message before it goes to the dead letters
+    # (a PostgreSQL outage never counts a delivery; see workers.reclaim).
     max_deliveries: int = 5
     # Seconds an edge trusts its cached copy of a poll (closing invalidates it at once).
     poll_cache_ttl: float = 5.0

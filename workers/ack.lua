@@ -5,8 +5,11 @@
 -- acknowledged is never trimmed. One script: a rejected entry reaches the
 -- dead letters exactly when it leaves the pending list, never twice and
 -- never neither (and its keys share a slot, so it runs on a Redis Cluster).
+-- A dead-lettered vote's idempotency key goes with it: the client's retry of
+-- that vote_id is then queued again instead of answered "already queued".
 --
 -- KEYS[1] stream shard   KEYS[2] its dead letters
+-- KEYS[3 ..] the idempotency keys of the rejected votes (those decodable)
 -- ARGV[1] consumer group   ARGV[2] the message field name
 -- ARGV[3] d, the number of rejected entries
 -- ARGV[4 .. 3 + 3d] per rejected entry: its id, its message, the reason
@@ -18,6 +21,9 @@ local dead = tonumber(ARGV[3])
 for i = 0, dead - 1 do
   local at = 4 + 3 * i
   redis.call('XADD', KEYS[2], '*', 'entry', ARGV[at], ARGV[2], ARGV[at + 1], 'reason', ARGV[at + 2])
+end
+for i = 3, #KEYS do
+  redis.call('DEL', KEYS[i])
 end
 local acked = 0
 -- In slices: unpack() of thousands of arguments overflows Lua's stack.

@@ -30,11 +30,15 @@ class Acknowledger:
         dead_letters: str,
         entry_ids: Sequence[bytes],
         dead: Sequence[Dead] = (),
+        release: Sequence[str] = (),
     ) -> None:
         """Add to a batch the caller executes: move the `dead` entries to
-        `dead_letters`, acknowledge `entry_ids` and trim what is acknowledged
-        (see ack.lua)."""
+        `dead_letters`, delete the idempotency keys in `release` (the dead
+        votes'), acknowledge `entry_ids` and trim what is acknowledged (see
+        ack.lua)."""
         args: list[Any] = [GROUP, FIELD, len(dead)]
         for entry_id, raw, reason in dead:
             args += [entry_id, raw, reason]
-        batch.for_key(stream).evalsha(self._script.sha, 2, stream, dead_letters, *args, *entry_ids)
+        batch.for_key(stream).evalsha(
+            self._script.sha, 2 + len(release), stream, dead_letters, *release, *args, *entry_ids
+        )

@@ -7,6 +7,14 @@ dead letters and publishes the touched polls' tallies.
 A message is acknowledged only after the transaction that wrote it committed.
 A worker that dies in between leaves its messages pending; the reclaim job
 hands them to a live worker, and ``cast_vote_atomic`` counts a vote_id once.
+
+A vote goes to the dead letters only for a fault of its own: the function
+rejects it (an unknown poll, an invalid ballot), or PostgreSQL refuses it with
+a data error when it is written alone (a batch refused so is split in halves
+until the vote at fault stands alone; the others are committed). Any other
+error means PostgreSQL is away or refuses everyone (voteflow.outages): the
+batch waits and is retried for as long as that lasts, and counts against no
+vote.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from redis.exceptions import ClusterDownError, NoScriptError, ResponseError, Try
 
 from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, MessageError, Vote, decode
-from voteflow.outages import POSTGRES_DOWN, REDIS_DOWN
+from voteflow.outages import REDIS_DOWN, is_bad_data, is_postgres_outage, sqlstate
 from voteflow.redisconn import AnyRedis, Nodes
 from voteflow.settings import Settings
 from voteflow.tally import Tally
@@ -42,20 +50,18 @@ log = logging.getLogger(__name__)
 # Outcomes of cast_vote_atomic that mean "this message can never be counted":
 # they go to the dead letters with the outcome as the reason.
 REJECTED = frozenset({"unknown_poll", "invalid"})
-# PostgreSQL is away or busy for a while: keep the batch and try again.
-TRANSIENT_ERRORS = (
-    *POSTGRES_DOWN,
-    asyncpg.exceptions.TransactionRollbackError,
-    # A prepared statement gone: behind PgBouncer in transaction pooling with
-    # VOTEFLOW_DATABASE_STATEMENT_CACHE_SIZE left on. A setting to fix, not a
-    # bad vote: retried (on another connection it may pass), never dead-lettered.
-    asyncpg.exceptions.InvalidSQLStatementNameError,
-)
+# The reason of a vote PostgreSQL refused alone ("refused: <SQLSTATE> <message>").
+REFUSED = "refused"
 MAX_BACKOFF = 5.0
 # Where on_startup leaves the Writer in arq's ctx.
 WRITER = "voteflow_writer"
 
 Entry = tuple[bytes, dict[bytes, bytes] | None]
+
+
+class Postponed(Exception):
+    """PostgreSQL is away and the caller asked not to wait for it: nothing of
+    the batch is acknowledged, and nothing counts against its votes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +144,6 @@ async def _consume(writer: Writer, shard: int, stop: asyncio.Event) -> None:
                 # Committed but not acknowledged: the entries stay pending and
                 # are reclaimed; their second delivery is a duplicate.
                 log.warning("shard %d: acknowledging failed: %s", shard, exc)
-            except asyncpg.PostgresError:
-                # Not a passing outage (transient errors are retried inside):
-                # leave the entries pending. The reclaim job retries them and
-                # dead-letters any that keeps failing.
-                log.exception("shard %d: batch failed; left pending for reclaim", shard)
 
 
 async def watch_backlog(writer: Writer, stop: asyncio.Event, every: float = 5.0) -> None:
@@ -166,11 +167,19 @@ async def watch_backlog(writer: Writer, stop: asyncio.Event, every: float = 5.0)
                 await stop.wait()
 
 
-async def write_batch(writer: Writer, shard: int, entries: Sequence[Entry]) -> None:
+async def write_batch(
+    writer: Writer, shard: int, entries: Sequence[Entry], patient: bool = True
+) -> None:
+    """Commit, dead-letter and acknowledge a batch of entries of one shard.
+
+    While PostgreSQL is away the batch is retried with backoff, or, when not
+    ``patient`` (the reclaim job), :class:`Postponed` is raised at once.
+    """
     stream = writer.keys.stream(shard)
     votes: list[Vote] = []
     decoded: list[tuple[bytes, bytes]] = []  # entry id and raw message of each vote
     dead: list[Dead] = []
+    release: list[str] = []  # idempotency keys of dead-lettered votes
     for entry_id, fields in entries:
         raw = (fields or {}).get(FIELD, b"")
         try:
@@ -181,16 +190,19 @@ async def write_batch(writer: Writer, shard: int, entries: Sequence[Entry]) -> N
         decoded.append((entry_id, raw))
     tallies: list[Tally] = []
     if votes:
-        rows = await _commit(writer, stream, [entry for entry, _ in entries], votes)
+        written = await _commit(
+            writer, stream, [entry for entry, _ in entries], votes, patient=patient
+        )
         committed_us = now_us()
         counts: dict[str, int] = {}
-        # One row per vote, in the order given, then one per poll.
-        for row, (entry_id, raw) in zip(rows[: len(votes)], decoded, strict=True):
-            outcome = row["outcome"]
+        for i, (row, (entry_id, raw)) in enumerate(zip(written.outcomes, decoded, strict=True)):
+            outcome = REFUSED if row is None else row["outcome"]
             counts[outcome] = counts.get(outcome, 0) + 1
-            if outcome in REJECTED:
-                dead.append((entry_id, raw, outcome))
-        for row in rows[len(votes) :]:
+            if row is None or outcome in REJECTED:
+                reason = written.refused[i] if row is None else outcome
+                dead.append((entry_id, raw, reason))
+                release.append(writer.keys.vote_seen(shard, votes[i].poll_id, votes[i].vote_id))
+        for row in written.tallies.values():
             tallies.append(
                 Tally(
                     poll_id=str(row["poll_id"]),
@@ -210,30 +222,76 @@ async def write_batch(writer: Writer, shard: int, entries: Sequence[Entry]) -> N
             observe((committed_us - vote.received_us) / 1e6)
         writer.metrics.batches.inc()
         writer.metrics.batch_size.observe(len(votes))
-    await _acknowledge(writer, shard, [entry_id for entry_id, _ in entries], dead, tallies)
+    await _acknowledge(writer, shard, [entry_id for entry_id, _ in entries], dead, tallies, release)
+
+
+@dataclass(slots=True)
+class Written:
+    """What PostgreSQL made of a batch: each vote's outcome row, in order
+    (None for a vote it refused alone), why each refused vote was refused (by
+    its place in the batch), and the latest tally of each poll touched."""
+
+    outcomes: list[asyncpg.Record | None]
+    refused: dict[int, str]
+    tallies: dict[str, asyncpg.Record]
 
 
 async def _commit(
-    writer: Writer, stream: str, entry_ids: list[bytes], votes: list[Vote]
-) -> list[asyncpg.Record]:
-    """One cast_vote_atomic call; retried with backoff while PostgreSQL is away."""
+    writer: Writer, stream: str, entry_ids: list[bytes], votes: list[Vote], patient: bool
+) -> Written:
+    """One cast_vote_atomic call, unless PostgreSQL refuses it.
+
+    An outage: the same call again after a backoff, for as long as it lasts
+    (or :class:`Postponed` when not ``patient``). A data error: the batch is
+    split in halves, each written on its own, until the vote at fault stands
+    alone and is refused; every other vote is committed. Splitting changes no
+    result: the rules order a voter's ballots by receipt, not by batch.
+    """
     args = [(v.vote_id, v.poll_id, v.voter, list(v.option_ids), v.received_us) for v in votes]
+    written = Written([None] * len(votes), {}, {})
+    todo = [list(range(len(votes)))]  # parts of the batch (places in it) still to write
     backoff = 0.1
-    while True:
+    while todo:
+        part = todo[-1]
         started = time.perf_counter()
         try:
-            rows = await _cast(writer, args)
-        except TRANSIENT_ERRORS as exc:
-            writer.metrics.commit_retries.inc()
-            log.warning(
-                "commit of %d votes failed (%s); retrying in %.1fs", len(votes), exc, backoff
-            )
-            await _keep_ownership(writer, stream, entry_ids)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            rows = await _cast(writer, [args[i] for i in part])
+        except Exception as exc:
+            if is_postgres_outage(exc):
+                writer.metrics.commit_retries.inc()
+                if not patient:
+                    raise Postponed(str(exc)) from exc
+                log.warning(
+                    "commit of %d votes failed (%s: %s); retrying in %.1fs",
+                    len(part), sqlstate(exc) or type(exc).__name__, exc, backoff,
+                )  # fmt: skip
+                await _keep_ownership(writer, stream, entry_ids)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            if not is_bad_data(exc):
+                raise
+            todo.pop()
+            if len(part) == 1:
+                reason = f"{REFUSED}: {sqlstate(exc) or 'client'} {exc}"[:300]
+                written.refused[part[0]] = reason
+                log.error("vote %s refused by PostgreSQL: %s", votes[part[0]].vote_id, reason)
+                continue
+            half = len(part) // 2
+            todo += [part[half:], part[:half]]
             continue
+        todo.pop()
+        backoff = 0.1
         writer.metrics.commit_seconds.observe(time.perf_counter() - started)
-        return rows
+        # One row per vote, in the order given, then one per poll.
+        for i, row in zip(part, rows[: len(part)], strict=True):
+            written.outcomes[i] = row
+        for row in rows[len(part) :]:
+            poll_id = str(row["poll_id"])
+            seen = written.tallies.get(poll_id)
+            if seen is None or row["version"] > seen["version"]:
+                written.tallies[poll_id] = row
+    return written
 
 
 async def _cast(writer: Writer, args: list[tuple[Any, ...]]) -> list[asyncpg.Record]:
@@ -280,6 +338,7 @@ async def _acknowledge(
     entry_ids: list[bytes],
     dead: list[Dead],
     tallies: list[Tally],
+    release: Sequence[str] = (),
 ) -> None:
     # One round trip: the acknowledgement (with the dead letters, atomically
     # in ack.lua) and the tallies. On a cluster they go to the masters of the
@@ -288,7 +347,12 @@ async def _acknowledge(
     batch = writer.nodes.pipeline()
     if entry_ids:
         writer.acknowledger.queue(
-            batch, writer.keys.stream(shard), writer.keys.dead_letters(shard), entry_ids, dead
+            batch,
+            writer.keys.stream(shard),
+            writer.keys.dead_letters(shard),
+            entry_ids,
+            dead,
+            release,
         )
     for tally in tallies:
         writer.publisher.queue(batch, tally)
@@ -300,7 +364,12 @@ async def _acknowledge(
         await writer.acknowledger.load()
         retry = writer.nodes.pipeline()
         writer.acknowledger.queue(
-            retry, writer.keys.stream(shard), writer.keys.dead_letters(shard), entry_ids, dead
+            retry,
+            writer.keys.stream(shard),
+            writer.keys.dead_letters(shard),
+            entry_ids,
+            dead,
+            release,
         )
         (acked,) = await retry.execute()
         if isinstance(acked, BaseException):

@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from voteflow.keys import Keys
+from voteflow.outages import is_postgres_outage
 from voteflow.redisconn import (
     Nodes,
     SlotOwner,
@@ -69,10 +70,14 @@ async def startup(ctx: dict[str, Any]) -> None:
         # Every shard's consumer holds a connection in a blocking read.
         max_connections=settings.stream_shards + 8,
     )  # fmt: skip
+    # min_size=0: no connection is made here, so a worker started while
+    # PostgreSQL is away (restarted by its supervisor mid-outage) starts, reads
+    # its shards and waits out the outage like any batch; see _check_postgres.
     pool = await asyncpg.create_pool(
-        settings.database_url, min_size=1, max_size=settings.consumers, timeout=5,
+        settings.database_url, min_size=0, max_size=settings.consumers, timeout=5,
         statement_cache_size=settings.database_statement_cache_size,
     )  # fmt: skip
+    await _check_postgres(pool)
     nodes = Nodes(redis, max_connections=settings.stream_shards + 8)
     await nodes.start()
     sharded = settings.redis_cluster and await has_sharded_pubsub(redis)
@@ -95,6 +100,16 @@ async def startup(ctx: dict[str, Any]) -> None:
         asyncio.create_task(watch_backlog(writer, stop), name="watch-backlog"),
     ]
     log.info("worker %s consuming %d shards", writer.consumer, keys.shards)
+
+
+async def _check_postgres(pool: asyncpg.Pool) -> None:
+    """Say at start-up whether PostgreSQL answers; never stop for it."""
+    try:
+        await pool.fetchval("SELECT 1")
+    except Exception as exc:
+        if not is_postgres_outage(exc):
+            raise
+        log.warning("PostgreSQL does not answer (%s); batches wait for it", exc)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
