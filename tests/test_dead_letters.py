@@ -10,17 +10,23 @@ dead letters back to be counted exactly once.
 from __future__ import annotations
 
 import asyncio
+import io
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
+import redis
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from tests.support import InProcessWorker, backlog, ballot, create_poll, drain, results
+from voteflow.cli import main
+from voteflow.deadletters import Choice
+from voteflow.deadletters import run as run_deadletters
 from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, decode
 from voteflow.settings import Settings
@@ -128,3 +134,92 @@ async def test_a_vote_outliving_max_deliveries_holders_is_dead_lettered_and_rele
         assert (await edge.post("/api/vote", json=body)).status == 202
         await drain(redis_client, settings)
     assert (await results(edge, poll["id"]))["total_ballots"] == 1
+
+
+async def deadletters(settings: Settings, action: str, **choice: Any) -> Any:
+    """`voteflow deadletters <action> --json` with these options; its JSON."""
+    out, err = io.StringIO(), io.StringIO()
+    status = await run_deadletters(
+        settings, action, Choice(**choice), as_json=True, out=out, err=err
+    )
+    assert status == 0, err.getvalue()
+    return orjson.loads(out.getvalue())
+
+
+async def test_requeued_dead_letters_are_counted_exactly_once(
+    edge: Client, redis_client: aioredis.Redis, settings: Settings, refusing: asyncpg.Connection
+) -> None:
+    keys = Keys(settings.key_prefix, settings.stream_shards)
+    first = await create_poll(edge, allow_multiple_votes=True)
+    second = await create_poll(edge, allow_multiple_votes=True)
+    bodies = {
+        poll["id"]: {**ballot(poll, "poison", option=1), "vote_id": str(uuid.uuid4())}
+        for poll in (first, second)
+    }
+    async with InProcessWorker(settings):
+        for poll in (first, second):
+            assert (await edge.post("/api/vote", json=bodies[poll["id"]])).status == 202
+            for i in range(5):
+                assert (await edge.post("/api/vote", json=ballot(poll, f"v{i}"))).status == 202
+        await drain(redis_client, settings)
+        listed = await deadletters(settings, "list")
+        assert sorted(row["vote_id"] for row in listed) == sorted(
+            body["vote_id"] for body in bodies.values()
+        )
+        assert all(row["reason"] == "refused: P0001 poison" for row in listed)
+        (only,) = await deadletters(settings, "list", poll_id=first["id"])
+        assert only["vote_id"] == bodies[first["id"]]["vote_id"]
+        assert await deadletters(settings, "list", reason="max_deliveries") == []
+
+        await refusing.execute("DROP TRIGGER refuse_poison ON votes")
+        requeued = await deadletters(settings, "requeue", poll_id=first["id"])
+        assert [row["vote_id"] for row in requeued["requeued"]] == [only["vote_id"]]
+        await drain(redis_client, settings)
+        # Once: nothing is left to requeue for that poll.
+        assert (await deadletters(settings, "requeue", poll_id=first["id"]))["requeued"] == []
+        # The client's retry of a requeued vote is a duplicate, as for any queued vote.
+        assert (await edge.post("/api/vote", json=bodies[first["id"]])).status == 202
+        assert await backlog(redis_client, settings) == 0
+
+        # The second poll's voter retried before the requeue: counted once all the same.
+        assert (await edge.post("/api/vote", json=bodies[second["id"]])).status == 202
+        await drain(redis_client, settings)
+        assert len((await deadletters(settings, "requeue"))["requeued"]) == 1
+        await drain(redis_client, settings)
+    assert await dead_letters(redis_client, keys) == []
+    for poll in (first, second):
+        result = await results(edge, poll["id"])
+        assert result["total_ballots"] == 6
+        assert {o["id"]: o["votes"] for o in result["options"]}[poll["options"][1]["id"]] == 1
+
+
+async def test_deadletters_refuses_a_bad_poll_id_or_shard(settings: Settings) -> None:
+    err = io.StringIO()
+    status = await run_deadletters(settings, "list", Choice(poll_id="nope"), err=err)
+    assert status == 2 and "--poll must be a poll id" in err.getvalue()
+    err = io.StringIO()
+    status = await run_deadletters(settings, "list", Choice(shard=settings.stream_shards), err=err)
+    assert status == 2 and "--shard must be 0 to" in err.getvalue()
+
+
+def test_voteflow_deadletters_list_prints_each_with_its_reason(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = Keys(settings.key_prefix, settings.stream_shards)
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        client.xadd(
+            keys.dead_letters(1),
+            {b"entry": b"1-0", FIELD: b"junk", b"reason": b"undecodable: not JSON"},
+        )
+    finally:
+        client.close()
+    monkeypatch.setenv("VOTEFLOW_REDIS_URL", settings.redis_url)
+    monkeypatch.setenv("VOTEFLOW_KEY_PREFIX", settings.key_prefix)
+    monkeypatch.setenv("VOTEFLOW_STREAM_SHARDS", str(settings.stream_shards))
+    assert main(["deadletters", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("shard 1 ") and lines[0].endswith(
+        "undecodable message: undecodable: not JSON"
+    )
+    assert lines[-1] == "1 dead letter(s)"

@@ -1,4 +1,4 @@
-"""The ``voteflow`` command: migrate, edge, worker, up (the whole stack), and audit."""
+"""The ``voteflow`` command: migrate, edge, worker, up (the whole stack), audit, deadletters."""
 
 from __future__ import annotations
 
@@ -68,6 +68,13 @@ def cmd_audit(settings: Settings, poll_id: str | None, as_json: bool) -> int:
     from .audit import run
 
     return asyncio.run(run(settings, poll_id=poll_id, as_json=as_json))
+
+
+def cmd_deadletters(settings: Settings, args: argparse.Namespace) -> int:
+    from .deadletters import Choice, run
+
+    choice = Choice(args.shard, args.poll, args.reason)
+    return asyncio.run(run(settings, args.action, choice, as_json=args.json))
 
 
 class _Stop(Exception):
@@ -276,6 +283,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     audit.add_argument("--poll", metavar="ID", help="audit this poll only (streams still all)")
     audit.add_argument("--json", action="store_true", help="print the report as JSON")
+    dead = sub.add_parser(
+        "deadletters",
+        help="list the dead letters, or requeue them to be counted",
+        description="Dead letters are votes a worker could not count for a fault of their own "
+        "(undecodable, rejected by the rules, refused by PostgreSQL when written alone, or "
+        "held by VOTEFLOW_MAX_DELIVERIES workers that died). 'list' shows them; 'requeue' "
+        "sends them back to their stream shard once the cause is fixed, where each is written "
+        "like any vote and counted at most once.",
+        epilog="exit status: 0 done; 2 could not run (settings, Redis unreachable, bad option)",
+    )
+    dead.add_argument("action", choices=["list", "requeue"])
+    dead.add_argument("--shard", type=int, metavar="N", help="only this stream shard")
+    dead.add_argument("--poll", metavar="ID", help="only votes for this poll")
+    dead.add_argument("--reason", metavar="PREFIX", help="only reasons starting so (e.g. refused)")
+    dead.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -288,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_worker(settings)
         if args.command == "audit":
             return cmd_audit(settings, args.poll, args.json)
+        if args.command == "deadletters":
+            return cmd_deadletters(settings, args)
         return cmd_up(settings, args.data_dir.resolve(), args.edge_processes)
     except SettingsError as exc:
         print(f"voteflow: {exc}", file=sys.stderr)
