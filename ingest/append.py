@@ -35,6 +35,7 @@ from voteflow.message import FIELD, Vote
 from voteflow.outages import REDIS_DOWN
 from voteflow.redisconn import LuaScript, Nodes
 
+from .clientip import limited_as
 from .metrics import EdgeMetrics
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,11 @@ class Appender:
         max_backlog: int,
         min_replicas: int,
         metrics: EdgeMetrics,
+        ipv6_prefix: int = 64,
     ) -> None:
         self._nodes = nodes
         self._keys = keys
+        self._ipv6_prefix = ipv6_prefix
         if keys.cluster and limit_per_ip > 0:
             # An address has one limiter per shard on a cluster (see
             # Keys.rate_ip); each takes its share, so that many voters behind
@@ -157,7 +160,8 @@ class Appender:
         request = _Request(
             (
                 self._keys.stream(shard),
-                self._keys.rate_ip(client_ip, shard),
+                # An IPv6 client by its /64 (VOTEFLOW_RATE_LIMIT_IPV6_PREFIX).
+                self._keys.rate_ip(limited_as(client_ip, self._ipv6_prefix), shard),
                 self._keys.rate_voter(vote.voter, shard),
                 self._keys.vote_seen(shard, vote.poll_id, vote.vote_id),
                 *self._limits,
