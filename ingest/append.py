@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError
 
 from voteflow.keys import Keys
 from voteflow.message import FIELD, Vote
@@ -57,6 +58,8 @@ REPLICA_TIMEOUT_MS = 1000
 BREAKER = "redis-append"
 BREAKER_THRESHOLD = 3
 BREAKER_OPEN_SECONDS = 1.0
+# Seconds between two warnings that Redis is over its maxmemory.
+FULL_WARNING_EVERY = 10.0
 # What leaves a pipeline unconfirmed: Redis away, or the breaker open.
 UNCONFIRMED: tuple[type[BaseException], ...] = (OpenedState, *REDIS_DOWN)
 
@@ -120,6 +123,7 @@ class Appender:
         self._breaker = AsyncCircuitBreakerFactory(
             default_threshold=BREAKER_THRESHOLD, default_ttl=BREAKER_OPEN_SECONDS
         )
+        self._full_warned_at = -FULL_WARNING_EVERY
         self._waiting: list[_Request] = []
         self._in_flight: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
@@ -228,6 +232,12 @@ class Appender:
             # queued and counted once.
             log.warning("append of %d votes to %s failed: %r", len(batch), master, exc)
             replies = [exc] * len(batch)
+        full = sum(isinstance(reply, OutOfMemoryError) for reply in replies)
+        if full and time.monotonic() - self._full_warned_at >= FULL_WARNING_EVERY:
+            # Redis over maxmemory refuses admit.lua at its first write, before
+            # it changed anything: the votes are answered 503 and not queued.
+            self._full_warned_at = time.monotonic()
+            log.warning("Redis %s is full (maxmemory): %d votes answered 503", master, full)
         failed = False
         for request, reply in zip(batch, replies, strict=True):
             failed = failed or isinstance(reply, BaseException)
