@@ -157,3 +157,58 @@ async def test_a_worker_started_while_redis_is_full_drains_it_and_refused_votes_
         )
     finally:
         await redis.aclose()
+
+
+# What the README's Redis sizing rests on: rerun with -s to print the figures.
+MEASURED_VOTES = 20_000
+# Bounds on the measurement (Valkey 8.1, 64-bit), so the README's figures
+# cannot drift far unnoticed.
+MOST_BYTES_PER_QUEUED_VOTE = 600
+MOST_BYTES_PER_REMEMBERED_VOTE = 250
+
+
+async def test_memory_per_vote_of_the_idempotency_window_and_of_the_backlog(
+    tmp_path: Path, settings: Settings
+) -> None:
+    with RedisServer(tmp_path / "redis", appendonly=False) as server:
+        # As deployed: the default prefix and shards, no rate-limit keys (they
+        # live at most a minute), ballots with the bundled page's fingerprint
+        # ("browser-" and a UUID) and client vote_ids.
+        measured = replace(
+            settings, redis_url=server.url, key_prefix="voteflow", stream_shards=8,
+            max_backlog=0, rate_limit_per_ip=0, rate_limit_per_voter=0,
+        )  # fmt: skip
+        redis = aioredis.Redis.from_url(server.url)
+        try:
+            async with InProcessWorker(measured):  # creates the consumer groups
+                pass
+            async with edge_client(measured) as client:
+                poll = await create_poll(client)
+                before = await used_memory(redis)
+                for first in range(0, MEASURED_VOTES, WAVE):
+                    wave = [
+                        ballot(poll, f"browser-{uuid.uuid4()}")
+                        for _ in range(min(WAVE, MEASURED_VOTES - first))
+                    ]
+                    answers = await asyncio.gather(*(send(client, body) for body in wave))
+                    assert {a.status for a in answers} == {202}
+                queued = await used_memory(redis)
+                async with InProcessWorker(measured):
+                    await drain(redis, measured, timeout=120)
+                remembered = await used_memory(redis)
+            seen = [key async for key in redis.scan_iter(match="voteflow:seen:*", count=1000)]
+            lengths = [await redis.xlen(stream) for stream in Keys("voteflow", 8).streams()]
+        finally:
+            await redis.aclose()
+    assert len(seen) == MEASURED_VOTES
+    assert sum(lengths) == 0  # trimmed after acknowledgement
+    per_queued = (queued - before) / MEASURED_VOTES
+    per_remembered = (remembered - before) / MEASURED_VOTES
+    print(
+        f"\n{MEASURED_VOTES} votes: used_memory {before} B before, {queued} B with all "
+        f"queued ({per_queued:.0f} B a vote: stream entry + idempotency key), {remembered} B "
+        f"once written and trimmed ({per_remembered:.0f} B a vote: its idempotency key, "
+        f"kept VOTEFLOW_IDEMPOTENCY_WINDOW)"
+    )
+    assert 0 < per_remembered <= MOST_BYTES_PER_REMEMBERED_VOTE
+    assert per_remembered < per_queued <= MOST_BYTES_PER_QUEUED_VOTE

@@ -61,12 +61,13 @@ class Settings:
     # Namespace of every Redis key voteflow uses (see voteflow.keys).
     key_prefix: str = "voteflow"
     # Seconds the edges remember a queued vote_id, so that a retry is answered
-    # 202 without being queued again (about 150 bytes of Redis per vote).
+    # 202 without being queued again (183 bytes of Redis per vote: README,
+    # "Redis memory").
     idempotency_window: int = 3600
     stream_shards: int = 8
     # Entries a stream shard may hold (not yet written by the workers) before
     # the edges answer its votes 503: the spike is queued, but Redis memory
-    # stays bounded (about 300 bytes per queued vote). 0: no limit.
+    # stays bounded (405 bytes per queued vote: README, "Redis memory"). 0: no limit.
     max_backlog: int = 100_000
     batch_size: int = 500
     # Stream consumers per worker process: each reads a batch and commits it
