@@ -149,11 +149,14 @@ async def test_a_worker_started_while_redis_is_full_drains_it_and_refused_votes_
 
         stored = await stored_vote_ids(full.database_url, poll["id"])
         assert len(stored) == len(set(stored))
+        keys = Keys(full.key_prefix, full.stream_shards)
+        dead = [await redis.xlen(keys.dead_letters(s)) for s in range(full.stream_shards)]
+        assert sum(dead) == 0
         assert set(stored) == accepted | {body["vote_id"] for body in refused}
         print(
             f"\n{len(accepted)} votes filled Redis to {full_at / 2**20:.2f} MiB; after the "
             f"drain {drained_at / 2**20:.2f} MiB; the {len(refused)} refused were retried, "
-            f"accepted and all {len(stored)} counted once"
+            f"accepted and all {len(stored)} counted once; 0 lost, 0 dead-lettered"
         )
     finally:
         await redis.aclose()

@@ -403,17 +403,19 @@ class RedisClusterServers(_StartStop):
         appendfsync: str = "always",
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
+        # The nodes share the machine: together they get one server's share.
+        maxmemory = max(default_maxmemory() // (masters * (1 + replicas)), 1 << 20)
         self.masters = [
             RedisServer(
                 self.data_dir / f"master-{i}", appendonly=appendonly,
-                appendfsync=appendfsync, cluster=True,
+                appendfsync=appendfsync, cluster=True, maxmemory=maxmemory,
             )
             for i in range(masters)
         ]  # fmt: skip
         self.replicas = [
             RedisServer(
                 self.data_dir / f"replica-{i}-{j}", appendonly=appendonly,
-                appendfsync=appendfsync, cluster=True,
+                appendfsync=appendfsync, cluster=True, maxmemory=maxmemory,
             )
             for i in range(masters)
             for j in range(replicas)
