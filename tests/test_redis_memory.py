@@ -74,7 +74,7 @@ async def used_memory(redis: aioredis.Redis) -> int:
 
 
 async def test_full_redis_answers_503_with_retry_after_and_every_202_is_in_the_stream(
-    small_redis: RedisServer, settings: Settings
+    small_redis: RedisServer, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     # No backlog limit: memory, not VOTEFLOW_MAX_BACKLOG, is what runs out. The
     # per-voter limiter is on, so admit.lua's first write is its SET.
@@ -105,6 +105,8 @@ async def test_full_redis_answers_503_with_retry_after_and_every_202_is_in_the_s
         seen = [key async for key in redis.scan_iter(match=f"{full.key_prefix}:seen:*")]
         assert len(seen) == len(accepted)
         assert int(info["maxmemory"]) == MAXMEMORY
+        # The operator is told why (once every 10 s at most).
+        assert any("is full (maxmemory)" in r.getMessage() for r in caplog.records)
         assert info["maxmemory_policy"] == "noeviction"
         print(
             f"\nRedis at maxmemory {MAXMEMORY >> 20} MiB: {len(accepted)} votes answered 202 "
