@@ -374,6 +374,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         settings.max_backlog,
         settings.redis_min_replicas,
         metrics,
+        settings.rate_limit_ipv6_prefix,
     )
     await nodes.start()
     hub = live.TallyHub(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,14 @@ from typing import Any
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError
 
 from voteflow.keys import Keys
 from voteflow.message import FIELD, Vote
 from voteflow.outages import REDIS_DOWN
 from voteflow.redisconn import LuaScript, Nodes
 
+from .clientip import limited_as
 from .metrics import EdgeMetrics
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ REPLICA_TIMEOUT_MS = 1000
 BREAKER = "redis-append"
 BREAKER_THRESHOLD = 3
 BREAKER_OPEN_SECONDS = 1.0
+# Seconds between two warnings that Redis is over its maxmemory.
+FULL_WARNING_EVERY = 10.0
 # What leaves a pipeline unconfirmed: Redis away, or the breaker open.
 UNCONFIRMED: tuple[type[BaseException], ...] = (OpenedState, *REDIS_DOWN)
 
@@ -97,9 +101,11 @@ class Appender:
         max_backlog: int,
         min_replicas: int,
         metrics: EdgeMetrics,
+        ipv6_prefix: int = 64,
     ) -> None:
         self._nodes = nodes
         self._keys = keys
+        self._ipv6_prefix = ipv6_prefix
         if keys.cluster and limit_per_ip > 0:
             # An address has one limiter per shard on a cluster (see
             # Keys.rate_ip); each takes its share, so that many voters behind
@@ -117,6 +123,7 @@ class Appender:
         self._breaker = AsyncCircuitBreakerFactory(
             default_threshold=BREAKER_THRESHOLD, default_ttl=BREAKER_OPEN_SECONDS
         )
+        self._full_warned_at = -FULL_WARNING_EVERY
         self._waiting: list[_Request] = []
         self._in_flight: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
@@ -157,7 +164,8 @@ class Appender:
         request = _Request(
             (
                 self._keys.stream(shard),
-                self._keys.rate_ip(client_ip, shard),
+                # An IPv6 client by its /64 (VOTEFLOW_RATE_LIMIT_IPV6_PREFIX).
+                self._keys.rate_ip(limited_as(client_ip, self._ipv6_prefix), shard),
                 self._keys.rate_voter(vote.voter, shard),
                 self._keys.vote_seen(shard, vote.poll_id, vote.vote_id),
                 *self._limits,
@@ -224,6 +232,12 @@ class Appender:
             # queued and counted once.
             log.warning("append of %d votes to %s failed: %r", len(batch), master, exc)
             replies = [exc] * len(batch)
+        full = sum(isinstance(reply, OutOfMemoryError) for reply in replies)
+        if full and time.monotonic() - self._full_warned_at >= FULL_WARNING_EVERY:
+            # Redis over maxmemory refuses admit.lua at its first write, before
+            # it changed anything: the votes are answered 503 and not queued.
+            self._full_warned_at = time.monotonic()
+            log.warning("Redis %s is full (maxmemory): %d votes answered 503", master, full)
         failed = False
         for request, reply in zip(batch, replies, strict=True):
             failed = failed or isinstance(reply, BaseException)

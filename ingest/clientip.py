@@ -8,10 +8,17 @@ that is not a trusted proxy is the client (what nginx's real_ip_recursive
 does). aiohttp-remotes' XForwardedStrict was not used: it refuses requests
 with the header from untrusted peers instead of ignoring it, and wants the
 exact chain of proxies.
+
+The limit then counts against :func:`limited_as`: an IPv4 address as it is,
+an IPv6 address by its network (its /64 by default), since one subscriber
+holds a whole /64 and can send from any address in it. An IPv4-mapped IPv6
+address (``::ffff:192.0.2.1``, what a dual-stack socket reports for an IPv4
+client) is the IPv4 address, for the limits and for the trusted proxies alike.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -37,6 +44,8 @@ def _trusted(address: str, proxies: Sequence[Network]) -> bool:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
     return any(ip in network for network in proxies)
 
 
@@ -54,3 +63,22 @@ def client_ip(request: web.Request, proxies: Sequence[Network]) -> str:
 
 def _hops(values: Iterable[str]) -> list[str]:
     return [hop.strip() for value in values for hop in value.split(",") if hop.strip()]
+
+
+# Distinct clients seen recently: a flood from one subscriber's /64 parses each
+# address once, and the cache stays small however many addresses it rotates.
+@functools.lru_cache(maxsize=4096)
+def limited_as(address: str, ipv6_prefix: int) -> str:
+    """What a per-address limit counts `address` as: an IPv4 address itself,
+    an IPv6 address its network of `ipv6_prefix` bits (``2001:db8::/64``), an
+    IPv4-mapped one its IPv4 address. Anything else (``unknown``) as it is."""
+    if ":" not in address:
+        return address  # IPv4, the common case: no parsing
+    try:
+        ip = ipaddress.IPv6Address(address)
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    # The scope (fe80::1%eth0) is left out: the network is the same.
+    return ipaddress.IPv6Network((int(ip), ipv6_prefix), strict=False).compressed

@@ -42,8 +42,14 @@ def nginx_binary() -> str | None:
 class Nginx:
     """One nginx master (one worker) serving voteflow.conf on 127.0.0.1:<port>."""
 
-    def __init__(self, binary: str, directory: Path, edges: list[str]) -> None:
+    def __init__(
+        self, binary: str, directory: Path, edges: list[str], real_ip_from: str = ""
+    ) -> None:
+        """`real_ip_from`: a network whose X-Forwarded-For nginx's realip module
+        believes, as behind another load balancer (voteflow.conf's advice): a
+        test client on loopback then sends as any address, IPv6 ones too."""
         self.binary = binary
+        self.real_ip_from = real_ip_from
         self.dir = directory
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -65,6 +71,11 @@ class Nginx:
         # As root nginx would run its worker as nobody, who cannot enter the
         # test's directory (mode 0700).
         user = "user root;\n" if os.geteuid() == 0 else ""
+        real_ip = (
+            f"set_real_ip_from {self.real_ip_from};\n    real_ip_header X-Forwarded-For;\n    "
+            if self.real_ip_from
+            else ""
+        )
         (d / "nginx.conf").write_text(
             f"""daemon off;
 {user}worker_processes 1;
@@ -79,7 +90,7 @@ http {{
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
-    include {d}/voteflow.conf;
+    {real_ip}include {d}/voteflow.conf;
 }}
 """
         )

@@ -17,6 +17,7 @@ import dataclasses
 import fnmatch
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -581,6 +582,23 @@ def test_compose_redis_keeps_every_acknowledged_vote() -> None:
     assert any(target == "/data" for target in (v.split(":")[1] for v in redis_["volumes"]))
 
 
+def _bytes(size: str) -> int:
+    """A Redis or Compose memory size ("1gb", "2g", "512mb") in bytes."""
+    match = re.fullmatch(r"(\d+)([kmg]?)b?", str(size).lower())
+    assert match, size
+    return int(match.group(1)) * 1024 ** "_kmg".index(match.group(2) or "_")
+
+
+def test_compose_redis_is_bounded_with_headroom_for_aof_rewrites() -> None:
+    redis_ = compose()["services"]["redis"]
+    command = redis_["command"]
+    options = dict(zip(command[1::2], command[2::2], strict=True))
+    limit = _bytes(redis_["deploy"]["resources"]["limits"]["memory"])
+    # An AOF rewrite forks; copy-on-write may take up to the data set again.
+    assert 0 < _bytes(options["--maxmemory"]) <= limit // 2
+    assert options["--maxmemory-policy"] == "noeviction"
+
+
 def test_compose_transaction_pooling_turns_off_the_statement_cache() -> None:
     services = compose()["services"]
     assert services["pgbouncer"]["environment"]["POOL_MODE"] == "transaction"
@@ -626,6 +644,11 @@ def test_compose_prometheus_scrapes_every_edge_and_worker_with_the_alert_rules()
     reference = load_yaml(REPO / "infra" / "prometheus" / "prometheus.yml")
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == {job["job_name"] for job in reference["scrape_configs"]}
+    # Redis's memory comes from the exporter service, on its port.
+    [redis_sd] = jobs.pop("redis")["dns_sd_configs"]
+    assert (redis_sd["names"], redis_sd["port"]) == (["redis-exporter"], 9121)
+    exporter = services["redis-exporter"]
+    assert exporter["environment"]["REDIS_ADDR"] == "redis://redis:6379"
     for job in jobs.values():
         [sd] = job["dns_sd_configs"]
         [name] = sd["names"]

@@ -1,4 +1,5 @@
-"""The monitoring files in infra/ are well formed and name only metrics voteflow exports.
+"""The monitoring files in infra/ are well formed and name only metrics voteflow
+(or the Redis exporter the deployments run) exports.
 
 Prometheus and Grafana take a rule or a panel that names a metric nobody
 exports and show nothing: a renamed metric would silently mute an alert or
@@ -34,7 +35,11 @@ CONFIG = INFRA / "prometheus" / "prometheus.yml"
 RULES = INFRA / "prometheus" / "alerts.yml"
 DASHBOARD = INFRA / "grafana" / "voteflow.json"
 PROVISIONING = INFRA / "grafana" / "provisioning"
-JOBS = {"voteflow-edge", "voteflow-worker"}
+JOBS = {"voteflow-edge", "voteflow-worker", "redis"}
+# The series of oliver006/redis_exporter (job "redis") the rules read: INFO's
+# used_memory and maxmemory, and whether it reached Redis.
+REDIS_EXPORTER = {"redis_up", "redis_memory_used_bytes", "redis_memory_max_bytes"}
+REDIS_EXPORTER_PORT = 9121
 SEVERITIES = {"critical", "warning"}
 
 # The series prometheus-client writes for one metric family, by its type.
@@ -71,8 +76,9 @@ _NAME_IN_TEXT = re.compile(r"\bvoteflow_[a-z0-9_]+")
 
 
 def exported_names() -> set[str]:
-    """Every series name the edge and the workers can write, and Prometheus's ``up``."""
-    names = {"up"}
+    """Every series name the edge and the workers can write, Prometheus's
+    ``up``, and the Redis exporter's series the rules use."""
+    names = {"up", *REDIS_EXPORTER}
     for metrics in (EdgeMetrics(), WorkerMetrics()):
         for family in metrics.registry.collect():
             names.update(sample.name for sample in family.samples)
@@ -97,7 +103,9 @@ def _bare(expr: str) -> str:
 
 def referenced_metrics(expr: str) -> set[str]:
     return {
-        name for name in _IDENT.findall(_bare(expr)) if name.startswith("voteflow_") or name == "up"
+        name
+        for name in _IDENT.findall(_bare(expr))
+        if name.startswith(("voteflow_", "redis_")) or name == "up"
     }
 
 
@@ -163,12 +171,16 @@ def test_the_checker_reports_a_metric_nobody_exports(exported: set[str]) -> None
     ]
 
 
-def test_scrape_config_has_both_jobs_on_the_default_ports() -> None:
+def test_scrape_config_has_every_job_on_its_default_port() -> None:
     config = _load_yaml(CONFIG)
     jobs = scrape_jobs()
     assert set(jobs) == JOBS
     defaults = Settings()
-    ports = {"voteflow-edge": defaults.port, "voteflow-worker": defaults.worker_metrics_port}
+    ports = {
+        "voteflow-edge": defaults.port,
+        "voteflow-worker": defaults.worker_metrics_port,
+        "redis": REDIS_EXPORTER_PORT,
+    }
     for name, job in jobs.items():
         assert job.get("metrics_path", "/metrics") == "/metrics"
         targets = [t for static in job["static_configs"] for t in static["targets"]]
@@ -209,6 +221,35 @@ def test_alerts_cover_what_operators_are_paged_for() -> None:
         assert name in referenced_metrics(exprs), name
     down = {rule["expr"] for rule in rules() if referenced_metrics(rule["expr"]) == {"up"}}
     assert {job for expr in down for _, job in _JOB.findall(expr)} == JOBS
+
+
+def test_an_alert_fires_before_redis_reaches_maxmemory_and_when_it_has_none() -> None:
+    by_metrics = [
+        (rule, referenced_metrics(rule["expr"]))
+        for rule in rules()
+        if "redis_memory_max_bytes" in referenced_metrics(rule["expr"])
+    ]
+    thresholds = []
+    for rule, names in by_metrics:
+        if names == {"redis_memory_used_bytes", "redis_memory_max_bytes"}:
+            # used / max, dividing only where a maxmemory is set.
+            match = re.fullmatch(
+                r"redis_memory_used_bytes / \(redis_memory_max_bytes > 0\) > (0\.\d+)",
+                rule["expr"].strip(),
+            )
+            assert match, rule["alert"]
+            thresholds.append((float(match.group(1)), rule["labels"]["severity"]))
+    # A warning well before full, then a page just before full.
+    assert sorted(thresholds) == [(0.8, "warning"), (0.95, "critical")]
+    assert any(rule["expr"].strip() == "redis_memory_max_bytes == 0" for rule, _ in by_metrics)
+
+
+def test_the_checker_reports_a_redis_exporter_series_it_does_not_know(
+    exported: set[str],
+) -> None:
+    assert problems("redis_memory_maxx_bytes > 0", exported, JOBS) == [
+        "redis_memory_maxx_bytes is not exported"
+    ]
 
 
 def test_every_dashboard_panel_has_a_title_and_queries_exported_metrics(

@@ -45,15 +45,15 @@ LIVE_TIMEOUT = 10.0
 
 @contextlib.asynccontextmanager
 async def behind_nginx(
-    cluster: Cluster, tmp_path: Path, workers: int, **env: str
+    cluster: Cluster, tmp_path: Path, workers: int, real_ip_from: str = "", **env: str
 ) -> AsyncIterator[tuple[Nginx, list[Process]]]:
     """Two edges (and `workers` workers) that believe nginx's X-Forwarded-For,
     with nginx in front; nginx is stopped on the way out, the processes by the
-    cluster fixture."""
+    cluster fixture. `real_ip_from`: see tests.nginx.Nginx."""
     cluster.env.update(VOTEFLOW_TRUSTED_PROXIES="127.0.0.1", **env)
     edges, _ = await cluster.start(edges=2, workers=workers)
     assert NGINX is not None
-    nginx = Nginx(NGINX, tmp_path, [edge.url for edge in edges])
+    nginx = Nginx(NGINX, tmp_path, [edge.url for edge in edges], real_ip_from)
     try:
         await nginx.start()
         yield nginx, edges
@@ -254,6 +254,53 @@ async def test_nginx_refuses_a_client_flooding_faster_than_its_burst_before_any_
             f"\nnginx: {flood} votes from one address in {elapsed:.2f}s: "
             f"{accepted} passed to the edges, {len(refused)} refused 429"
         )
+
+
+async def test_nginx_counts_the_addresses_of_one_ipv6_64_as_one_client(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # nginx believes the X-Forwarded-For of loopback (realip, as behind a load
+    # balancer), so each vote comes from the IPv6 address the test names.
+    flood, addresses = 800, 20
+    one_64 = [f"2001:db8:77:1:{n:x}::{n + 1:x}" for n in range(addresses)]
+    async with behind_nginx(
+        cluster, tmp_path, workers=0, real_ip_from="127.0.0.0/8",
+        VOTEFLOW_RATE_LIMIT_PER_IP="1000000",
+    ) as (nginx, edges):  # fmt: skip
+        poll = await create_poll(nginx, ["A", "B"])
+        async with client_from("127.0.0.7") as session:
+            started = time.monotonic()
+            async with asyncio.timeout(60):
+                answers = await asyncio.gather(*(
+                    vote(session, nginx, ballot(poll, f"v6-{n}"),
+                         **{"X-Forwarded-For": one_64[n % addresses]})
+                    for n in range(flood)
+                ))  # fmt: skip
+            elapsed = time.monotonic() - started
+            # Another /64 (and an IPv4 client) each have an allowance of their own.
+            for other in ("2001:db8:77:2::1", "198.51.100.20"):
+                status, answer, _ = await vote(
+                    session, nginx, ballot(poll, other), **{"X-Forwarded-For": other}
+                )
+                assert status == 202, (other, answer)
+        # What nginx refused never reached an edge.
+        texts = await edge_metrics(edges)
+
+    votes_seen = sum(
+        metric(t, "voteflow_http_requests_total", route="/api/vote", method="POST") for t in texts
+    )
+    accepted = sum(status == 202 for status, _, _ in answers)
+    assert votes_seen == accepted + 2
+    refused = [answer for status, answer, _ in answers if status == 429]
+    assert accepted + len(refused) == flood, sorted({status for status, _, _ in answers})
+    assert all(answer["error"] == NGINX_TOO_MANY for answer in refused)
+    # One allowance for the whole /64: the burst of 600 and 20 a second, as
+    # for one address (each address of its own would have passed all 800).
+    assert 0 < accepted <= 602 + 20 * elapsed, (accepted, elapsed)
+    print(
+        f"\nnginx: {flood} votes from {addresses} addresses of one /64 in {elapsed:.2f}s: "
+        f"{accepted} passed, {len(refused)} refused 429"
+    )
 
 
 async def test_nginx_answers_its_own_errors_in_the_api_shape(

@@ -17,7 +17,14 @@ import asyncpg
 import pytest
 import redis
 
-from voteflow.servers import PostgresServer, RedisServer, _live_group_members, free_port
+from voteflow.servers import (
+    MAXMEMORY_SHARE,
+    PostgresServer,
+    RedisServer,
+    _live_group_members,
+    free_port,
+    memory_limit,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,6 +137,17 @@ def test_redis_recovers_after_kill_without_losing_writes(tmp_path: Path) -> None
         server.start()
         with redis.Redis.from_url(server.url) as client:
             assert client.get("k") == b"v"
+
+
+def test_private_redis_is_bounded_by_a_share_of_memory_and_never_evicts(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis", appendonly=False) as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            config = client.config_get("maxmemory*")
+        finally:
+            client.close()
+    assert int(config["maxmemory"]) == int(memory_limit() * MAXMEMORY_SHARE) > 0
+    assert config["maxmemory-policy"] == "noeviction"
 
 
 def test_start_refuses_a_port_another_server_listens_on(tmp_path: Path) -> None:

@@ -179,7 +179,10 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
                     RedisServer(data_dir / "redis", appendonly=True, appendfsync="always")
                 )
                 redis_url = redis.url
-                print(f"private Redis: {redis_url} (data in {data_dir / 'redis'})")
+                print(
+                    f"private Redis: {redis_url} (data in {data_dir / 'redis'}, "
+                    f"maxmemory {redis.maxmemory >> 20} MiB)"
+                )
             admin_token = settings.admin_token or secrets.token_urlsafe(24)
             env.update(
                 VOTEFLOW_DATABASE_URL=database_url,

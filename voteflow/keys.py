@@ -94,6 +94,9 @@ class Keys:
     def rate_ip(self, ip: str, shard: int) -> str:
         """The per-address limiter of a vote appended to `shard`.
 
+        `ip` is what the limit counts the client as (ingest.clientip.limited_as):
+        an IPv4 address, or an IPv6 client's network such as ``2001:db8::/64``.
+
         On one Redis it is one key per address. On a cluster it must share the
         shard's slot with the append, so an address has one limiter per shard
         (and the edge gives each 1/shards of the limit, see ingest.append).

@@ -49,6 +49,11 @@ _PR_SET_PDEATHSIG = 1
 CLUSTER_NODE_TIMEOUT_MS = 1000
 # sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
+# A private Redis's maxmemory, as a share of the memory this process may use
+# (the machine's, or its cgroup's limit in a container). Headroom: an AOF
+# rewrite forks, and while it runs copy-on-write can take up to as much again
+# as the data set; PostgreSQL, the edges and the workers share the machine.
+MAXMEMORY_SHARE = 0.25
 
 
 def free_port() -> int:
@@ -69,6 +74,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def memory_limit() -> int:
+    """Bytes of memory this process may use: the machine's, or less when a
+    cgroup (v2 or v1) limits it, as in a container."""
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with suppress(OSError, ValueError):
+            limits.append(int(Path(path).read_text().strip()))  # "max": no limit
+    return min(limits)
+
+
+def default_maxmemory() -> int:
+    """A private Redis's maxmemory: MAXMEMORY_SHARE of memory_limit()."""
+    return int(memory_limit() * MAXMEMORY_SHARE)
 
 
 class _StartStop:
@@ -291,7 +311,9 @@ class PostgresServer(_Server):
 class RedisServer(_Server):
     """A private Valkey (or Redis): 127.0.0.1 only, no RDB snapshots, no eviction.
 
-    With appendonly=False nothing is kept across stop()/start().
+    With appendonly=False nothing is kept across stop()/start(). `maxmemory`
+    (bytes; default default_maxmemory()) bounds its data: when it is full,
+    Redis refuses writes (OOM) and the edges answer votes 503.
     """
 
     _stop_signal = signal.SIGTERM
@@ -305,12 +327,16 @@ class RedisServer(_Server):
         appendonly: bool = True,
         appendfsync: str = "always",
         cluster: bool = False,
+        maxmemory: int | None = None,
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
+        if maxmemory is not None and maxmemory < 1 << 20:
+            raise ValueError(f"maxmemory must be at least 1 MiB, not {maxmemory}")
         super().__init__(data_dir, port)
         self.appendonly = appendonly
         self.appendfsync = appendfsync
+        self.maxmemory = default_maxmemory() if maxmemory is None else maxmemory
         self.cluster = cluster
         # The cluster bus: by default port + 10000, which may be taken.
         self.bus_port = free_port() if cluster else 0
@@ -326,7 +352,7 @@ class RedisServer(_Server):
         argv += ["--appendonly", "yes" if self.appendonly else "no"]
         argv += ["--appendfsync", self.appendfsync]
         # A queue must never be evicted: refuse writes when memory is full instead.
-        argv += ["--maxmemory-policy", "noeviction"]
+        argv += ["--maxmemory", str(self.maxmemory), "--maxmemory-policy", "noeviction"]
         if self.cluster:
             argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             argv += ["--cluster-port", str(self.bus_port)]
@@ -377,17 +403,19 @@ class RedisClusterServers(_StartStop):
         appendfsync: str = "always",
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
+        # The nodes share the machine: together they get one server's share.
+        maxmemory = max(default_maxmemory() // (masters * (1 + replicas)), 1 << 20)
         self.masters = [
             RedisServer(
                 self.data_dir / f"master-{i}", appendonly=appendonly,
-                appendfsync=appendfsync, cluster=True,
+                appendfsync=appendfsync, cluster=True, maxmemory=maxmemory,
             )
             for i in range(masters)
         ]  # fmt: skip
         self.replicas = [
             RedisServer(
                 self.data_dir / f"replica-{i}-{j}", appendonly=appendonly,
-                appendfsync=appendfsync, cluster=True,
+                appendfsync=appendfsync, cluster=True, maxmemory=maxmemory,
             )
             for i in range(masters)
             for j in range(replicas)

@@ -51,18 +51,23 @@ class Settings:
     # minute's allowance at once (burst), then refills evenly.
     rate_limit_per_ip: int = 600
     rate_limit_per_voter: int = 60
+    # An IPv6 client counts against the per-IP limit by its network of this
+    # many bits, not by its address: a subscriber gets a whole /64 (or /56,
+    # /48) and can vote from any of its addresses. 128: per address.
+    rate_limit_ipv6_prefix: int = 64
     # Comma-separated addresses or networks of the proxies in front of the
     # edges; only from these is X-Forwarded-For believed (see ingest.clientip).
     trusted_proxies: str = ""
     # Namespace of every Redis key voteflow uses (see voteflow.keys).
     key_prefix: str = "voteflow"
     # Seconds the edges remember a queued vote_id, so that a retry is answered
-    # 202 without being queued again (about 150 bytes of Redis per vote).
+    # 202 without being queued again (183 bytes of Redis per vote: README,
+    # "Redis memory").
     idempotency_window: int = 3600
     stream_shards: int = 8
     # Entries a stream shard may hold (not yet written by the workers) before
     # the edges answer its votes 503: the spike is queued, but Redis memory
-    # stays bounded (about 300 bytes per queued vote). 0: no limit.
+    # stays bounded (405 bytes per queued vote: README, "Redis memory"). 0: no limit.
     max_backlog: int = 100_000
     batch_size: int = 500
     # Stream consumers per worker process: each reads a batch and commits it
@@ -140,6 +145,11 @@ class Settings:
         need(0 <= self.redis_min_replicas <= 16, "redis_min_replicas", "must be between 0 and 16")
         need(self.rate_limit_per_ip >= 0, "rate_limit_per_ip", "must be >= 0")
         need(self.rate_limit_per_voter >= 0, "rate_limit_per_voter", "must be >= 0")
+        need(
+            1 <= self.rate_limit_ipv6_prefix <= 128,
+            "rate_limit_ipv6_prefix",
+            "must be a prefix length between 1 and 128",
+        )
         try:
             for part in filter(None, (p.strip() for p in self.trusted_proxies.split(","))):
                 ipaddress.ip_network(part, strict=False)

@@ -31,7 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from redis.exceptions import ClusterDownError, NoScriptError, ResponseError, TryAgainError
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ResponseError,
+    TryAgainError,
+)
 
 from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, MessageError, Vote, decode
@@ -91,8 +97,22 @@ async def ensure_groups(redis: AnyRedis, keys: Keys) -> None:
             # From id 0: votes the edge appended before any worker ran count too.
             await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
         except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+            if "BUSYGROUP" in str(exc):
+                continue
+            # A Redis over maxmemory refuses XGROUP CREATE even for a group
+            # that exists; a worker must still start then, for its draining is
+            # what frees the memory.
+            if isinstance(exc, OutOfMemoryError) and await _has_group(redis, stream):
+                continue
+            raise
+
+
+async def _has_group(redis: AnyRedis, stream: str) -> bool:
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:  # no such stream
+        return False
+    return any(group["name"] in (GROUP, GROUP.encode()) for group in groups)
 
 
 async def consume(writer: Writer, shard: int, stop: asyncio.Event) -> None:
