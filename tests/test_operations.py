@@ -122,7 +122,7 @@ async def test_admin_token_is_never_logged(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     wrong = {"Authorization": "Bearer not-the-token-but-secret-too"}
-    right = {"Authorization": f"Bearer {settings.admin_token}"}
+    right = {"Authorization": f"Bearer {settings.admin_token}", "Content-Type": "application/json"}
     body = {"question": "Q?", "options": ["a", "b"]}
     assert (await edge.post("/api/polls", json=body, headers=wrong)).status == 401
     response = await edge.post("/api/polls", json=body, headers=right)
