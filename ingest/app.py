@@ -33,6 +33,7 @@ from .append import Appender, Limited, Overloaded, Unavailable
 from .clientip import Network, client_ip, parse_networks
 from .metrics import EdgeMetrics
 from .openapi import get_openapi
+from .origins import Origins
 from .polls import Cursor, Poll, PollCache, close_poll, create_poll, list_open
 from .results import current_tally
 from .serve import read_body, serve
@@ -100,7 +101,10 @@ def problem(
     body: dict[str, Any] = {"error": message}
     if field is not None:
         body["field"] = field
-    headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+    headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+    if status == 401:
+        # RFC 9110: a 401 names the scheme that would succeed.
+        headers["WWW-Authenticate"] = 'Bearer realm="voteflow"'
     return json_response(body, status, headers)
 
 
@@ -139,7 +143,8 @@ async def observe(
 
 def _require_admin(request: web.Request, edge: Edge) -> None:
     token = edge.settings.admin_token.encode()
-    given = request.headers.get("Authorization", "").encode()
+    # Never anything but ASCII here: origins.guard answers 401 to any other.
+    given = request.headers.get("Authorization", "").encode("ascii", "replace")
     # Constant-time comparison: the time taken must not reveal the token.
     if not token or not hmac.compare_digest(given, b"Bearer " + token):
         raise Invalid(401, None, "an admin bearer token is required")
@@ -403,7 +408,10 @@ async def _end_live_streams(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     settings.require_urls()
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[observe])
+    origins = Origins(settings.allowed_origins, parse_networks(settings.trusted_proxies))
+    # observe first: the guard's refusals are counted and have the error shape.
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[observe, origins.guard])
+    app.on_response_prepare.append(origins.mark)
     app[EDGE_SETTINGS] = settings
     app[METRICS] = EdgeMetrics()
     app.cleanup_ctx.append(_resources)

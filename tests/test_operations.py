@@ -59,7 +59,8 @@ async def test_edge_metrics_count_requests_and_votes(edge: Client) -> None:
     poll = await create_poll(edge)
     body = ballot(poll)
     assert (await edge.post("/api/vote", json=body)).status == 202
-    assert (await edge.post("/api/vote", data=b"{")).status == 400
+    bad = await edge.post("/api/vote", data=b"{", headers={"Content-Type": "application/json"})
+    assert bad.status == 400
     text = await (await edge.get("/metrics")).text()
     assert 'voteflow_http_requests_total{method="POST",route="/api/vote",status="202"} 1.0' in text
     assert 'voteflow_http_requests_total{method="POST",route="/api/vote",status="400"} 1.0' in text
