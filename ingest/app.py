@@ -7,6 +7,7 @@ poll-cache miss, for admin routes and when a tally snapshot is missing.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 # Poll creation carries up to 64 labels of 200 characters; votes are checked
 # against their own, smaller limit in the vote route.
 MAX_BODY = 64 * 1024
+# Seconds each dependency has to answer GET /ready.
+READY_TIMEOUT = 2.0
 # What a client should wait before retrying when Redis or PostgreSQL is away.
 RETRY_AFTER_UNAVAILABLE = 1
 # Polls per page of GET /api/polls, unless ?limit= says otherwise, and the most.
@@ -326,19 +329,34 @@ async def get_health(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+async def _answers(name: str, check: Awaitable[object]) -> bool:
+    """A readiness check: whatever goes wrong, the dependency is not ready.
+
+    The exception's text goes to the log only: it can hold host names,
+    addresses and user names, and /ready may be reachable from outside.
+    """
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await check
+    except Exception as exc:  # a probe reports what fails, it never raises
+        log.warning("GET /ready: %s is not answering: %r", name, exc)
+        return False
+    return True
+
+
 async def get_ready(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
-    checks = {"redis": "ok", "postgres": "ok"}
-    try:
-        await edge.redis.ping()
-    except UNAVAILABLE_ERRORS as exc:
-        checks["redis"] = f"unavailable: {exc}"
-    try:
-        await edge.pool.fetchval("SELECT 1", timeout=2)
-    except UNAVAILABLE_ERRORS as exc:
-        checks["postgres"] = f"unavailable: {exc}"
-    ready = all(v == "ok" for v in checks.values())
-    return json_response({"ready": ready, **checks}, 200 if ready else 503)
+    failing = [
+        name
+        for name, check in (
+            ("redis", edge.redis.ping()),
+            ("postgres", edge.pool.fetchval("SELECT 1")),
+        )
+        if not await _answers(name, check)
+    ]
+    if failing:
+        return json_response({"status": "unavailable", "failing": failing}, 503)
+    return json_response({"status": "ready", "failing": []})
 
 
 async def get_metrics(request: web.Request) -> web.Response:
