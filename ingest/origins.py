@@ -61,7 +61,9 @@ class Origins:
         self.proxies = tuple(proxies)
 
     def own(self, request: web.Request) -> str:
-        scheme, host = request.scheme, request.host
+        # The Host header itself: aiohttp's request.host falls back to
+        # socket.getfqdn(), a blocking lookup a client could ask for at will.
+        scheme, host = request.scheme, request.headers.get(hdrs.HOST, "")
         if self.proxies and trusted_peer(request, self.proxies):
             # The nearest proxy's view: the last value if several were appended.
             forwarded_proto = request.headers.get("X-Forwarded-Proto", "")

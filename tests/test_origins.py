@@ -322,3 +322,18 @@ async def test_wrong_admin_token_is_401_with_www_authenticate(edge: Client) -> N
     )
     assert response.status == 401
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_request_without_host_is_judged_by_its_origin_alone(
+    edge: Client, poll: dict[str, Any], redis_client: aioredis.Redis, settings: Settings
+) -> None:
+    # HTTP/1.0 needs no Host: the edge then has no own origin to match, and
+    # must not look one up (aiohttp's request.host would call getfqdn()).
+    body = orjson.dumps(ballot(poll))
+    head = (
+        b"POST /api/vote HTTP/1.0\r\nContent-Type: application/json\r\n"
+        b"Origin: " + own_origin(edge).encode() + b"\r\n"
+    )
+    status, answer = await raw_request(edge, head, body)
+    assert status == 403, answer
+    assert await queued(redis_client, settings) == 0
