@@ -7,6 +7,7 @@ poll-cache miss, for admin routes and when a tally snapshot is missing.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -33,6 +34,7 @@ from .append import Appender, Limited, Overloaded, Unavailable
 from .clientip import Network, client_ip, parse_networks
 from .metrics import EdgeMetrics
 from .openapi import get_openapi
+from .origins import Origins
 from .polls import Cursor, Poll, PollCache, close_poll, create_poll, list_open
 from .results import current_tally
 from .serve import read_body, serve
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 # Poll creation carries up to 64 labels of 200 characters; votes are checked
 # against their own, smaller limit in the vote route.
 MAX_BODY = 64 * 1024
+# Seconds each dependency has to answer GET /ready.
+READY_TIMEOUT = 2.0
 # What a client should wait before retrying when Redis or PostgreSQL is away.
 RETRY_AFTER_UNAVAILABLE = 1
 # Polls per page of GET /api/polls, unless ?limit= says otherwise, and the most.
@@ -100,7 +104,10 @@ def problem(
     body: dict[str, Any] = {"error": message}
     if field is not None:
         body["field"] = field
-    headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+    headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+    if status == 401:
+        # RFC 9110: a 401 names the scheme that would succeed.
+        headers["WWW-Authenticate"] = 'Bearer realm="voteflow"'
     return json_response(body, status, headers)
 
 
@@ -139,7 +146,8 @@ async def observe(
 
 def _require_admin(request: web.Request, edge: Edge) -> None:
     token = edge.settings.admin_token.encode()
-    given = request.headers.get("Authorization", "").encode()
+    # Never anything but ASCII here: origins.guard answers 401 to any other.
+    given = request.headers.get("Authorization", "").encode("ascii", "replace")
     # Constant-time comparison: the time taken must not reveal the token.
     if not token or not hmac.compare_digest(given, b"Bearer " + token):
         raise Invalid(401, None, "an admin bearer token is required")
@@ -321,19 +329,34 @@ async def get_health(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+async def _answers(name: str, check: Awaitable[object]) -> bool:
+    """A readiness check: whatever goes wrong, the dependency is not ready.
+
+    The exception's text goes to the log only: it can hold host names,
+    addresses and user names, and /ready may be reachable from outside.
+    """
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await check
+    except Exception as exc:  # a probe reports what fails, it never raises
+        log.warning("GET /ready: %s is not answering: %r", name, exc)
+        return False
+    return True
+
+
 async def get_ready(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
-    checks = {"redis": "ok", "postgres": "ok"}
-    try:
-        await edge.redis.ping()
-    except UNAVAILABLE_ERRORS as exc:
-        checks["redis"] = f"unavailable: {exc}"
-    try:
-        await edge.pool.fetchval("SELECT 1", timeout=2)
-    except UNAVAILABLE_ERRORS as exc:
-        checks["postgres"] = f"unavailable: {exc}"
-    ready = all(v == "ok" for v in checks.values())
-    return json_response({"ready": ready, **checks}, 200 if ready else 503)
+    failing = [
+        name
+        for name, check in (
+            ("redis", edge.redis.ping()),
+            ("postgres", edge.pool.fetchval("SELECT 1")),
+        )
+        if not await _answers(name, check)
+    ]
+    if failing:
+        return json_response({"status": "unavailable", "failing": failing}, 503)
+    return json_response({"status": "ready", "failing": []})
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -404,7 +427,10 @@ async def _end_live_streams(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     settings.require_urls()
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[observe])
+    origins = Origins(settings.allowed_origins, parse_networks(settings.trusted_proxies))
+    # observe first: the guard's refusals are counted and have the error shape.
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[observe, origins.guard])
+    app.on_response_prepare.append(origins.mark)
     app[EDGE_SETTINGS] = settings
     app[METRICS] = EdgeMetrics()
     app.cleanup_ctx.append(_resources)

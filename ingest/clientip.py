@@ -49,6 +49,11 @@ def _trusted(address: str, proxies: Sequence[Network]) -> bool:
     return any(ip in network for network in proxies)
 
 
+def trusted_peer(request: web.Request, proxies: Sequence[Network]) -> bool:
+    """The direct peer is one of the trusted proxies: its X-Forwarded-* hold."""
+    return _trusted(request.remote or "", proxies)
+
+
 def client_ip(request: web.Request, proxies: Sequence[Network]) -> str:
     peer = request.remote or "unknown"
     if not proxies or not _trusted(peer, proxies):

@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from tests.support import ADMIN, recount, votes_by_option
+from tests.support import ADMIN, ADMIN_TOKEN, recount, votes_by_option
 from voteflow.keys import GROUP, Keys
 from voteflow.servers import free_port
 from voteflow.settings import Settings
@@ -93,7 +93,7 @@ class Cluster:
             VOTEFLOW_DATABASE_URL=self.settings.database_url,
             VOTEFLOW_REDIS_URL=self.settings.redis_url,
             VOTEFLOW_KEY_PREFIX=self.settings.key_prefix,
-            VOTEFLOW_ADMIN_TOKEN="test-admin-token",
+            VOTEFLOW_ADMIN_TOKEN=ADMIN_TOKEN,
             VOTEFLOW_PORT=str(port),
             VOTEFLOW_WORKER_METRICS_PORT="0",
             VOTEFLOW_RATE_LIMIT_PER_IP="0",

@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tests.cluster import Cluster
-from tests.support import InProcessWorker, edge_client
+from tests.support import ADMIN_TOKEN, InProcessWorker, edge_client
 from voteflow.migrate import migrate
 from voteflow.servers import PostgresServer, RedisServer
 from voteflow.settings import Settings
@@ -152,7 +152,7 @@ def settings(database_url: str, redis_server_url: str, key_prefix: str) -> Setti
     return Settings(
         database_url=database_url,
         redis_url=redis_server_url,
-        admin_token="test-admin-token",
+        admin_token=ADMIN_TOKEN,
         key_prefix=key_prefix,
         stream_shards=4,
         batch_size=200,

@@ -18,7 +18,10 @@ from workers.consume import WRITER, Writer
 from workers.reclaim import reclaim
 from workers.worker import SETTINGS, shutdown, startup
 
-ADMIN = {"Authorization": "Bearer test-admin-token"}
+# Long enough for the start-up check (VOTEFLOW_ADMIN_TOKEN, at least 24 characters).
+ADMIN_TOKEN = "test-admin-token-of-the-suite-only"
+# Admin calls are JSON, a close without a body too (415 otherwise).
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
 
 
 @contextlib.asynccontextmanager

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -20,7 +23,16 @@ from ingest.app import create_app
 from voteflow.servers import free_port
 from voteflow.settings import Settings
 
-from .support import ADMIN, InProcessWorker, ballot, create_poll
+from .support import (
+    ADMIN,
+    InProcessWorker,
+    ballot,
+    create_poll,
+    drain,
+    edge_client,
+    results,
+    votes_by_option,
+)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "build" / "test-artifacts"
@@ -30,6 +42,15 @@ LIVE_TIMEOUT = 15_000
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
 )
+
+
+async def stored_vote_ids(settings: Settings, poll_id: str) -> set[str]:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await conn.fetch("SELECT vote_id FROM votes WHERE poll_id = $1", poll_id)
+    finally:
+        await conn.close()
+    return {str(row["vote_id"]) for row in rows}
 
 
 def _count(page: Page, poll: dict[str, Any], option: int) -> Any:
@@ -131,6 +152,108 @@ async def test_poll_page_says_when_disconnected_and_catches_up_after(
             # ...are on the page once it is back: it resumes from the snapshot.
             await expect(page.locator("#status")).to_have_text("Live", timeout=LIVE_TIMEOUT)
             await expect(_count(page, poll, 0)).to_have_text("2 · 100%", timeout=LIVE_TIMEOUT)
+        finally:
+            await browser.close()
+            await runner.cleanup()
+
+
+def _vote_ids(requests: list[Any]) -> list[str]:
+    return [orjson.loads(request.post_data)["vote_id"] for request in requests]
+
+
+async def test_poll_page_resends_a_ballot_with_its_vote_id_after_a_503(
+    settings: Settings, redis_client: Any
+) -> None:
+    # One stream shard that holds one vote at most, and no worker yet: the
+    # page's ballot meets a real 503 (shard full, Retry-After: 2) until a
+    # worker drains the shard.
+    full = replace(settings, stream_shards=1, max_backlog=1)
+    async with edge_client(full) as edge:
+        poll = await create_poll(edge, question="Once only?", options=["Yes", "No"])
+        response = await edge.post("/api/vote", json=ballot(poll, "early", 0))
+        assert response.status == 202
+        base = str(edge.make_url("")).rstrip("/")
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+            try:
+                page = await browser.new_page(viewport={"width": 800, "height": 1000})
+                sent: list[Any] = []
+                answers: list[int] = []
+                page.on("request", lambda r: sent.append(r) if r.url.endswith("/api/vote") else 0)
+                page.on(
+                    "response",
+                    lambda r: answers.append(r.status) if r.url.endswith("/api/vote") else 0,
+                )
+                await page.goto(f"{base}/polls/{poll['id']}")
+                await expect(page.locator("#status")).to_have_text("Live")
+
+                await page.get_by_label("No").check()
+                async with page.expect_response(lambda r: r.url.endswith("/api/vote")) as first:
+                    await page.get_by_role("button", name="Vote").click()
+                assert (await first.value).status == 503
+                await expect(page.locator("#vote-result")).to_contain_text("sending it again")
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                await page.screenshot(path=str(ARTIFACTS / "poll-page-retrying.png"))
+
+                async with InProcessWorker(full):  # drains the shard: the retry fits
+                    await expect(page.locator("#vote-result")).to_contain_text(
+                        "Vote received", timeout=LIVE_TIMEOUT
+                    )
+                    await expect(page.locator("#total")).to_have_text(
+                        "2 ballots", timeout=LIVE_TIMEOUT
+                    )
+                    await drain(redis_client, full)
+                assert answers[0] == 503 and answers[-1] == 202, answers
+                vote_ids = _vote_ids(sent)
+                assert len(vote_ids) >= 2 and len(set(vote_ids)) == 1, vote_ids
+                # Counted once, under the vote_id the page chose.
+                assert votes_by_option(await results(edge, poll["id"])) == {
+                    poll["options"][0]["id"]: 1,
+                    poll["options"][1]["id"]: 1,
+                }
+                assert await stored_vote_ids(full, poll["id"]) >= {vote_ids[0]}
+
+                # A different choice is a new ballot, with a vote_id of its own.
+                sent.clear()
+                await page.get_by_label("Yes").check()
+                await page.get_by_role("button", name="Vote").click()
+                await expect(page.locator("#vote-result")).to_contain_text(
+                    "Vote received", timeout=LIVE_TIMEOUT
+                )
+                assert len(sent) == 1 and _vote_ids(sent)[0] != vote_ids[0]
+            finally:
+                await browser.close()
+
+
+async def test_poll_page_resends_a_ballot_with_its_vote_id_after_a_network_error(
+    edge: TestClient[Any, Any], worker: InProcessWorker, settings: Settings
+) -> None:
+    poll = await create_poll(edge, question="Through the outage?", options=["Yes", "No"])
+    port = free_port()
+    runner = await _serve(settings, port)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = await browser.new_page()
+            sent: list[Any] = []
+            failed: list[Any] = []
+            page.on("request", lambda r: sent.append(r) if r.url.endswith("/api/vote") else 0)
+            page.on("requestfailed", lambda r: failed.append(r))
+            await page.goto(f"http://127.0.0.1:{port}/polls/{poll['id']}")
+            await expect(page.locator("#status")).to_have_text("Live")
+
+            await runner.cleanup()  # the page's edge goes away: connection refused
+            await page.get_by_label("Yes").check()
+            await page.get_by_role("button", name="Vote").click()
+            await expect(page.locator("#vote-result")).to_contain_text("sending it again")
+            assert any(r.url.endswith("/api/vote") for r in failed)
+            runner = await _serve(settings, port)  # back within the page's retries
+            await expect(page.locator("#vote-result")).to_contain_text(
+                "Vote received", timeout=LIVE_TIMEOUT
+            )
+            vote_ids = _vote_ids(sent)
+            assert len(vote_ids) >= 2 and len(set(vote_ids)) == 1, vote_ids
+            await expect(_count(page, poll, 0)).to_have_text("1 · 100%", timeout=LIVE_TIMEOUT)
         finally:
             await browser.close()
             await runner.cleanup()

@@ -42,7 +42,7 @@ from tests.cluster import (
     option_ids_of,
     until,
 )
-from tests.support import drain
+from tests.support import ADMIN_TOKEN, drain
 from voteflow.servers import free_port
 from voteflow.settings import Settings
 
@@ -120,7 +120,7 @@ def _env(settings: Settings, port: int, tmp: Path, **extra: str) -> dict[str, st
         VOTEFLOW_DATABASE_URL=settings.database_url,
         VOTEFLOW_REDIS_URL=settings.redis_url,
         VOTEFLOW_KEY_PREFIX=settings.key_prefix,
-        VOTEFLOW_ADMIN_TOKEN="test-admin-token",
+        VOTEFLOW_ADMIN_TOKEN=ADMIN_TOKEN,
         VOTEFLOW_PORT=str(port),
         VOTEFLOW_RATE_LIMIT_PER_IP="0",
         VOTEFLOW_RATE_LIMIT_PER_VOTER="0",

@@ -27,6 +27,7 @@ async def queued(redis_client: aioredis.Redis, settings: Settings) -> int:
 
 async def vote(client: Client, body: Any, **kwargs: Any) -> tuple[int, dict[str, Any]]:
     if isinstance(body, bytes | str):
+        kwargs.setdefault("headers", {"Content-Type": "application/json"})
         response = await client.post("/api/vote", data=body, **kwargs)
     else:
         response = await client.post("/api/vote", json=body, **kwargs)
@@ -135,7 +136,9 @@ async def test_body_over_4_kib_is_413_even_when_chunked(
             yield b"x" * 1000
         yield b'"}'
 
-    response = await edge.post("/api/vote", data=chunks())
+    response = await edge.post(
+        "/api/vote", data=chunks(), headers={"Content-Type": "application/json"}
+    )
     assert response.status == 413
     assert await queued(redis_client, settings) == 0
 
@@ -232,6 +235,7 @@ async def test_bad_poll_is_422_naming_the_field(
 async def test_admin_routes_need_the_token(
     edge: Client, poll: dict[str, Any], headers: dict[str, str]
 ) -> None:
+    headers = {**headers, "Content-Type": "application/json"}
     body = {"question": "Q?", "options": ["a", "b"]}
     assert (await edge.post("/api/polls", json=body, headers=headers)).status == 401
     response = await edge.post(f"/api/polls/{poll['id']}/close", headers=headers)

@@ -329,6 +329,25 @@ async def test_nginx_answers_its_own_errors_in_the_api_shape(
             assert retry_after == "1"
 
 
+async def test_the_page_of_the_address_nginx_serves_may_vote_and_another_may_not(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # nginx listens on a port that is not 80: the browser's Origin carries it,
+    # and nginx's $host would drop it. The edges see nginx's X-Forwarded-Host.
+    async with behind_nginx(cluster, tmp_path, workers=0) as (nginx, _):
+        poll = await create_poll(nginx, ["A", "B"])
+        async with client_from("127.0.0.7") as session:
+            status, answer, _ = await vote(session, nginx, ballot(poll, "page"), Origin=nginx.url)
+            assert status == 202, answer
+            elsewhere = {"Origin": "https://evil.example"}
+            status, answer, _ = await vote(session, nginx, ballot(poll, "evil"), **elsewhere)
+            assert status == 403, answer
+            # A client's own X-Forwarded-Host is replaced by nginx's.
+            forged = {"Origin": "https://evil.example", "X-Forwarded-Host": "evil.example"}
+            status, answer, _ = await vote(session, nginx, ballot(poll, "forged"), **forged)
+            assert status == 403, answer
+
+
 # -- live tallies -------------------------------------------------------------
 
 

@@ -186,6 +186,21 @@ def test_admin_routes_and_only_they_need_the_bearer_token() -> None:
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
 
 
+def test_every_api_post_documents_its_origin_and_content_type_refusals() -> None:
+    for path, item in DOCUMENT["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters" or not path.startswith("/api/"):
+                continue
+            documented = operation["responses"]
+            # Any /api/ route: an Authorization header that is not ASCII is a 401.
+            assert "401" in documented, f"{method.upper()} {path}"
+            if method == "post":
+                assert documented["403"] == {"$ref": "#/components/responses/ForeignOrigin"}
+                assert documented["415"] == {"$ref": "#/components/responses/NotJsonContentType"}
+    for name in ("Unauthorized", "BadAuthorization"):
+        assert "WWW-Authenticate" in DOCUMENT["components"]["responses"][name]["headers"]
+
+
 # -- a real edge -----------------------------------------------------------------------------
 
 

@@ -8,6 +8,8 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
+import asyncpg
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
@@ -26,7 +28,7 @@ async def test_health_and_readiness(edge: Client) -> None:
     assert (await edge.get("/health")).status == 200
     response = await edge.get("/ready")
     assert response.status == 200
-    assert await response.json() == {"ready": True, "redis": "ok", "postgres": "ok"}
+    assert await response.json() == {"status": "ready", "failing": []}
 
 
 async def test_readiness_is_503_when_redis_is_unreachable(settings: Settings) -> None:
@@ -36,10 +38,8 @@ async def test_readiness_is_503_when_redis_is_unreachable(settings: Settings) ->
         assert (await client.get("/health")).status == 200
         response = await client.get("/ready")
         assert response.status == 503
-        body = await response.json()
-        assert body["ready"] is False
-        assert body["redis"].startswith("unavailable")
-        assert body["postgres"] == "ok"
+        # The dependency is named; its error (an address, here) is not told.
+        assert await response.json() == {"status": "unavailable", "failing": ["redis"]}
         # A vote that cannot be queued is a 503 with Retry-After, never a 202.
         poll = await create_poll(client)
         vote = {
@@ -55,11 +55,35 @@ async def test_readiness_is_503_when_redis_is_unreachable(settings: Settings) ->
         assert response.status == 200
 
 
+async def test_readiness_names_postgres_when_it_refuses_and_never_its_error(
+    edge: Client, settings: Settings, pg_server_url: str
+) -> None:
+    database = settings.database_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(pg_server_url)
+    try:
+        # The edge's connections are cut and no new one is let in.
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", database
+        )
+        response = await edge.get("/ready")
+        assert response.status == 503
+        raw = await response.text()
+        assert orjson.loads(raw) == {"status": "unavailable", "failing": ["postgres"]}
+        assert database not in raw
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    response = await edge.get("/ready")
+    assert (response.status, await response.json()) == (200, {"status": "ready", "failing": []})
+
+
 async def test_edge_metrics_count_requests_and_votes(edge: Client) -> None:
     poll = await create_poll(edge)
     body = ballot(poll)
     assert (await edge.post("/api/vote", json=body)).status == 202
-    assert (await edge.post("/api/vote", data=b"{")).status == 400
+    bad = await edge.post("/api/vote", data=b"{", headers={"Content-Type": "application/json"})
+    assert bad.status == 400
     text = await (await edge.get("/metrics")).text()
     assert 'voteflow_http_requests_total{method="POST",route="/api/vote",status="202"} 1.0' in text
     assert 'voteflow_http_requests_total{method="POST",route="/api/vote",status="400"} 1.0' in text
@@ -122,7 +146,7 @@ async def test_admin_token_is_never_logged(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     wrong = {"Authorization": "Bearer not-the-token-but-secret-too"}
-    right = {"Authorization": f"Bearer {settings.admin_token}"}
+    right = {"Authorization": f"Bearer {settings.admin_token}", "Content-Type": "application/json"}
     body = {"question": "Q?", "options": ["a", "b"]}
     assert (await edge.post("/api/polls", json=body, headers=wrong)).status == 401
     response = await edge.post("/api/polls", json=body, headers=right)

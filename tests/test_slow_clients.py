@@ -26,7 +26,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.cluster import REPO, REQUEST_TIMEOUT, STARTUP_TIMEOUT, Process, create_poll
-from tests.support import ADMIN
+from tests.support import ADMIN, ADMIN_TOKEN
 from voteflow.keys import Keys
 from voteflow.servers import free_port
 
@@ -53,7 +53,7 @@ async def start_edge(
             VOTEFLOW_DATABASE_URL=database_url,
             VOTEFLOW_REDIS_URL=redis_server_url,
             VOTEFLOW_KEY_PREFIX=key_prefix,
-            VOTEFLOW_ADMIN_TOKEN="test-admin-token",
+            VOTEFLOW_ADMIN_TOKEN=ADMIN_TOKEN,
             VOTEFLOW_PORT=str(port),
             VOTEFLOW_RATE_LIMIT_PER_IP="0",
             VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
@@ -266,7 +266,7 @@ async def test_stalled_body_is_answered_408_after_body_timeout_and_appends_nothi
         {"poll_id": poll["id"], "option_ids": [poll["options"][0]["id"]], "voter_fingerprint": "v"}
     )
     new_poll = orjson.dumps({"question": "Which one?", "options": ["A", "B"]})
-    admin = "".join(f"{name}: {value}\r\n" for name, value in ADMIN.items())
+    admin = f"Authorization: {ADMIN['Authorization']}\r\n"  # stall() sends the Content-Type
 
     async def stall(path: str, headers: str, body: bytes) -> tuple[float, Answer | None]:
         # Content-Length promises 100 bytes more than the half that is sent.

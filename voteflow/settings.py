@@ -16,10 +16,46 @@ from typing import Any
 
 PREFIX = "VOTEFLOW_"
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# An admin token shorter than this, or one of these placeholders from examples
+# and templates (compared case-insensitively), stops the start: whoever reads
+# the example or guesses can create and close polls.
+MIN_ADMIN_TOKEN = 24
+PLACEHOLDER_TOKENS = frozenset({"secret", "admin", "password", "token", "test", "xxx"})
+PLACEHOLDER_MARKS = ("change-me", "changeme", "change_me", "replace-me", "replaceme", "your-token")
+# An origin as a browser sends it: scheme, host, and a port only when it is not
+# the scheme's default (RFC 6454); no path, no trailing slash.
+_ORIGIN = re.compile(r"https?://[a-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9a-f:.]+\](:[0-9]{1,5})?")
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
 
 class SettingsError(ValueError):
     """A ``VOTEFLOW_*`` variable has a value voteflow cannot use."""
+
+
+def normal_origin(origin: str) -> str:
+    """``HTTPS://App.Example.com:443`` -> ``https://app.example.com``: how a
+    browser spells an origin in its ``Origin`` header, and how voteflow compares them."""
+    origin = origin.strip().lower()
+    scheme = origin.partition("://")[0]
+    default = _DEFAULT_PORTS.get(scheme)
+    if default and origin.endswith(default):
+        origin = origin[: -len(default)]
+    return origin
+
+
+def parse_origins(spec: str) -> frozenset[str]:
+    """``"https://a.example, http://localhost:3000"`` -> normalised origins;
+    raises ValueError naming one that is not an origin."""
+    origins = set()
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        origin = normal_origin(item)
+        if _ORIGIN.fullmatch(origin) is None:
+            raise ValueError(
+                f"{item!r} is not an origin (scheme://host[:port], no path, like "
+                "https://app.example.com)"
+            )
+        origins.add(origin)
+    return frozenset(origins)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +82,11 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     # Empty disables the admin routes (poll creation and closing answer 401).
+    # Set, it must be at least MIN_ADMIN_TOKEN characters and no placeholder.
     admin_token: str = ""
+    # Comma-separated origins (https://app.example.com) whose pages may call the
+    # API from a browser, besides the edge's own (see ingest.origins).
+    allowed_origins: str = ""
     # Requests per minute; 0 turns the limit off. A client may spend the whole
     # minute's allowance at once (burst), then refills evenly.
     rate_limit_per_ip: int = 600
@@ -155,6 +195,29 @@ class Settings:
                 ipaddress.ip_network(part, strict=False)
         except ValueError:
             need(False, "trusted_proxies", "must list IP addresses or networks, comma-separated")
+        if self.admin_token:
+            # The value itself is never echoed: it is a secret, even a weak one.
+            lowered = self.admin_token.lower()
+            if lowered in PLACEHOLDER_TOKENS or any(m in lowered for m in PLACEHOLDER_MARKS):
+                raise SettingsError(
+                    f"{PREFIX}ADMIN_TOKEN is a placeholder from an example: set a random one "
+                    "(python -c 'import secrets; print(secrets.token_urlsafe(32))'), or leave "
+                    "it empty to disable the admin routes"
+                )
+            if len(self.admin_token) < MIN_ADMIN_TOKEN:
+                raise SettingsError(
+                    f"{PREFIX}ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} characters, got "
+                    f"{len(self.admin_token)} (python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))' makes one), or empty to disable the "
+                    "admin routes"
+                )
+            # A header is ASCII (RFC 9110); any other token could never match.
+            if re.fullmatch(r"[!-~]+", self.admin_token) is None:
+                raise SettingsError(f"{PREFIX}ADMIN_TOKEN must be printable ASCII without spaces")
+        try:
+            parse_origins(self.allowed_origins)
+        except ValueError as exc:
+            raise SettingsError(f"{PREFIX}ALLOWED_ORIGINS: {exc}") from None
         need(self.idempotency_window >= 1, "idempotency_window", "must be >= 1")
         need(self.max_backlog >= 0, "max_backlog", "must be >= 0")
         need(1 <= self.stream_shards <= 1024, "stream_shards", "must be between 1 and 1024")

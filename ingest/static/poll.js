@@ -141,6 +141,50 @@ function voter() {
   return id;
 }
 
+// The retry contract (README, API): a ballot keeps its vote_id until the edge
+// gives a definite answer (2xx or 4xx), and is sent again with it after a 503,
+// another 5xx or a network error, so that a retry is never counted twice. A
+// different choice is a new ballot with a new vote_id.
+const MAX_ATTEMPTS = 5; // sends of one ballot per click of Vote
+const MAX_WAIT = 30; // seconds: the longest Retry-After honoured
+let pending = null; // {choice, vote_id} of a ballot not yet definitely answered
+
+const sleep = (seconds) => new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+
+function retryAfter(response, attempt) {
+  // Retry-After in seconds when the edge gave one, else 1, 2, 4, 8 s.
+  const given = response ? parseInt(response.headers.get("Retry-After"), 10) : NaN;
+  const wait = Number.isFinite(given) && given >= 0 ? given : 2 ** (attempt - 1);
+  return Math.min(MAX_WAIT, wait);
+}
+
+async function send(ballot, result) {
+  // The answer to the ballot: a definite one, or the last of MAX_ATTEMPTS.
+  let response = null;
+  let error = null;
+  for (let attempt = 1; attempt <= MAX_ATTEMPTS; attempt++) {
+    if (attempt > 1) {
+      const wait = retryAfter(response, attempt - 1);
+      result.dataset.state = "busy";
+      result.textContent = "Not received yet; sending it again in " + wait + " s…";
+      await sleep(wait);
+    }
+    try {
+      response = await fetch("/api/vote", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(ballot),
+      });
+      error = null;
+      if (response.status < 500) break;
+    } catch (caught) {
+      response = null;
+      error = caught;
+    }
+  }
+  return { response, error };
+}
+
 async function vote(event, poll) {
   event.preventDefault();
   const result = $("vote-result");
@@ -153,29 +197,33 @@ async function vote(event, poll) {
     return;
   }
   $("cast").disabled = true;
+  const choice = JSON.stringify([...chosen].sort());
+  if (!pending || pending.choice !== choice) pending = { choice, vote_id: uuid4() };
   const ballot = {
     poll_id: poll.id,
     option_ids: chosen,
     voter_fingerprint: voter(),
-    vote_id: uuid4(),
+    vote_id: pending.vote_id,
   };
   try {
-    const response = await fetch("/api/vote", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(ballot),
-    });
-    const body = await response.json().catch(() => ({}));
-    if (response.status === 202) {
-      result.dataset.state = "good";
-      result.textContent = "Vote received. It shows in the results in a moment.";
+    const { response, error } = await send(ballot, result);
+    if (response && response.status < 500) {
+      pending = null; // a definite answer: the next ballot is a new one
+      const body = await response.json().catch(() => ({}));
+      if (response.status === 202) {
+        result.dataset.state = "good";
+        result.textContent = "Vote received. It shows in the results in a moment.";
+      } else {
+        result.dataset.state = "bad";
+        result.textContent = "Not counted: " + (body.error || "HTTP " + response.status) + ".";
+      }
     } else {
+      // Still not known whether it was queued: Vote sends the same ballot again.
       result.dataset.state = "bad";
-      result.textContent = "Not counted: " + (body.error || "HTTP " + response.status) + ".";
+      result.textContent =
+        "Not received yet (" + (error ? error.message : "HTTP " + response.status) + "). " +
+        "Press Vote to try again: it is counted once however often it is sent.";
     }
-  } catch (error) {
-    result.dataset.state = "bad";
-    result.textContent = "Not sent: " + error.message + ". Try again.";
   } finally {
     $("cast").disabled = poll.closed;
   }

@@ -72,7 +72,7 @@ class Shape:
         self.bench = bench
         self.n = n
         self.database_url = database_url
-        self.token = secrets.token_urlsafe(16)
+        self.token = secrets.token_urlsafe(24)
         prefix = f"bench11-{label(n)}"
         common = cluster_env(servers, database_url, prefix) | {"VOTEFLOW_ADMIN_TOKEN": self.token}
         self.keys = Keys(prefix, SHARDS, cluster=True)

@@ -354,7 +354,7 @@ class Drain(Stage):
         env = self.bench.child_env(
             VOTEFLOW_DATABASE_URL=url,
             VOTEFLOW_REDIS_URL=self.servers.redis.url,
-            VOTEFLOW_ADMIN_TOKEN=secrets.token_urlsafe(16),
+            VOTEFLOW_ADMIN_TOKEN=secrets.token_urlsafe(24),
             VOTEFLOW_KEY_PREFIX=KEY_PREFIX,
             VOTEFLOW_STREAM_SHARDS=str(SHARDS),
             VOTEFLOW_BATCH_SIZE=str(BATCH_SIZE),

@@ -41,7 +41,7 @@ class Edge(WrkStage):
         super().start(bench)
         servers = bench.servers()
         port = free_port()
-        token = secrets.token_urlsafe(16)
+        token = secrets.token_urlsafe(24)
         env = bench.child_env(
             VOTEFLOW_DATABASE_URL=servers.database_url,
             VOTEFLOW_REDIS_URL=servers.redis.url,

@@ -77,7 +77,7 @@ class Pipeline:
         self.postgres_pid = servers.postgres.pid
         self.redis_pid = servers.redis.pid
         self.keys = Keys(KEY_PREFIX, SHARDS)
-        self.token = secrets.token_urlsafe(16)
+        self.token = secrets.token_urlsafe(24)
         port = free_port()
         common = {
             "VOTEFLOW_DATABASE_URL": servers.database_url,

@@ -85,7 +85,7 @@ class ReplicaEdge(WrkStage):
         self.cluster = ReplicatedCluster.of(bench)
         prefix = f"bench{self.number}"
         port = free_port()
-        token = secrets.token_urlsafe(16)
+        token = secrets.token_urlsafe(24)
         env = bench.child_env(
             **cluster_env(self.cluster.servers, self.cluster.database_url, prefix),
             VOTEFLOW_REDIS_MIN_REPLICAS=str(self.min_replicas),
