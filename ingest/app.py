@@ -38,7 +38,15 @@ from .origins import Origins
 from .polls import Cursor, Poll, PollCache, close_poll, create_poll, list_open
 from .results import current_tally
 from .serve import read_body, serve
-from .validate import MAX_VOTE_BODY, Invalid, admit_ballot, parse_ballot, parse_new_poll
+from .validate import (
+    MAX_VOTE_BODY,
+    Invalid,
+    admit_ballot,
+    parse_ballot,
+    parse_new_poll,
+    voter_of,
+)
+from .voters import TokenError, VoterTokens
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +90,13 @@ class Edge:
     hub: live.TallyHub
     metrics: EdgeMetrics
     proxies: tuple[Network, ...]
+    # None: voters are not proven, a ballot's user_id is the client's word.
+    voter_tokens: VoterTokens | None
 
 
 EDGE = web.AppKey("edge", Edge)
 EDGE_SETTINGS = web.AppKey("settings", Settings)
+VOTER_TOKENS: web.AppKey[VoterTokens | None] = web.AppKey("voter_tokens")
 METRICS = web.AppKey("metrics", EdgeMetrics)
 
 
@@ -133,6 +144,7 @@ async def observe(
         response = problem(400, "the body could not be read or decoded")
     except Invalid as exc:
         response = problem(exc.status, exc.message, exc.field)
+        response.headers.update(exc.headers)
     except UNAVAILABLE_ERRORS as exc:
         log.warning("%s %s: dependency unavailable: %r", request.method, request.path, exc)
         response = problem(
@@ -171,7 +183,7 @@ async def post_poll(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise Invalid(413, None, f"a poll body must be at most {MAX_BODY} bytes")
     body = await read_body(request, edge.settings.body_timeout)
-    new = parse_new_poll(body, datetime.now(UTC))
+    new = parse_new_poll(body, datetime.now(UTC), verifying=edge.voter_tokens is not None)
     poll = await create_poll(
         edge.pool,
         new.question,
@@ -179,6 +191,7 @@ async def post_poll(request: web.Request) -> web.Response:
         new.allow_multiple_votes,
         new.max_choices,
         new.expires_at,
+        new.require_voter_token,
     )
     return json_response(poll.to_json(now_us()), 201)
 
@@ -206,6 +219,28 @@ async def post_close(request: web.Request) -> web.Response:
     return json_response(closed.to_json(now_us()))
 
 
+def _token_user(request: web.Request, edge: Edge) -> str | None:
+    """The user id a ballot's voter token proves; None when no token came or
+    this edge verifies none. A token that proves nothing is a 401."""
+    tokens = edge.voter_tokens
+    header = request.headers.get("Authorization")
+    if tokens is None or header is None:
+        return None
+    scheme, _, value = header.partition(" ")
+    try:
+        if scheme.lower() != "bearer" or not value.strip():
+            raise TokenError("the Authorization header must be 'Bearer <voter token>'")
+        return tokens.verify(value.strip())
+    except TokenError as exc:
+        # RFC 6750, section 3.1: the client can tell a bad token from none.
+        raise Invalid(
+            401,
+            None,
+            str(exc),
+            {"WWW-Authenticate": 'Bearer realm="voteflow", error="invalid_token"'},
+        ) from None
+
+
 async def post_vote(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     if request.content_length is not None and request.content_length > MAX_VOTE_BODY:
@@ -218,10 +253,12 @@ async def post_vote(request: web.Request) -> web.Response:
     received_us = now_us()
     try:
         ballot = parse_ballot(body)
+        token_user = _token_user(request, edge)
         poll = await edge.polls.get(ballot.poll_id)
         if poll is None:
             raise Invalid(404, "poll_id", "no such poll")
-        vote = admit_ballot(ballot, poll, received_us)
+        voter = voter_of(ballot, poll, edge.voter_tokens is not None, token_user)
+        vote = admit_ballot(ballot, poll, voter, received_us)
     except Invalid as exc:
         edge.metrics.votes_rejected.labels(str(exc.status)).inc()
         raise
@@ -407,7 +444,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await appender.start(waitaof=bool(settings.redis_min_replicas) and await has_waitaof(redis))
     await hub.start()
     proxies = parse_networks(settings.trusted_proxies)
-    app[EDGE] = Edge(settings, keys, redis, pool, read_pool, polls, appender, hub, metrics, proxies)
+    app[EDGE] = Edge(
+        settings, keys, redis, pool, read_pool, polls, appender, hub, metrics, proxies,
+        app[VOTER_TOKENS],
+    )  # fmt: skip
     try:
         yield
     finally:
@@ -432,6 +472,9 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[observe, origins.guard])
     app.on_response_prepare.append(origins.mark)
     app[EDGE_SETTINGS] = settings
+    # Here, not in _resources: a key or secret it cannot use stops the start
+    # before anything is opened.
+    app[VOTER_TOKENS] = VoterTokens.from_settings(settings)
     app[METRICS] = EdgeMetrics()
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_end_live_streams)

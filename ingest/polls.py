@@ -44,6 +44,8 @@ class Poll:
     expires_at: datetime | None
     closed_at: datetime | None
     created_at: datetime
+    # Only voters proven by a voter token may vote (ingest.voters).
+    require_voter_token: bool = False
 
     def is_open(self, at_us: int) -> bool:
         if self.closed_at is not None and to_us(self.closed_at) < at_us:
@@ -61,6 +63,7 @@ class Poll:
             "closed": not self.is_open(now_us),
             "closed_at": self.closed_at,
             "created_at": self.created_at,
+            "require_voter_token": self.require_voter_token,
         }
 
 
@@ -76,6 +79,7 @@ def _poll(row: asyncpg.Record) -> Poll:
         expires_at=row["expires_at"],
         closed_at=row["closed_at"],
         created_at=row["created_at"],
+        require_voter_token=row["require_voter_token"],
     )
 
 
@@ -91,6 +95,7 @@ async def create_poll(
     allow_multiple_votes: bool,
     max_choices: int,
     expires_at: datetime | None,
+    require_voter_token: bool = False,
 ) -> Poll:
     async with pool.acquire() as conn, conn.transaction():
         poll_id = await conn.fetchval(
@@ -101,6 +106,8 @@ async def create_poll(
             max_choices,
             expires_at,
         )
+        if require_voter_token:
+            await conn.execute("UPDATE polls SET require_voter_token = true WHERE id = $1", poll_id)
         row = await conn.fetchrow("SELECT * FROM poll_get($1)", poll_id)
     return _poll(row)
 

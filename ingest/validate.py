@@ -36,20 +36,30 @@ MIN_OPTIONS, MAX_OPTIONS = 2, 64
 class Invalid(Exception):
     """Why a request cannot be accepted: HTTP status, field, human message."""
 
-    def __init__(self, status: int, field: str | None, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        field: str | None,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.field = field
         self.message = message
+        # Headers the answer needs besides the error shape (a 401's challenge).
+        self.headers = headers or {}
 
 
 @dataclass(frozen=True, slots=True)
 class Ballot:
-    """A vote request whose fields are well-formed, before its poll is checked."""
+    """A vote request whose fields are well-formed, before its poll and its
+    voter are checked."""
 
     poll_id: str
     option_ids: tuple[str, ...]
-    voter: str
+    user_id: str | None
+    fingerprint: str | None
     vote_id: str | None
 
 
@@ -60,6 +70,7 @@ class NewPoll:
     allow_multiple_votes: bool
     max_choices: int
     expires_at: datetime | None
+    require_voter_token: bool = False
 
 
 def parse_json(body: bytes) -> Any:
@@ -116,20 +127,40 @@ def parse_ballot(body: bytes) -> Ballot:
     option_ids = tuple(_uuid(option, "option_ids") for option in raw_options)
     if len(set(option_ids)) != len(option_ids):
         raise Invalid(422, "option_ids", "option_ids has duplicates")
-    user_id = _voter_id(data, "user_id")
-    fingerprint = _voter_id(data, "voter_fingerprint")
-    if user_id is None and fingerprint is None:
-        raise Invalid(422, "voter_fingerprint", "user_id or voter_fingerprint is required")
     vote_id = data.get("vote_id")
     return Ballot(
         poll_id=poll_id,
         option_ids=option_ids,
-        voter=voter_key(user_id, fingerprint),
+        user_id=_voter_id(data, "user_id"),
+        fingerprint=_voter_id(data, "voter_fingerprint"),
         vote_id=None if vote_id is None else _uuid(vote_id, "vote_id"),
     )
 
 
-def admit_ballot(ballot: Ballot, poll: Poll, received_us: int) -> Vote:
+def voter_of(ballot: Ballot, poll: Poll, verifying: bool, token_user: str | None) -> str:
+    """Rule 1, who the voter is: the voter key of a ballot.
+
+    ``verifying``: this edge verifies voter tokens; ``token_user``: the user id
+    a verified token proved (None: no token came). When tokens are verified,
+    a user id is only ever a token's: a body user_id must be the token's
+    (403) or left out, and one with no token is refused (401), as is a
+    fingerprint ballot for a poll that requires a token. Otherwise the body's
+    user_id is taken on the client's word (the README says so).
+    """
+    if token_user is not None:
+        if ballot.user_id is not None and ballot.user_id != token_user:
+            raise Invalid(403, "user_id", "user_id must be the voter token's subject")
+        return voter_key(token_user, None)
+    if poll.require_voter_token:
+        raise Invalid(401, None, "this poll takes only ballots with a voter token")
+    if verifying and ballot.user_id is not None:
+        raise Invalid(401, "user_id", "a user_id needs a voter token proving it")
+    if ballot.user_id is None and ballot.fingerprint is None:
+        raise Invalid(422, "voter_fingerprint", "user_id or voter_fingerprint is required")
+    return voter_key(ballot.user_id, ballot.fingerprint)
+
+
+def admit_ballot(ballot: Ballot, poll: Poll, voter: str, received_us: int) -> Vote:
     """Check a ballot against its poll (rule 6: refused once the poll is closed)."""
     if not poll.is_open(received_us):
         raise Invalid(409, "poll_id", "the poll is closed")
@@ -143,13 +174,13 @@ def admit_ballot(ballot: Ballot, poll: Poll, received_us: int) -> Vote:
     return Vote(
         vote_id=ballot.vote_id or str(uuid.uuid4()),
         poll_id=ballot.poll_id,
-        voter=ballot.voter,
+        voter=voter,
         option_ids=ballot.option_ids,
         received_us=received_us,
     )
 
 
-def parse_new_poll(body: bytes, now: datetime) -> NewPoll:
+def parse_new_poll(body: bytes, now: datetime, verifying: bool = False) -> NewPoll:
     data = _object(parse_json(body))
     question = data.get("question")
     if not isinstance(question, str) or not question.strip():
@@ -176,12 +207,23 @@ def parse_new_poll(body: bytes, now: datetime) -> NewPoll:
         raise Invalid(
             422, "max_choices", "max_choices must be an integer from 1 to the number of options"
         )
+    require_token = data.get("require_voter_token", False)
+    if not isinstance(require_token, bool):
+        raise Invalid(422, "require_voter_token", "require_voter_token must be true or false")
+    if require_token and not verifying:
+        raise Invalid(
+            422,
+            "require_voter_token",
+            "this edge verifies no voter tokens (set VOTEFLOW_VOTER_TOKEN_SECRET or "
+            "VOTEFLOW_VOTER_TOKEN_PUBLIC_KEY)",
+        )
     return NewPoll(
         question=question,
         labels=tuple(labels),
         allow_multiple_votes=allow_multiple,
         max_choices=max_choices,
         expires_at=_expires_at(data.get("expires_at"), now),
+        require_voter_token=require_token,
     )
 
 

@@ -61,7 +61,15 @@ def run_bench(
 
 def test_bench_measures_the_first_stages_and_leaves_no_process(tmp_path: Path) -> None:
     done = run_bench(
-        tmp_path, "--stages", "1,2,3,12", "--repeats", "1", "--duration", "2", "--connections", "8"
+        tmp_path,
+        "--stages",
+        "1,2,3,12,13",
+        "--repeats",
+        "1",
+        "--duration",
+        "2",
+        "--connections",
+        "8",
     )
     assert "p50/p95/p99 ms" in done.stdout
     for row in (
@@ -69,15 +77,17 @@ def test_bench_measures_the_first_stages_and_leaves_no_process(tmp_path: Path) -
         "2 edge",
         "3 naive",
         "12 edge-2-processes",
+        "13 edge-voter-tokens",
         "2/1 = ",
         "2/3 = ",
         "12/2 = ",
+        "13/2 = ",
     ):
         assert row in done.stdout, done.stdout
 
     (written,) = tmp_path.glob("*.json")
     stages = json.loads(written.read_text())["stages"]
-    assert [stage["stage"] for stage in stages] == [1, 2, 3, 12]
+    assert [stage["stage"] for stage in stages] == [1, 2, 3, 12, 13]
     for stage in stages:
         assert len(stage["samples"]) == 1
         assert stage["rate_median"] > 0, stage

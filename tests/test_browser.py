@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import jwt
 import orjson
 import pytest
 from aiohttp import web
@@ -257,3 +259,36 @@ async def test_poll_page_resends_a_ballot_with_its_vote_id_after_a_network_error
         finally:
             await browser.close()
             await runner.cleanup()
+
+
+async def test_poll_page_votes_with_the_voter_token_its_link_carries(
+    settings: Settings, redis_client: Any
+) -> None:
+    """The bundled page, opened from an app's link ending in #voter_token=...,
+    votes as that user, and drops the token from the address bar."""
+    secret = "a-voter-token-secret-of-32-bytes-at-least"
+    proven = replace(settings, voter_token_secret=secret)
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 600}, secret, "HS256")
+    async with edge_client(proven) as edge, InProcessWorker(proven):
+        poll = await create_poll(edge, question="Members only?", require_voter_token=True)
+        base = str(edge.make_url("")).rstrip("/")
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+            try:
+                page = await browser.new_page(viewport={"width": 800, "height": 1000})
+                await page.goto(f"{base}/polls/{poll['id']}#voter_token={token}")
+                await expect(page.locator("#status")).to_have_text("Live")
+                assert token not in page.url
+                await page.get_by_label("B").check()
+                await page.get_by_role("button", name="Vote").click()
+                await expect(page.locator("#vote-result")).to_contain_text("Vote received")
+                await expect(page.locator("#total")).to_have_text("1 ballot", timeout=LIVE_TIMEOUT)
+                await drain(redis_client, proven)
+            finally:
+                await browser.close()
+        conn = await asyncpg.connect(proven.database_url)
+        try:
+            voters = await conn.fetch("SELECT voter FROM votes WHERE poll_id = $1", poll["id"])
+        finally:
+            await conn.close()
+        assert [row["voter"] for row in voters] == ["u:alice"]

@@ -7,6 +7,7 @@ A bad value stops the process at start-up with a message naming the variable.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -87,6 +88,14 @@ class Settings:
     # Comma-separated origins (https://app.example.com) whose pages may call the
     # API from a browser, besides the edge's own (see ingest.origins).
     allowed_origins: str = ""
+    # Voters proven by signed tokens (ingest.voters): a shared HS256 secret, or
+    # the issuing app's public key (PEM, or the path of a file holding it;
+    # RS256, ES256 or EdDSA by its type). Empty: user_id is the client's word.
+    voter_token_secret: str = dataclasses.field(default="", repr=False)
+    voter_token_public_key: str = ""
+    # When set, a token's iss / aud must be these.
+    voter_token_issuer: str = ""
+    voter_token_audience: str = ""
     # Requests per minute; 0 turns the limit off. A client may spend the whole
     # minute's allowance at once (burst), then refills evenly.
     rate_limit_per_ip: int = 600

@@ -141,6 +141,23 @@ function voter() {
   return id;
 }
 
+// A voter token from the app that sent its user here (docs/voter-tokens.md):
+// the link ends in #voter_token=<JWT>. A fragment never reaches a server or
+// its logs; the page keeps the token for this tab only and takes it out of
+// the address bar, so that it is not bookmarked or shared with the link.
+function voterToken() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const given = params.get("voter_token");
+  if (given) {
+    sessionStorage.setItem("voteflow.voter_token", given);
+    params.delete("voter_token");
+    const rest = params.toString();
+    history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
+  }
+  return sessionStorage.getItem("voteflow.voter_token");
+}
+const token = voterToken();
+
 // The retry contract (README, API): a ballot keeps its vote_id until the edge
 // gives a definite answer (2xx or 4xx), and is sent again with it after a 503,
 // another 5xx or a network error, so that a retry is never counted twice. A
@@ -170,9 +187,12 @@ async function send(ballot, result) {
       await sleep(wait);
     }
     try {
+      const headers = { "Content-Type": "application/json" };
+      // With a token, the token names the voter (the ballot names none).
+      if (token) headers.Authorization = "Bearer " + token;
       response = await fetch("/api/vote", {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers,
         body: JSON.stringify(ballot),
       });
       error = null;
@@ -199,12 +219,8 @@ async function vote(event, poll) {
   $("cast").disabled = true;
   const choice = JSON.stringify([...chosen].sort());
   if (!pending || pending.choice !== choice) pending = { choice, vote_id: uuid4() };
-  const ballot = {
-    poll_id: poll.id,
-    option_ids: chosen,
-    voter_fingerprint: voter(),
-    vote_id: pending.vote_id,
-  };
+  const ballot = { poll_id: poll.id, option_ids: chosen, vote_id: pending.vote_id };
+  if (!token) ballot.voter_fingerprint = voter();
   try {
     const { response, error } = await send(ballot, result);
     if (response && response.status < 500) {

@@ -19,7 +19,7 @@ from .ceiling import HttpCeiling
 from .cluster_cost import ClusterCost
 from .cost import Cost
 from .drain import Drain, DrainSettings
-from .edge import Edge, EdgeProcesses
+from .edge import Edge, EdgeProcesses, EdgeVoterTokens
 from .fanout import FanOut
 from .naive import Naive
 from .replicas import Confirmed, Unconfirmed
@@ -44,6 +44,7 @@ STAGES: dict[int, type[Stage]] = {
     10: Confirmed,
     11: ClusterCost,
     12: EdgeProcesses,
+    13: EdgeVoterTokens,
 }
 
 

@@ -13,21 +13,29 @@ from __future__ import annotations
 import json
 import secrets
 import sys
+import time
 import urllib.request
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
+import jwt
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from voteflow.keys import Keys
 from voteflow.servers import HOST, free_port
 
+from . import wrk
 from .stack import Bench, rewrite_aof
 from .stage import Sample, WrkStage
 
 KEY_PREFIX = "bench"
 SHARDS = 8  # VOTEFLOW_STREAM_SHARDS' default
+# Stage 13's shared secret, and tokens minted per second of a run: more than
+# one edge process answers here, so none is used twice in a run.
+TOKEN_SECRET = secrets.token_urlsafe(32)
+TOKENS_PER_SECOND = 8_000
 
 
 class Edge(WrkStage):
@@ -36,6 +44,8 @@ class Edge(WrkStage):
     title = "voteflow edge -> Redis Streams (appendfsync always), no worker"
     ratio = (2, 1)
     processes = 1
+    # Settings of the edge beyond the stage's own (a subclass's).
+    extra_env: ClassVar[dict[str, str]] = {}
 
     def start(self, bench: Bench) -> None:
         super().start(bench)
@@ -54,6 +64,7 @@ class Edge(WrkStage):
             VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
             VOTEFLOW_MAX_BACKLOG="0",
             VOTEFLOW_LOG_LEVEL="WARNING",
+            **self.extra_env,
         )
         command = [sys.executable, "-m", "voteflow", "edge", "--processes", str(self.processes)]
         edge = bench.spawn(self.name, command, env)
@@ -137,3 +148,46 @@ class EdgeProcesses(Edge):
     title = "voteflow edge --processes 2 -> Redis Streams, no worker"
     ratio = (12, 2)
     processes = 2
+
+
+class EdgeVoterTokens(Edge):
+    """Stage 13: stage 2 with voter tokens (VOTEFLOW_VOTER_TOKEN_SECRET, HS256):
+    every vote carries a token the edge has never seen, so each one's
+    signature is checked (the cache of verified tokens never helps, as in a
+    spike where each voter votes once). Ratio to stage 2: what proving every
+    voter costs the edge."""
+
+    number = 13
+    name = "edge-voter-tokens"
+    title = "stage 2 with a voter token (HS256) on every vote, each new to the edge"
+    ratio = (13, 2)
+    extra_env: ClassVar[dict[str, str]] = {"VOTEFLOW_VOTER_TOKEN_SECRET": TOKEN_SECRET}
+
+    def _wrk(self, duration: int) -> wrk.WrkRun:
+        options = self.bench.options
+        prefix = self.bench.work_dir / "voter-tokens"
+        mint_tokens(prefix, options.threads, TOKENS_PER_SECOND * duration)
+        return wrk.run(
+            options.wrk,
+            self.url,
+            duration=duration,
+            connections=options.connections,
+            threads=options.threads,
+            poll_id=self.poll_id,
+            option_ids=self.option_ids,
+            load=wrk.Load(tokens=prefix),
+        )
+
+
+def mint_tokens(prefix: Path, threads: int, total: int) -> None:
+    """`total` voter tokens for new users, split into one file per wrk thread
+    (outside the measured time: before wrk starts)."""
+    tag = secrets.token_hex(4)
+    expires = int(time.time()) + 3600
+    per_thread = -(-total // threads)
+    for thread in range(threads):
+        lines = (
+            jwt.encode({"sub": f"bench-{tag}-{thread}-{i}", "exp": expires}, TOKEN_SECRET)
+            for i in range(per_thread)
+        )
+        Path(f"{prefix}.{thread}").write_text("\n".join(lines) + "\n")

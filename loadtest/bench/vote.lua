@@ -16,6 +16,10 @@
 --      to <prefix><thread number>, one per line ("-" or absent: none)
 --   7  optional: "1" to send each voter from an address of its own, in
 --      X-Forwarded-For (for an edge that trusts the bench as its proxy)
+--   8  optional: a path prefix; each thread reads voter tokens, one per line,
+--      from <prefix><thread number>, and sends each request with the next
+--      one as "Authorization: Bearer" and no voter_fingerprint: the token
+--      names the voter ("-" or absent: none)
 --
 -- Every request is a new voter with a new vote_id:
 --   vote_id  <tag>-<thread:4 hex>-4000-8000-<counter:12 hex>
@@ -36,6 +40,7 @@ local counter = 0
 local scheduled = 0 -- requests delay() has let go; request() follows each
 local headers = { ["Content-Type"] = "application/json" }
 local interval_ms, quota, forwarded = 0, 0, false
+local tokens = nil
 local ledger = nil
 local next_at = nil
 -- A paced request sent later than its slot by more than this counts as late:
@@ -80,6 +85,13 @@ function init(args)
   end
   if prefix ~= "-" then
     ledger = assert(io.open(prefix .. thread_number, "w"))
+  end
+  local token_prefix = args[8] or "-"
+  if token_prefix ~= "-" then
+    tokens = {}
+    for line in io.lines(token_prefix .. thread_number) do
+      table.insert(tokens, line)
+    end
   end
   -- wrk looks for delay() and response() after init: without pacing, a quota
   -- or a ledger, neither runs, and plain runs cost wrk nothing more.
@@ -127,12 +139,21 @@ function request()
       "10.%d.%d.%d", math.floor(n / 65536), math.floor(n / 256) % 256, n % 256
     )
   end
-  local body = string.format(
-    '{"poll_id":"%s","option_ids":["%s"],"voter_fingerprint":"bench-%s-%d-%d",'
-      .. '"vote_id":"%s-%04x-4000-8000-%012x"}',
-    poll_id, options[counter % #options + 1], tag, thread_number, counter,
-    tag, thread_number, counter
-  )
+  local body
+  if tokens then
+    headers["Authorization"] = "Bearer " .. tokens[(counter - 1) % #tokens + 1]
+    body = string.format(
+      '{"poll_id":"%s","option_ids":["%s"],"vote_id":"%s-%04x-4000-8000-%012x"}',
+      poll_id, options[counter % #options + 1], tag, thread_number, counter
+    )
+  else
+    body = string.format(
+      '{"poll_id":"%s","option_ids":["%s"],"voter_fingerprint":"bench-%s-%d-%d",'
+        .. '"vote_id":"%s-%04x-4000-8000-%012x"}',
+      poll_id, options[counter % #options + 1], tag, thread_number, counter,
+      tag, thread_number, counter
+    )
+  end
   return wrk.format("POST", "/api/vote", headers, body)
 end
 

@@ -89,6 +89,10 @@ class Load:
     total: int = 0  # requests in all, then stop once all are answered; 0: until -d ends
     ledger: Path | None = None  # where the vote_ids answered 202 go, one file per thread
     forwarded: bool = False  # each voter from an address of its own (X-Forwarded-For)
+    # Voter tokens, one per line, in a file per thread (<tokens><thread number>):
+    # each request carries the next as its Bearer token and names no voter of
+    # its own (after the last, the first again).
+    tokens: Path | None = None
 
 
 def run(
@@ -117,6 +121,7 @@ def run(
         str(load.total // threads),
         "-" if load.ledger is None else f"{load.ledger}.",
         "1" if load.forwarded else "0",
+        "-" if load.tokens is None else f"{load.tokens}.",
     ]
     # The children's CPU counters grow when a child is reaped; no other child
     # of the bench ends while wrk runs, so the difference is wrk's alone.
