@@ -30,7 +30,7 @@ from voteflow.settings import Settings
 from voteflow.timeutil import now_us
 
 from . import live, pages
-from .append import Appender, Limited, Overloaded, Unavailable
+from .append import Appender, Limited, Overloaded, Reused, Unavailable
 from .clientip import Network, client_ip, parse_networks
 from .metrics import EdgeMetrics
 from .openapi import get_openapi
@@ -269,6 +269,11 @@ async def post_vote(request: web.Request) -> web.Response:
         return problem(
             429, "too many votes, slow down", None, max(1, math.ceil(exc.retry_after_ms / 1000))
         )
+    except Reused:
+        edge.metrics.votes_rejected.labels("409").inc()
+        raise Invalid(
+            409, "vote_id", "this vote_id is already queued with another ballot; use a new one"
+        ) from None
     except Overloaded:
         edge.metrics.votes_rejected.labels("overloaded").inc()
         return problem(

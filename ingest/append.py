@@ -84,10 +84,16 @@ class Overloaded(Exception):
     """The vote's stream shard holds its most entries; nothing was appended."""
 
 
+class Reused(Exception):
+    """The vote_id is queued with another ballot; nothing was appended."""
+
+
 @dataclass(slots=True)
 class _Request:
     keys_and_args: tuple[str | int | bytes, ...]
     done: asyncio.Future[bool]
+    # On a cluster: the vote_id's claim key (Keys.vote_claim) and the digest.
+    claim: tuple[str, str] | None = None
 
 
 class Appender:
@@ -157,24 +163,28 @@ class Appender:
 
         Returns True when appended, False when its vote_id was already queued
         (a retry). Raises :class:`Limited` when over a rate limit,
-        :class:`Overloaded` when its shard's backlog is full, and
+        :class:`Overloaded` when its shard's backlog is full, :class:`Reused`
+        when its vote_id is queued with another ballot, and
         :class:`Unavailable` when Redis did not confirm the append.
         """
         shard = vote.shard(self._keys.shards)
+        digest = vote.digest()
         request = _Request(
             (
                 self._keys.stream(shard),
                 # An IPv6 client by its /64 (VOTEFLOW_RATE_LIMIT_IPV6_PREFIX).
                 self._keys.rate_ip(limited_as(client_ip, self._ipv6_prefix), shard),
                 self._keys.rate_voter(vote.voter, shard),
-                self._keys.vote_seen(shard, vote.poll_id, vote.vote_id),
+                self._keys.vote_seen(shard, vote.vote_id),
                 *self._limits,
                 FIELD,
                 vote.encode(),
                 self._window,
                 self._max_backlog,
+                digest,
             ),
             asyncio.get_running_loop().create_future(),
+            (self._keys.vote_claim(vote.vote_id), digest) if self._keys.cluster else None,
         )
         self._waiting.append(request)
         self._wakeup.set()
@@ -208,6 +218,8 @@ class Appender:
 
     async def _flush(self, batch: list[_Request]) -> None:
         self._metrics.append_batch_size.observe(len(batch))
+        if self._keys.cluster:
+            batch = await self._claim(batch)
         by_master: dict[str, tuple[Redis, list[_Request]]] = {}
         for request in batch:
             name, client = self._nodes.for_key(str(request.keys_and_args[0]))
@@ -215,6 +227,47 @@ class Appender:
         await asyncio.gather(
             *(self._flush_to(name, client, part) for name, (client, part) in by_master.items())
         )
+
+    async def _claim(self, batch: list[_Request]) -> list[_Request]:
+        """On a cluster, before the appends: claim each vote_id for its ballot
+        in the vote_id's own slot (SET NX GET), so that a vote_id reused for
+        another ballot is refused whichever shard each voter's append goes
+        to. One more round trip per batch, to every master at once; on one
+        Redis admit.lua does it in its own. Returns the requests still to send.
+        """
+        by_master: dict[str, tuple[Redis, list[_Request]]] = {}
+        for request in batch:
+            assert request.claim is not None
+            name, client = self._nodes.for_key(request.claim[0])
+            by_master.setdefault(name, (client, []))[1].append(request)
+
+        async def claim(client: Redis, part: list[_Request]) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for request in part:
+                assert request.claim is not None
+                key, digest = request.claim
+                pipe.set(key, digest, nx=True, get=True, ex=self._window)
+            try:
+                async with asyncio.timeout(APPEND_TIMEOUT):
+                    return list(await pipe.execute(raise_on_error=False))
+            except UNCONFIRMED as exc:
+                return [exc] * len(part)
+
+        parts = list(by_master.values())
+        replies = await asyncio.gather(*(claim(client, part) for client, part in parts))
+        still = []
+        for (_, part), answers in zip(parts, replies, strict=True):
+            for request, held in zip(part, answers, strict=True):
+                assert request.claim is not None
+                if request.done.done():
+                    continue
+                if isinstance(held, BaseException):
+                    request.done.set_exception(Unavailable(str(held)))
+                elif held is not None and held.decode() != request.claim[1]:
+                    request.done.set_exception(Reused())
+                else:
+                    still.append(request)
+        return still
 
     async def _flush_to(self, master: str, client: Redis, batch: list[_Request]) -> None:
         replies: list[Any]
@@ -249,6 +302,8 @@ class Appender:
                 request.done.set_exception(Limited(int(reply[1])))
             elif reply[0] == 3:
                 request.done.set_exception(Overloaded())
+            elif reply[0] == 4:
+                request.done.set_exception(Reused())
             else:
                 request.done.set_result(reply[0] == 1)
         if failed:

@@ -112,8 +112,10 @@ class Verdict:
     """What the README says the edge must answer to one request."""
 
     statuses: frozenset[int]
-    # For a valid vote: the vote_id it carries, canonical.
+    # For a valid vote: the vote_id it carries, canonical, and what a retry
+    # under that vote_id must repeat (poll, voter, options), else 409.
     vote_id: str | None = None
+    ballot: tuple[str, str, frozenset[str]] | None = None
     # For a valid poll: what the 201 must echo.
     poll: Mapping[str, Any] | None = None
 
@@ -126,6 +128,9 @@ class Target:
     polls: dict[str, KnownPoll]
     # vote_ids already answered 202: a repeat is 202 again, appended at most once.
     queued_vote_ids: set[str] = field(default_factory=set)
+    # The ballot each vote_id the client chose was queued with: reused for
+    # another one, it is 409 (README, "A vote is refused").
+    ballots: dict[str, tuple[str, str, frozenset[str]]] = field(default_factory=dict)
 
     def open_polls(self) -> list[KnownPoll]:
         return [poll for poll in self.polls.values() if poll.open]
@@ -154,6 +159,10 @@ class Target:
     async def vote(
         self, data: Any, verdict: Verdict, headers: Mapping[str, str] = JSON_HEADERS
     ) -> Answer:
+        held = self.ballots.get(verdict.vote_id or "")
+        reused = held is not None and verdict.ballot is not None and held != verdict.ballot
+        if reused and verdict.statuses == {202}:
+            verdict = Verdict(frozenset({409}))
         answer = await self.exchange("/api/vote", data, headers)
         assert answer.status in VOTE_STATUSES
         if answer.status == 202:
@@ -173,6 +182,8 @@ class Target:
                 assert answer.appended == 1, "a 202 that queued nothing"
         if answer.status == 202:
             self.queued_vote_ids.add(vote_id)
+            if verdict.vote_id is not None and verdict.ballot is not None:
+                self.ballots.setdefault(verdict.vote_id, verdict.ballot)
         return answer
 
     async def new_poll(
@@ -344,7 +355,7 @@ def vote_verdict(body: bytes, polls: Mapping[str, KnownPoll]) -> Verdict:
         return Verdict(VOTE_STATUSES)  # RFC 8259 section 9: depth limits are the parser's
     verdict = ballot_verdict(value, polls)
     if huge:
-        verdict = Verdict(verdict.statuses | {400}, vote_id=verdict.vote_id)
+        verdict = Verdict(verdict.statuses | {400}, verdict.vote_id, verdict.ballot)
     return verdict
 
 
@@ -384,7 +395,9 @@ def ballot_verdict(data: Any, polls: Mapping[str, KnownPoll]) -> Verdict:
         return Verdict(frozenset({409}))
     if any(o not in poll.option_ids for o in option_ids) or len(option_ids) > poll.max_choices:
         return invalid
-    return Verdict(frozenset({202}), vote_id=vote_id)
+    user_id, fingerprint = voters
+    voter = f"u:{user_id}" if user_id is not None else f"f:{fingerprint}"
+    return Verdict(frozenset({202}), vote_id, (poll_id, voter, frozenset(option_ids)))
 
 
 # RFC 3339 section 5.6; "T" and "Z" may also be written in lower case.
@@ -975,8 +988,8 @@ async def test_compressed_vote_is_read_like_a_plain_one_and_bounded_after_decodi
     sent = _compress(encoding, body)
     status = 202 if len(body) <= MAX_VOTE_BODY and len(sent) <= MAX_VOTE_BODY else 413
     headers = {**JSON_HEADERS, "Content-Encoding": encoding}
-    answer = await target.vote(sent, Verdict(frozenset({status})), headers)
-    assert answer.status == status
+    verdict = vote_verdict(body, target.polls)
+    await target.vote(sent, Verdict(frozenset({status}), verdict.vote_id, verdict.ballot), headers)
 
 
 # --- NUL, which PostgreSQL text cannot hold ------------------------------------

@@ -172,3 +172,28 @@ async def test_the_audit_checks_a_cluster_and_names_each_shards_master(
     masters = {node.name for node in cluster_client.get_primaries()}
     assert {shard.node for shard in report.shards} == masters
     assert all(f", on {shard.node}" in shard.line() for shard in report.shards)
+
+
+async def test_a_vote_id_reused_by_a_voter_of_another_shard_is_409(
+    on_cluster: Settings, cluster_client: RedisCluster
+) -> None:
+    """Each voter's append goes to its own shard's master; the vote_id's claim,
+    in the vote_id's own slot, still finds the reuse."""
+    keys = Keys(on_cluster.key_prefix, on_cluster.stream_shards, cluster=True)
+    async with edge_client(on_cluster) as edge:
+        poll = await create_poll(edge, allow_multiple_votes=True)
+        vote_id = str(uuid.uuid4())
+        first = Vote(vote_id, poll["id"], "f:ann", (), 0).shard(keys.shards)
+        other = next(
+            f"v{n}"
+            for n in range(100)
+            if Vote(vote_id, poll["id"], f"f:v{n}", (), 0).shard(keys.shards) != first
+        )
+        assert (await _vote(edge, poll, "ann", vote_id=vote_id)).status == 202
+        assert (await _vote(edge, poll, "ann", vote_id=vote_id)).status == 202  # a retry
+        response = await _vote(edge, poll, other, vote_id=vote_id)
+        assert response.status == 409
+        assert (await _vote(edge, poll, "ann", 1, vote_id=vote_id)).status == 409
+        async with InProcessWorker(on_cluster):
+            await drain(cluster_client, on_cluster)
+        assert (await results(edge, poll["id"]))["total_ballots"] == 1

@@ -118,7 +118,7 @@ async def requeue(
     script_keys = [
         keys.dead_letters(letter.shard),
         keys.stream(letter.shard),
-        keys.vote_seen(letter.shard, letter.vote.poll_id, letter.vote.vote_id),
+        keys.vote_seen(letter.shard, letter.vote.vote_id),
     ]
     new_id = await redis.eval(
         SCRIPT.source,
@@ -127,7 +127,14 @@ async def requeue(
         letter.id,
         FIELD.decode(),
         str(idempotency_window),
+        letter.vote.digest(),
     )  # type: ignore[misc]
+    if new_id is not None and keys.cluster:
+        # Its claim, in the vote_id's own slot (ingest.append): after the
+        # move, so a failure here leaves a retry of the same ballot admitted.
+        await redis.set(
+            keys.vote_claim(letter.vote.vote_id), letter.vote.digest(), ex=idempotency_window
+        )
     return None if new_id is None else _text(new_id)
 
 

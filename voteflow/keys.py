@@ -87,9 +87,23 @@ class Keys:
         """Edges drop their cached copy of the poll named in a message here."""
         return f"{self.prefix}:polls-changed"
 
-    def vote_seen(self, shard: int, poll_id: str, vote_id: str) -> str:
-        """Marks a vote_id as queued; in its stream shard's slot."""
-        return f"{self.prefix}:seen:{{{self._tags[shard]}}}:{poll_id}:{vote_id}"
+    def vote_seen(self, shard: int, vote_id: str) -> str:
+        """A vote_id queued, holding its ballot's digest (Vote.digest) for the
+        idempotency window; admit.lua reads and sets it with the append.
+
+        On one Redis it is one key per vote_id, whatever the shard, so a
+        vote_id reused for another ballot is found wherever its voter's shard
+        is. On a cluster it must share the shard's slot with the append; the
+        vote_id's own claim (vote_claim) then finds a reuse across shards.
+        """
+        if self.cluster:
+            return f"{self.prefix}:seen:{{{self._tags[shard]}}}:{vote_id}"
+        return f"{self.prefix}:seen:{vote_id}"
+
+    def vote_claim(self, vote_id: str) -> str:
+        """On a cluster: a vote_id's ballot digest, in the vote_id's own slot,
+        claimed by the edge before the append (ingest.append)."""
+        return f"{self.prefix}:vid:{{{vote_id}}}"
 
     def rate_ip(self, ip: str, shard: int) -> str:
         """The per-address limiter of a vote appended to `shard`.

@@ -8,6 +8,7 @@ beside this one during a rolling deploy.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zlib
 from dataclasses import dataclass
@@ -50,6 +51,13 @@ class Vote:
                 "t": self.received_us,
             }
         )
+
+    def digest(self) -> str:
+        """What a retry of this vote_id must repeat: the poll, the voter and
+        the options (in any order). A vote_id sent again with another digest
+        is another ballot under a used vote_id, refused 409."""
+        ballot = "\x00".join((self.poll_id, self.voter, *sorted(self.option_ids)))
+        return hashlib.blake2b(ballot.encode(), digest_size=8).hexdigest()
 
     def shard(self, shards: int) -> int:
         """The stream shard of this vote.

@@ -8,7 +8,7 @@
 -- KEYS[1] the dead letters   KEYS[2] their stream shard
 -- KEYS[3] the vote's idempotency key (absent when the message cannot be decoded)
 -- ARGV[1] the dead letter's id   ARGV[2] the message field name
--- ARGV[3] seconds the idempotency key is kept
+-- ARGV[3] seconds the idempotency key is kept   ARGV[4] the ballot's digest
 -- Returns the new stream entry's id, or false when the dead letter is gone
 -- (another requeue took it) or holds no message.
 local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
@@ -28,6 +28,6 @@ end
 local id = redis.call('XADD', KEYS[2], '*', ARGV[2], message)
 redis.call('XDEL', KEYS[1], ARGV[1])
 if KEYS[3] then
-  redis.call('SET', KEYS[3], '1', 'EX', ARGV[3])
+  redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[3])
 end
 return id

@@ -110,7 +110,7 @@ class Settings:
     # Namespace of every Redis key voteflow uses (see voteflow.keys).
     key_prefix: str = "voteflow"
     # Seconds the edges remember a queued vote_id, so that a retry is answered
-    # 202 without being queued again (183 bytes of Redis per vote: README,
+    # 202 without being queued again (164 bytes of Redis per vote: README,
     # "Redis memory").
     idempotency_window: int = 3600
     stream_shards: int = 8

@@ -199,7 +199,7 @@ async def write_batch(
     votes: list[Vote] = []
     decoded: list[tuple[bytes, bytes]] = []  # entry id and raw message of each vote
     dead: list[Dead] = []
-    release: list[str] = []  # idempotency keys of dead-lettered votes
+    release: list[str] = []  # vote_ids of dead-lettered votes
     for entry_id, fields in entries:
         raw = (fields or {}).get(FIELD, b"")
         try:
@@ -221,7 +221,7 @@ async def write_batch(
             if row is None or outcome in REJECTED:
                 reason = written.refused[i] if row is None else outcome
                 dead.append((entry_id, raw, reason))
-                release.append(writer.keys.vote_seen(shard, votes[i].poll_id, votes[i].vote_id))
+                release.append(votes[i].vote_id)
         for row in written.tallies.values():
             tallies.append(
                 Tally(
@@ -372,8 +372,14 @@ async def _acknowledge(
             writer.keys.dead_letters(shard),
             entry_ids,
             dead,
-            release,
+            [writer.keys.vote_seen(shard, vote_id) for vote_id in release],
         )
+    if writer.keys.cluster:
+        # A vote_id's claim lives in its own slot: released beside the
+        # acknowledgement (ack.lua releases the shard's key atomically).
+        for vote_id in release:
+            claim = writer.keys.vote_claim(vote_id)
+            batch.for_key(claim).delete(claim)
     for tally in tallies:
         writer.publisher.queue(batch, tally)
     replies = await batch.execute()
@@ -389,7 +395,7 @@ async def _acknowledge(
             writer.keys.dead_letters(shard),
             entry_ids,
             dead,
-            release,
+            [writer.keys.vote_seen(shard, vote_id) for vote_id in release],
         )
         (acked,) = await retry.execute()
         if isinstance(acked, BaseException):

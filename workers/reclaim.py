@@ -124,7 +124,7 @@ async def _dead_letter(writer: Writer, shard: int, entries: list[Any]) -> None:
             vote = decode(raw)
         except MessageError:
             continue
-        release.append(writer.keys.vote_seen(shard, vote.poll_id, vote.vote_id))
+        release.append(vote.vote_id)
     batch = writer.nodes.pipeline()
     writer.acknowledger.queue(
         batch,
@@ -132,9 +132,13 @@ async def _dead_letter(writer: Writer, shard: int, entries: list[Any]) -> None:
         writer.keys.dead_letters(shard),
         [entry_id for entry_id, _ in entries],
         dead,
-        release,
+        [writer.keys.vote_seen(shard, vote_id) for vote_id in release],
     )
-    (acked,) = await batch.execute()
+    if writer.keys.cluster:
+        for vote_id in release:
+            claim = writer.keys.vote_claim(vote_id)
+            batch.for_key(claim).delete(claim)
+    (acked, *_) = await batch.execute()
     if isinstance(acked, BaseException):
         raise acked
     writer.metrics.dead_letters.labels("max_deliveries").inc(len(entries))
