@@ -352,7 +352,7 @@ async def test_the_probes_answer_200_on_a_running_edge_and_worker(
         response = await edge.get(path)
         assert response.status == 200, (path, await response.text())
     path = _container(rendered.deployment("worker"))["livenessProbe"]["httpGet"]["path"]
-    runner = await _serve_metrics(WorkerMetrics(), 0)
+    runner = await _serve_metrics(WorkerMetrics(), "127.0.0.1", 0)
     try:
         port = runner.addresses[0][1]
         async with (
@@ -362,6 +362,18 @@ async def test_the_probes_answer_200_on_a_running_edge_and_worker(
             assert response.status == 200
     finally:
         await runner.cleanup()
+
+
+def test_worker_metrics_listen_beyond_loopback_where_prometheus_scrapes_another_pod(
+    rendered: Rendered,
+) -> None:
+    # The default is loopback (a worker on a shared host keeps its counts to
+    # itself); a pod's Prometheus and liveness probe come from outside the pod.
+    assert Settings().worker_metrics_host == "127.0.0.1"
+    assert Settings.from_env(rendered.settings()).worker_metrics_host == "0.0.0.0"
+    # In Compose, Prometheus is a container of its own (scraping "worker").
+    env = compose()["services"]["worker"]["environment"]
+    assert Settings.from_env({k: str(v) for k, v in env.items()}).worker_metrics_host == "0.0.0.0"
 
 
 def test_autoscalers_and_disruption_budget_target_the_right_pods(rendered: Rendered) -> None:
@@ -453,7 +465,8 @@ async def test_sigterm_drains_the_edge_and_the_worker_within_their_grace_period(
     rendered = Rendered(render(BASE))
     deployment = rendered.settings()
     # The deployment's settings, on this test's servers, keys and free ports.
-    own = ("HOST", "PORT", "WORKER_METRICS_PORT", "RATE_LIMIT_PER_IP", "RATE_LIMIT_PER_VOTER")
+    own = ("HOST", "PORT", "WORKER_METRICS_PORT", "WORKER_METRICS_HOST")
+    own += ("RATE_LIMIT_PER_IP", "RATE_LIMIT_PER_VOTER")
     env = {k: v for k, v in deployment.items() if k.removeprefix(PREFIX) not in own}
     env.pop("VOTEFLOW_KEY_PREFIX")
     shaped = Settings.from_env(
