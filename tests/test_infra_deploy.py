@@ -631,8 +631,9 @@ def test_compose_nginx_fronts_every_edge() -> None:
     listens = [
         line.split()[1].rstrip(";") for line in site.splitlines() if "listen" in line.split()[:1]
     ]
-    assert "80" in listens, listens
+    assert {"80", "443"} <= set(listens), listens
     assert any(port.endswith(":80") for port in nginx["ports"])
+    assert any(port.endswith(":443") for port in nginx["ports"])
     upstream = (COMPOSE_DIR / mounts["/etc/nginx/voteflow-upstream.conf"]).read_text()
     servers = [
         line.split()[1] for line in upstream.splitlines() if line.strip().startswith("server ")
@@ -641,6 +642,44 @@ def test_compose_nginx_fronts_every_edge() -> None:
     assert servers == [f"edge:{env.port}"]
     # The edges believe nginx's X-Forwarded-For, and only nginx's.
     assert env.trusted_proxies == nginx["networks"]["voteflow"]["ipv4_address"]
+
+
+def _named_volumes(service: dict[str, Any]) -> dict[str, str]:
+    """Target in the container -> named volume, of each named volume mount."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if not source.startswith((".", "/")):
+            mounts[target] = source
+    return mounts
+
+
+def test_compose_nginx_terminates_tls_with_a_certificate_made_on_first_start() -> None:
+    services = compose()["services"]
+    nginx, maker = services["nginx"], services["tls-cert"]
+    mounts = {target: source for source, target in _bind_mounts(nginx)}
+    site = (COMPOSE_DIR / mounts["/etc/nginx/conf.d/default.conf"]).read_text()
+    assert "include voteflow-tls.conf;" in site
+    # voteflow-tls.conf names files in the volume that tls-cert fills.
+    tls_conf = (COMPOSE_DIR / mounts["/etc/nginx/voteflow-tls.conf"]).read_text()
+    paths = dict(
+        line.rstrip(";").split() for line in tls_conf.splitlines() if line.startswith("ssl_")
+    )
+    [(directory, volume)] = _named_volumes(nginx).items()
+    assert paths == {
+        "ssl_certificate": f"{directory}/tls.crt",
+        "ssl_certificate_key": f"{directory}/tls.key",
+    }
+    [(written, maker_volume)] = _named_volumes(maker).items()
+    assert maker_volume == volume
+    # The maker runs infra/nginx/self_signed_cert.py into that volume, before nginx starts.
+    script_mounts = {target: source for source, target in _bind_mounts(maker)}
+    script = maker["entrypoint"][-1]
+    assert (
+        COMPOSE_DIR / script_mounts[script]
+    ).resolve() == REPO / "infra/nginx/self_signed_cert.py"
+    assert maker["command"][0] == written
+    assert nginx["depends_on"]["tls-cert"]["condition"] == "service_completed_successfully"
 
 
 def test_compose_prometheus_scrapes_every_edge_and_worker_with_the_alert_rules() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -61,16 +62,15 @@ async def behind_nginx(
         await nginx.stop()
 
 
-def client_from(address: str, limit: int = 100) -> aiohttp.ClientSession:
-    """A client whose connections come from `address` (a 127/8 address)."""
-    connector = aiohttp.TCPConnector(local_addr=(address, 0), limit=limit)
-    return aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT)
+def client_from(nginx: Nginx, address: str, limit: int = 100) -> aiohttp.ClientSession:
+    """A client of nginx (over TLS) whose connections come from `address` (a 127/8 address)."""
+    return nginx.session(address, limit)
 
 
 async def create_poll(nginx: Nginx, labels: list[str], **fields: Any) -> dict[str, Any]:
     body = {"question": "Which one?", "options": labels, **fields}
     async with (
-        aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session,
+        nginx.session() as session,
         session.post(f"{nginx.url}/api/polls", json=body, headers=ADMIN) as response,
     ):
         assert response.status == 201, await response.text()
@@ -127,7 +127,7 @@ async def test_votes_through_nginx_are_counted_exactly_once_and_spread_over_both
         statuses: list[int] = []
 
         async def client(n: int) -> None:
-            async with client_from(f"127.0.0.{10 + n}") as session:
+            async with client_from(nginx, f"127.0.0.{10 + n}") as session:
                 pending = [ballot(poll, f"nginx-{n}", i % 3) for i in range(votes_each)]
                 while pending:
                     batch, pending = pending[:in_flight], pending[in_flight:]
@@ -184,7 +184,10 @@ async def test_edge_rate_limit_counts_each_client_behind_nginx_not_nginx(
         cluster, tmp_path, workers=0, VOTEFLOW_RATE_LIMIT_PER_IP=str(limit)
     ) as (nginx, edges):
         poll = await create_poll(nginx, ["A", "B"])
-        async with client_from("127.0.0.2") as first, client_from("127.0.0.3") as second:
+        async with (
+            client_from(nginx, "127.0.0.2") as first,
+            client_from(nginx, "127.0.0.3") as second,
+        ):
             # The first client spends its whole limit. It also writes an
             # X-Forwarded-For of its own on each vote: nginx appends the
             # address it saw, and the edges take that one, so a forged header
@@ -223,7 +226,10 @@ async def test_nginx_refuses_a_client_flooding_faster_than_its_burst_before_any_
     ):
         poll = await create_poll(nginx, ["A", "B"])
         answers: list[tuple[int, dict[str, Any], str | None]] = []
-        async with client_from("127.0.0.4") as flooder, client_from("127.0.0.5") as bystander:
+        async with (
+            client_from(nginx, "127.0.0.4") as flooder,
+            client_from(nginx, "127.0.0.5") as bystander,
+        ):
             started = time.monotonic()
             async with asyncio.timeout(60):
                 answers = await asyncio.gather(
@@ -268,7 +274,7 @@ async def test_nginx_counts_the_addresses_of_one_ipv6_64_as_one_client(
         VOTEFLOW_RATE_LIMIT_PER_IP="1000000",
     ) as (nginx, edges):  # fmt: skip
         poll = await create_poll(nginx, ["A", "B"])
-        async with client_from("127.0.0.7") as session:
+        async with client_from(nginx, "127.0.0.7") as session:
             started = time.monotonic()
             async with asyncio.timeout(60):
                 answers = await asyncio.gather(*(
@@ -308,7 +314,7 @@ async def test_nginx_answers_its_own_errors_in_the_api_shape(
 ) -> None:
     async with behind_nginx(cluster, tmp_path, workers=0) as (nginx, edges):
         poll = await create_poll(nginx, ["A", "B"])
-        async with client_from("127.0.0.6") as session:
+        async with client_from(nginx, "127.0.0.6") as session:
             too_large = ballot(poll, "big") | {"padding": "x" * 5000}
             async with session.post(f"{nginx.url}/api/vote", json=too_large) as response:
                 assert response.status == 413
@@ -336,7 +342,7 @@ async def test_the_page_of_the_address_nginx_serves_may_vote_and_another_may_not
     # and nginx's $host would drop it. The edges see nginx's X-Forwarded-Host.
     async with behind_nginx(cluster, tmp_path, workers=0) as (nginx, _):
         poll = await create_poll(nginx, ["A", "B"])
-        async with client_from("127.0.0.7") as session:
+        async with client_from(nginx, "127.0.0.7") as session:
             status, answer, _ = await vote(session, nginx, ballot(poll, "page"), Origin=nginx.url)
             assert status == 202, answer
             elsewhere = {"Origin": "https://evil.example"}
@@ -346,6 +352,71 @@ async def test_the_page_of_the_address_nginx_serves_may_vote_and_another_may_not
             forged = {"Origin": "https://evil.example", "X-Forwarded-Host": "evil.example"}
             status, answer, _ = await vote(session, nginx, ballot(poll, "forged"), **forged)
             assert status == 403, answer
+
+
+# -- TLS ----------------------------------------------------------------------
+
+HSTS = "max-age=63072000"
+
+
+async def handshake(nginx: Nginx, version: ssl.TLSVersion) -> str | None:
+    """The TLS version nginx agrees to when a client offers only `version`,
+    None if it refuses the handshake."""
+    context = ssl.create_default_context(cafile=nginx.certificate)
+    # This client may offer TLS 1.0 and 1.1 (OpenSSL's security level would
+    # forbid them): a refusal is then nginx's.
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    context.minimum_version = context.maximum_version = version
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", nginx.port, ssl=context)
+    except (ssl.SSLError, ConnectionResetError):
+        return None
+    agreed = writer.get_extra_info("ssl_object").version()
+    writer.close()
+    with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+        await writer.wait_closed()
+    return str(agreed)
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+async def test_nginx_speaks_tls_1_2_and_1_3_only_and_sends_hsts(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    async with behind_nginx(cluster, tmp_path, workers=0) as (nginx, _):
+        assert await handshake(nginx, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+        assert await handshake(nginx, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+        assert await handshake(nginx, ssl.TLSVersion.TLSv1_1) is None
+        assert await handshake(nginx, ssl.TLSVersion.TLSv1) is None
+        async with nginx.session() as session:
+            # An edge's answer and nginx's own both tell the browser to stay on HTTPS.
+            async with session.get(f"{nginx.url}/api/polls") as response:
+                assert response.status == 200
+                assert response.headers["Strict-Transport-Security"] == HSTS
+            async with session.post(f"{nginx.url}/api/vote", data=b"x" * 5000) as response:
+                assert response.status == 413
+                assert response.headers["Strict-Transport-Security"] == HSTS
+
+
+async def test_plain_http_is_redirected_to_https_and_never_reaches_an_edge(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    async with behind_nginx(cluster, tmp_path, workers=0) as (nginx, edges):
+        poll = await create_poll(nginx, ["A", "B"])
+        async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
+            async with session.get(
+                f"{nginx.http_url}/polls/{poll['id']}?x=1", allow_redirects=False
+            ) as response:
+                assert response.status == 301
+                location = f"https://127.0.0.1/polls/{poll['id']}?x=1"
+                assert response.headers["Location"] == location
+                # No HSTS over plain HTTP: browsers ignore it there (RFC 6797).
+                assert "Strict-Transport-Security" not in response.headers
+            async with session.post(
+                f"{nginx.http_url}/api/vote", json=ballot(poll, "plain"), allow_redirects=False
+            ) as response:
+                assert response.status == 301
+        texts = await edge_metrics(edges)
+        assert sum(metric(t, "voteflow_http_requests_total", route="/api/vote") for t in texts) == 0
 
 
 # -- live tallies -------------------------------------------------------------
@@ -373,7 +444,7 @@ async def test_sse_tallies_flow_through_nginx_while_the_stream_stays_open(
     async with behind_nginx(cluster, tmp_path, workers=1) as (nginx, _):
         poll = await create_poll(nginx, ["A", "B"])
         async with (
-            client_from("127.0.0.7") as session,
+            client_from(nginx, "127.0.0.7") as session,
             session.get(
                 f"{nginx.url}/api/polls/{poll['id']}/live",
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=LIVE_TIMEOUT),
@@ -406,7 +477,7 @@ async def test_websocket_tallies_flow_through_nginx(cluster: Cluster, tmp_path: 
     async with behind_nginx(cluster, tmp_path, workers=1) as (nginx, _):
         poll = await create_poll(nginx, ["A", "B"])
         async with (
-            client_from("127.0.0.8") as session,
+            client_from(nginx, "127.0.0.8") as session,
             session.ws_connect(f"{nginx.url}/api/polls/{poll['id']}/ws") as ws,
         ):
             first = await ws.receive_json(timeout=LIVE_TIMEOUT)
