@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import yarl
 
 from tests.cluster import (
     REQUEST_TIMEOUT,
@@ -417,6 +418,41 @@ async def test_plain_http_is_redirected_to_https_and_never_reaches_an_edge(
                 assert response.status == 301
         texts = await edge_metrics(edges)
         assert sum(metric(t, "voteflow_http_requests_total", route="/api/vote") for t in texts) == 0
+
+
+# -- what nginx keeps to itself ------------------------------------------------
+
+
+async def test_nginx_answers_404_for_metrics_and_ready_which_the_edges_still_serve(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # Spellings that reach the same path once nginx has normalised it.
+    paths = [
+        "/metrics", "/ready", "/metrics?format=text", "//metrics", "/%6Detrics",
+        "/%72eady", "/api/../metrics", "/static/%2E%2E/ready",
+    ]  # fmt: skip
+    async with behind_nginx(cluster, tmp_path, workers=0) as (nginx, edges):
+        async with client_from(nginx, "127.0.0.9") as session:
+            for path in paths:
+                url = yarl.URL(nginx.url + path, encoded=True)  # sent as written
+                async with session.get(url) as response:
+                    assert response.status == 404, path
+                    assert response.content_type == "application/json"
+                    assert orjson.loads(await response.read()) == {"error": "Not Found"}
+            # The routes next to them still reach an edge.
+            async with session.get(f"{nginx.url}/health") as response:
+                assert response.status == 200
+        # Prometheus and the probes, which go to an edge itself, are served.
+        async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
+            for edge in edges:
+                for path in ("/metrics", "/ready"):
+                    async with session.get(f"{edge.url}{path}") as response:
+                        assert response.status == 200, (edge.url, path)
+    # nginx answered each of them itself: no upstream in its access log.
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    refused = [line for line in lines if " 404 " in line]
+    assert len(refused) == len(paths), lines
+    assert all(line.split(" 404 ")[1].startswith("- ") for line in refused), refused
 
 
 # -- live tallies -------------------------------------------------------------
