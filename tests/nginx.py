@@ -213,6 +213,18 @@ http {{
         raise AssertionError(f"no keepalive in {CONF}")
 
 
+def live_streams_per_client() -> int:
+    """The live streams per client that voteflow.conf's limit_conn allows, the
+    same on the SSE and the WebSocket routes."""
+    limits = set()
+    for line in CONF.read_text().splitlines():
+        words = line.split()
+        if words[:2] == ["limit_conn", "voteflow_live"]:
+            limits.add(int(words[2].rstrip(";")))
+    assert len(limits) == 1, f"{CONF}: limit_conn voteflow_live {limits}"
+    return limits.pop()
+
+
 def established_to(ports: set[int]) -> int:
     """TCP connections on this host, in state ESTABLISHED, whose remote end is
     one of ``ports`` (IPv4, from /proc/net/tcp)."""

@@ -32,7 +32,15 @@ from tests.cluster import (
     stored_vote_ids,
     until,
 )
-from tests.nginx import EDGE_TOO_MANY, NGINX_TOO_MANY, Nginx, established_to, metric, nginx_binary
+from tests.nginx import (
+    EDGE_TOO_MANY,
+    NGINX_TOO_MANY,
+    Nginx,
+    established_to,
+    live_streams_per_client,
+    metric,
+    nginx_binary,
+)
 from tests.support import ADMIN
 from voteflow.settings import Settings
 
@@ -525,3 +533,113 @@ async def test_websocket_tallies_flow_through_nginx(cluster: Cluster, tmp_path: 
                 while tally["total_ballots"] < 1:
                     tally = await ws.receive_json()
             assert [o["votes"] for o in tally["options"]] == [1, 0]
+
+
+# -- live streams per client ---------------------------------------------------
+
+NGINX_TOO_MANY_STREAMS = "too many live streams from your address, close one first"
+# Edges of their own would refuse first if they limited live streams per
+# address below nginx (a setting newer than this test): out of the way here.
+NO_EDGE_LIVE_LIMIT = {"VOTEFLOW_LIVE_MAX_PER_ADDRESS": "1000000"}
+
+
+async def open_sse(
+    session: aiohttp.ClientSession, nginx: Nginx, poll: dict[str, Any], **headers: str
+) -> aiohttp.ClientResponse:
+    """A live SSE stream through nginx, once its first tally has arrived (the
+    edge holds it); a refused one as it was answered."""
+    response = await session.get(
+        f"{nginx.url}/api/polls/{poll['id']}/live",
+        headers=headers,
+        timeout=aiohttp.ClientTimeout(total=None, sock_read=LIVE_TIMEOUT),
+    )
+    if response.status == 200:
+        async with asyncio.timeout(LIVE_TIMEOUT):
+            await next_sse_tally(response.content)
+    return response
+
+
+async def assert_refused_by_nginx(response: aiohttp.ClientResponse) -> None:
+    assert response.status == 429, response.status
+    assert orjson.loads(await response.read()) == {"error": NGINX_TOO_MANY_STREAMS}
+    assert response.headers["Retry-After"] == "10"
+    response.release()
+
+
+async def test_nginx_allows_each_client_a_bounded_number_of_live_streams(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    allowed = live_streams_per_client()
+    env = NO_EDGE_LIVE_LIMIT | {"VOTEFLOW_SSE_HEARTBEAT": "1"}
+    async with behind_nginx(cluster, tmp_path, workers=0, **env) as (nginx, _):
+        poll = await create_poll(nginx, ["A", "B"])
+        streams: list[aiohttp.ClientResponse] = []
+        try:
+            async with (
+                client_from(nginx, "127.0.0.12", limit=allowed + 10) as watcher,
+                client_from(nginx, "127.0.0.13") as neighbour,
+            ):
+                streams = list(
+                    await asyncio.gather(*(open_sse(watcher, nginx, poll) for _ in range(allowed)))
+                )
+                assert [s.status for s in streams] == [200] * allowed
+                # One more, SSE or WebSocket, from the same address: nginx's 429.
+                await assert_refused_by_nginx(await open_sse(watcher, nginx, poll))
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await watcher.ws_connect(f"{nginx.url}/api/polls/{poll['id']}/ws")
+                assert refused.value.status == 429
+                # Another address is not held back.
+                other = await open_sse(neighbour, nginx, poll)
+                assert other.status == 200
+                other.close()
+                # A stream that closes makes room for the next.
+                streams.pop().close()
+
+                async def reopened() -> bool:
+                    stream = await open_sse(watcher, nginx, poll)
+                    if stream.status == 200:
+                        streams.append(stream)
+                        return True
+                    stream.release()
+                    return False
+
+                # nginx notices a closed stream when it next writes to it: at
+                # the edge's next heartbeat (VOTEFLOW_SSE_HEARTBEAT, 1 s here).
+                await until(reopened, timeout=10, what="a closed stream's slot is free again")
+                await assert_refused_by_nginx(await open_sse(watcher, nginx, poll))
+        finally:
+            for stream in streams:
+                stream.close()
+    print(f"\nnginx: {allowed} live streams from one address, the next refused 429")
+
+
+async def test_nginx_counts_the_live_streams_of_one_ipv6_64_together(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    allowed = live_streams_per_client()
+    async with behind_nginx(
+        cluster, tmp_path, workers=0, real_ip_from="127.0.0.0/8", **NO_EDGE_LIVE_LIMIT
+    ) as (nginx, _):
+        poll = await create_poll(nginx, ["A", "B"])
+        streams: list[aiohttp.ClientResponse] = []
+        try:
+            async with client_from(nginx, "127.0.0.14", limit=allowed + 10) as session:
+                # Every stream from another address of the same /64.
+                one_64 = [f"2001:db8:5:1::{n + 1:x}" for n in range(allowed)]
+                streams = list(
+                    await asyncio.gather(*(
+                        open_sse(session, nginx, poll, **{"X-Forwarded-For": address})
+                        for address in one_64
+                    ))
+                )  # fmt: skip
+                assert [s.status for s in streams] == [200] * allowed
+                rotated = {"X-Forwarded-For": "2001:db8:5:1:ffff::1"}
+                await assert_refused_by_nginx(await open_sse(session, nginx, poll, **rotated))
+                other_64 = await open_sse(
+                    session, nginx, poll, **{"X-Forwarded-For": "2001:db8:5:2::1"}
+                )
+                assert other_64.status == 200
+                other_64.close()
+        finally:
+            for stream in streams:
+                stream.close()
