@@ -518,6 +518,8 @@ async def test_sigterm_drains_the_edge_and_the_worker_within_their_grace_period(
 
 COMPOSE_DIR = REPO / "infra" / "compose"
 COMPOSE = COMPOSE_DIR / "compose.yaml"
+# Added with -f to publish Prometheus and Grafana on the host's loopback.
+MONITORING_PORTS = COMPOSE_DIR / "monitoring-ports.yaml"
 # The Compose Specification's JSON schema, as check-jsonschema vendors it.
 COMPOSE_SCHEMA = ("check_jsonschema", "builtin_schemas/vendor/compose-spec.json")
 
@@ -712,7 +714,6 @@ def test_compose_prometheus_scrapes_every_edge_and_worker_with_the_alert_rules()
     sources = COMPOSE_DIR / grafana["/etc/grafana/provisioning/datasources"]
     [datasource] = load_yaml(sources / "prometheus.yml")["datasources"]
     assert datasource["url"] == "http://prometheus:9090"
-    assert any(port.endswith(":9090") for port in services["prometheus"]["ports"])
     dashboards = COMPOSE_DIR / grafana["/etc/grafana/provisioning/dashboards"]
     [provider] = load_yaml(dashboards / "voteflow.yml")["providers"]
     dashboard_target = next(t for t in grafana if t.endswith("voteflow.json"))
@@ -721,3 +722,29 @@ def test_compose_prometheus_scrapes_every_edge_and_worker_with_the_alert_rules()
 
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
+
+
+def test_compose_publishes_only_nginx_and_monitoring_on_loopback_when_asked() -> None:
+    services = compose()["services"]
+    # Prometheus (no authentication) and Grafana (a placeholder password)
+    # run, but nothing of theirs is reachable from other machines.
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"nginx"}
+    assert "profiles" not in services["prometheus"] and "profiles" not in services["grafana"]
+    # The override file publishes them on 127.0.0.1 only, on the ports they serve.
+    override = load_yaml(MONITORING_PORTS)
+    errors = [e.message for e in compose_validator().iter_errors(override)]
+    assert not errors, errors
+    assert set(override["services"]) == {"prometheus", "grafana"}
+    assert set(override["services"]) <= set(services)
+    grafana = {t: s for s, t in _bind_mounts(services["grafana"])}
+    [datasource] = load_yaml(
+        COMPOSE_DIR / grafana["/etc/grafana/provisioning/datasources"] / "prometheus.yml"
+    )["datasources"]
+    serves = {"prometheus": int(datasource["url"].rsplit(":", 1)[1]), "grafana": 3000}
+    for name, service in override["services"].items():
+        [port] = service["ports"]
+        host, host_port, container_port = port.split(":")
+        assert host == "127.0.0.1", port
+        assert int(container_port) == serves[name] == int(host_port)
+    assert "monitoring-ports.yaml" in COMPOSE.read_text()  # documented where one looks
