@@ -42,7 +42,7 @@ from tests.cluster import REQUEST_TIMEOUT, Cluster, Flood, create_poll, stored_v
 from tests.support import drain
 from voteflow.cli import main as voteflow_main
 from voteflow.keys import GROUP, Keys
-from voteflow.settings import PREFIX, Settings
+from voteflow.settings import PREFIX, Settings, SettingsError
 from workers.metrics import WorkerMetrics
 from workers.worker import SHUTDOWN_GRACE, _serve_metrics
 
@@ -68,6 +68,10 @@ SCALER_ADDRESS_KEYS = {
 # Packages that would bring a compiler into the final image.
 COMPILERS = ("build-essential", "gcc", "g++", "clang", "make", "libc6-dev", "python3-dev")
 SETTING_NAMES = {PREFIX + field.name.upper() for field in dataclasses.fields(Settings)}
+TRUSTED_PROXIES = "VOTEFLOW_TRUSTED_PROXIES"
+# What a user of the Kubernetes base puts in place of its trusted proxies'
+# placeholder: a pod CIDR (kind's and kubeadm's Flannel default, for one).
+INGRESS_PODS = "10.244.0.0/16"
 
 
 # -- the Dockerfile -----------------------------------------------------------
@@ -239,6 +243,13 @@ class Rendered:
         data: dict[str, str] = config["data"]
         return data
 
+    def configured(self) -> dict[str, str]:
+        """The settings once the user has done what settings.env asks: the
+        trusted proxies set to the ingress controller's pods."""
+        settings = self.settings()
+        assert settings[TRUSTED_PROXIES].startswith("change-me"), settings[TRUSTED_PROXIES]
+        return settings | {TRUSTED_PROXIES: INGRESS_PODS}
+
     def secret(self, name: str) -> dict[str, str]:
         data: dict[str, str] = self.named("Secret", name)["stringData"]
         return data
@@ -297,8 +308,9 @@ def test_settings_are_real_and_valid_and_every_reference_resolves(rendered: Rend
     assert set(settings) <= SETTING_NAMES, set(settings) - SETTING_NAMES
     assert set(secret) <= SETTING_NAMES, set(secret) - SETTING_NAMES
     assert not set(settings) & set(secret)
-    # What an edge or a worker would read at start-up passes its checks.
-    parsed = Settings.from_env({**settings, **secret})
+    # What an edge or a worker would read at start-up, once the trusted
+    # proxies are set (test_kubernetes_base_...), passes its checks.
+    parsed = Settings.from_env({**rendered.configured(), **secret})
     parsed.require_urls()
     assert parsed.host == "0.0.0.0"  # reachable by the Service and the probes
     for workload in [*rendered.of_kind("Deployment"), *rendered.of_kind("Job")]:
@@ -312,6 +324,33 @@ def test_settings_are_real_and_valid_and_every_reference_resolves(rendered: Rend
             ref = variable["valueFrom"]["secretKeyRef"]
             assert ref["key"] in rendered.secret(ref["name"]), ref
             assert not variable["name"].startswith(PREFIX), "settings belong in the ConfigMap"
+
+
+def test_kubernetes_base_does_not_start_behind_its_ingress_until_trusted_proxies_are_set(
+    rendered: Rendered, tmp_path: Path
+) -> None:
+    """Left empty, every client behind the ingress would share the ingress's
+    per-IP limit without a word; the placeholder stops the edge (and the
+    worker) at start instead, naming the setting and saying what it wants."""
+    env = {**rendered.settings(), **rendered.secret("voteflow-secrets")}
+    with pytest.raises(SettingsError, match=TRUSTED_PROXIES) as refused:
+        Settings.from_env(env)
+    assert "ingress" in str(refused.value)
+    # The edge itself, as the pod would run it: exit status 2 and the reason.
+    for role in ("edge", "worker"):
+        done = subprocess.run(
+            [sys.executable, "-m", "voteflow", role],
+            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (role, done.returncode, done.stderr[-2000:])
+        assert TRUSTED_PROXIES in done.stderr and "ingress" in done.stderr, done.stderr
+    # Replaced as settings.env says (or emptied for pods that clients reach
+    # without a proxy), the settings pass.
+    for value in (INGRESS_PODS, ""):
+        assert Settings.from_env(env | {TRUSTED_PROXIES: value}).trusted_proxies == value
 
 
 def test_ports_and_probes_match_the_settings(rendered: Rendered) -> None:
@@ -370,7 +409,7 @@ def test_worker_metrics_listen_beyond_loopback_where_prometheus_scrapes_another_
     # The default is loopback (a worker on a shared host keeps its counts to
     # itself); a pod's Prometheus and liveness probe come from outside the pod.
     assert Settings().worker_metrics_host == "127.0.0.1"
-    assert Settings.from_env(rendered.settings()).worker_metrics_host == "0.0.0.0"
+    assert Settings.from_env(rendered.configured()).worker_metrics_host == "0.0.0.0"
     # In Compose, Prometheus is a container of its own (scraping "worker").
     env = compose()["services"]["worker"]["environment"]
     assert Settings.from_env({k: str(v) for k, v in env.items()}).worker_metrics_host == "0.0.0.0"
@@ -396,7 +435,7 @@ def test_autoscalers_and_disruption_budget_target_the_right_pods(rendered: Rende
 
 
 def test_workers_scale_on_the_lag_of_every_stream_shard(rendered: Rendered) -> None:
-    settings = Settings.from_env(rendered.settings())
+    settings = Settings.from_env(rendered.configured())
     [scaled] = rendered.of_kind("ScaledObject")
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"]
@@ -421,8 +460,8 @@ def test_workers_scale_on_the_lag_of_every_stream_shard(rendered: Rendered) -> N
 
 
 def test_the_cluster_overlay_turns_on_cluster_mode_and_replica_acks() -> None:
-    base = Settings.from_env(Rendered(render(BASE)).settings())
-    cluster = Settings.from_env(Rendered(render(CLUSTER_OVERLAY)).settings())
+    base = Settings.from_env(Rendered(render(BASE)).configured())
+    cluster = Settings.from_env(Rendered(render(CLUSTER_OVERLAY)).configured())
     assert (base.redis_cluster, base.redis_min_replicas) == (False, 0)
     assert (cluster.redis_cluster, cluster.redis_min_replicas) == (True, 1)
     changed = {
@@ -463,7 +502,7 @@ async def test_sigterm_drains_the_edge_and_the_worker_within_their_grace_period(
     it, and every vote answered 202 is counted once. Prints the drain times
     (`pytest -s`) that the manifests' grace periods are checked against."""
     rendered = Rendered(render(BASE))
-    deployment = rendered.settings()
+    deployment = rendered.configured()
     # The deployment's settings, on this test's servers, keys and free ports.
     own = ("HOST", "PORT", "WORKER_METRICS_PORT", "WORKER_METRICS_HOST")
     own += ("RATE_LIMIT_PER_IP", "RATE_LIMIT_PER_VOTER")
