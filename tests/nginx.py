@@ -1,10 +1,13 @@
 """Debian's nginx as a private process in front of a test's edges.
 
-The server block is the repository's own ``infra/nginx/voteflow.conf``, with
-only its ``listen 80`` moved to a free loopback port; the edges go in
-``voteflow-upstream.conf`` next to the main configuration, as the file's
-contract says. Every path nginx writes (pid, logs, temporary files) is in the
-test's directory, so nginx runs without touching /etc, /var or /run.
+The server blocks are the repository's own ``infra/nginx/voteflow.conf``,
+with only their ``listen 443`` and ``listen 80`` moved to free loopback ports;
+the edges go in ``voteflow-upstream.conf`` and the certificate's paths in
+``voteflow-tls.conf`` next to the main configuration, as the file's contract
+says. The certificate is self-signed for 127.0.0.1 by
+``infra/nginx/self_signed_cert.py``, and clients trust it alone
+(:attr:`Nginx.ssl`). Every path nginx writes (pid, logs, temporary files) is
+in the test's directory, so nginx runs without touching /etc, /var or /run.
 """
 
 from __future__ import annotations
@@ -14,17 +17,22 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster import REPO
+from tests.cluster import REPO, REQUEST_TIMEOUT
 from voteflow.servers import free_port
 
 CONF = REPO / "infra" / "nginx" / "voteflow.conf"
-LISTEN = "listen 80 default_server;"
+SELF_SIGNED = REPO / "infra" / "nginx" / "self_signed_cert.py"
+LISTEN = "listen 443 ssl http2 default_server;"
+LISTEN_HTTP = "listen 80 default_server;"
 STARTUP_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 # Bodies of nginx's own 429 (its limit_req) and of an edge's (VOTEFLOW_RATE_LIMIT_PER_IP).
@@ -40,7 +48,8 @@ def nginx_binary() -> str | None:
 
 
 class Nginx:
-    """One nginx master (one worker) serving voteflow.conf on 127.0.0.1:<port>."""
+    """One nginx master (one worker) serving voteflow.conf on 127.0.0.1:<port>
+    over TLS (:attr:`url`), and its redirect on 127.0.0.1:<http_port>."""
 
     def __init__(
         self, binary: str, directory: Path, edges: list[str], real_ip_from: str = ""
@@ -52,20 +61,40 @@ class Nginx:
         self.real_ip_from = real_ip_from
         self.dir = directory
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.http_port = free_port()
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.error_log = directory / "error.log"
         self.popen: subprocess.Popen[bytes] | None = None
+        self.certificate = directory / "tls" / "tls.crt"
+        self._make_certificate()
+        # What a client of this nginx trusts: its certificate, nothing else.
+        self.ssl = ssl.create_default_context(cafile=self.certificate)
         self._write_config(edges)
+
+    def _make_certificate(self) -> None:
+        # The script the Compose project runs, run the same way.
+        done = subprocess.run(
+            [sys.executable, str(SELF_SIGNED), str(self.dir / "tls"), "127.0.0.1", "localhost"],
+            capture_output=True,
+            timeout=STARTUP_TIMEOUT,
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
 
     def _write_config(self, edges: list[str]) -> None:
         text = CONF.read_text()
         # The one change to the file under test: where it listens.
-        assert text.count(LISTEN) == 1, f"{CONF} must hold exactly one {LISTEN!r}"
-        (self.dir / "voteflow.conf").write_text(
-            text.replace(LISTEN, f"listen 127.0.0.1:{self.port} default_server;")
-        )
+        for listen in (LISTEN, LISTEN_HTTP):
+            assert text.count(listen) == 1, f"{CONF} must hold exactly one {listen!r}"
+        text = text.replace(LISTEN, f"listen 127.0.0.1:{self.port} ssl http2 default_server;")
+        text = text.replace(LISTEN_HTTP, f"listen 127.0.0.1:{self.http_port} default_server;")
+        (self.dir / "voteflow.conf").write_text(text)
         (self.dir / "voteflow-upstream.conf").write_text(
             "".join(f"server {edge.removeprefix('http://')};\n" for edge in edges)
+        )
+        tls = self.dir / "tls"
+        (self.dir / "voteflow-tls.conf").write_text(
+            f"ssl_certificate {tls}/tls.crt;\nssl_certificate_key {tls}/tls.key;\n"
         )
         d = self.dir
         # As root nginx would run its worker as nobody, who cannot enter the
@@ -139,10 +168,18 @@ http {{
 
     def _accepts(self) -> bool:
         try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            for port in (self.port, self.http_port):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
         except OSError:
             return False
         return True
+
+    def session(self, address: str | None = None, limit: int = 100) -> aiohttp.ClientSession:
+        """A client that trusts this nginx's certificate, its connections from
+        `address` (a 127/8 address) if given."""
+        local = (address, 0) if address is not None else None
+        connector = aiohttp.TCPConnector(local_addr=local, limit=limit, ssl=self.ssl)
+        return aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT)
 
     async def stop(self) -> None:
         """SIGTERM (nginx's fast shutdown: open live streams do not hold it up),
@@ -174,6 +211,18 @@ http {{
             if len(words) == 2 and words[0] == "keepalive":
                 return int(words[1].rstrip(";"))
         raise AssertionError(f"no keepalive in {CONF}")
+
+
+def live_streams_per_client() -> int:
+    """The live streams per client that voteflow.conf's limit_conn allows, the
+    same on the SSE and the WebSocket routes."""
+    limits = set()
+    for line in CONF.read_text().splitlines():
+        words = line.split()
+        if words[:2] == ["limit_conn", "voteflow_live"]:
+            limits.add(int(words[2].rstrip(";")))
+    assert len(limits) == 1, f"{CONF}: limit_conn voteflow_live {limits}"
+    return limits.pop()
 
 
 def established_to(ports: set[int]) -> int:

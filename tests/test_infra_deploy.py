@@ -42,7 +42,7 @@ from tests.cluster import REQUEST_TIMEOUT, Cluster, Flood, create_poll, stored_v
 from tests.support import drain
 from voteflow.cli import main as voteflow_main
 from voteflow.keys import GROUP, Keys
-from voteflow.settings import PREFIX, Settings
+from voteflow.settings import PREFIX, Settings, SettingsError
 from workers.metrics import WorkerMetrics
 from workers.worker import SHUTDOWN_GRACE, _serve_metrics
 
@@ -68,6 +68,10 @@ SCALER_ADDRESS_KEYS = {
 # Packages that would bring a compiler into the final image.
 COMPILERS = ("build-essential", "gcc", "g++", "clang", "make", "libc6-dev", "python3-dev")
 SETTING_NAMES = {PREFIX + field.name.upper() for field in dataclasses.fields(Settings)}
+TRUSTED_PROXIES = "VOTEFLOW_TRUSTED_PROXIES"
+# What a user of the Kubernetes base puts in place of its trusted proxies'
+# placeholder: a pod CIDR (kind's and kubeadm's Flannel default, for one).
+INGRESS_PODS = "10.244.0.0/16"
 
 
 # -- the Dockerfile -----------------------------------------------------------
@@ -239,6 +243,13 @@ class Rendered:
         data: dict[str, str] = config["data"]
         return data
 
+    def configured(self) -> dict[str, str]:
+        """The settings once the user has done what settings.env asks: the
+        trusted proxies set to the ingress controller's pods."""
+        settings = self.settings()
+        assert settings[TRUSTED_PROXIES].startswith("change-me"), settings[TRUSTED_PROXIES]
+        return settings | {TRUSTED_PROXIES: INGRESS_PODS}
+
     def secret(self, name: str) -> dict[str, str]:
         data: dict[str, str] = self.named("Secret", name)["stringData"]
         return data
@@ -297,8 +308,9 @@ def test_settings_are_real_and_valid_and_every_reference_resolves(rendered: Rend
     assert set(settings) <= SETTING_NAMES, set(settings) - SETTING_NAMES
     assert set(secret) <= SETTING_NAMES, set(secret) - SETTING_NAMES
     assert not set(settings) & set(secret)
-    # What an edge or a worker would read at start-up passes its checks.
-    parsed = Settings.from_env({**settings, **secret})
+    # What an edge or a worker would read at start-up, once the trusted
+    # proxies are set (test_kubernetes_base_...), passes its checks.
+    parsed = Settings.from_env({**rendered.configured(), **secret})
     parsed.require_urls()
     assert parsed.host == "0.0.0.0"  # reachable by the Service and the probes
     for workload in [*rendered.of_kind("Deployment"), *rendered.of_kind("Job")]:
@@ -312,6 +324,33 @@ def test_settings_are_real_and_valid_and_every_reference_resolves(rendered: Rend
             ref = variable["valueFrom"]["secretKeyRef"]
             assert ref["key"] in rendered.secret(ref["name"]), ref
             assert not variable["name"].startswith(PREFIX), "settings belong in the ConfigMap"
+
+
+def test_kubernetes_base_does_not_start_behind_its_ingress_until_trusted_proxies_are_set(
+    rendered: Rendered, tmp_path: Path
+) -> None:
+    """Left empty, every client behind the ingress would share the ingress's
+    per-IP limit without a word; the placeholder stops the edge (and the
+    worker) at start instead, naming the setting and saying what it wants."""
+    env = {**rendered.settings(), **rendered.secret("voteflow-secrets")}
+    with pytest.raises(SettingsError, match=TRUSTED_PROXIES) as refused:
+        Settings.from_env(env)
+    assert "ingress" in str(refused.value)
+    # The edge itself, as the pod would run it: exit status 2 and the reason.
+    for role in ("edge", "worker"):
+        done = subprocess.run(
+            [sys.executable, "-m", "voteflow", role],
+            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (role, done.returncode, done.stderr[-2000:])
+        assert TRUSTED_PROXIES in done.stderr and "ingress" in done.stderr, done.stderr
+    # Replaced as settings.env says (or emptied for pods that clients reach
+    # without a proxy), the settings pass.
+    for value in (INGRESS_PODS, ""):
+        assert Settings.from_env(env | {TRUSTED_PROXIES: value}).trusted_proxies == value
 
 
 def test_ports_and_probes_match_the_settings(rendered: Rendered) -> None:
@@ -352,7 +391,7 @@ async def test_the_probes_answer_200_on_a_running_edge_and_worker(
         response = await edge.get(path)
         assert response.status == 200, (path, await response.text())
     path = _container(rendered.deployment("worker"))["livenessProbe"]["httpGet"]["path"]
-    runner = await _serve_metrics(WorkerMetrics(), 0)
+    runner = await _serve_metrics(WorkerMetrics(), "127.0.0.1", 0)
     try:
         port = runner.addresses[0][1]
         async with (
@@ -362,6 +401,18 @@ async def test_the_probes_answer_200_on_a_running_edge_and_worker(
             assert response.status == 200
     finally:
         await runner.cleanup()
+
+
+def test_worker_metrics_listen_beyond_loopback_where_prometheus_scrapes_another_pod(
+    rendered: Rendered,
+) -> None:
+    # The default is loopback (a worker on a shared host keeps its counts to
+    # itself); a pod's Prometheus and liveness probe come from outside the pod.
+    assert Settings().worker_metrics_host == "127.0.0.1"
+    assert Settings.from_env(rendered.configured()).worker_metrics_host == "0.0.0.0"
+    # In Compose, Prometheus is a container of its own (scraping "worker").
+    env = compose()["services"]["worker"]["environment"]
+    assert Settings.from_env({k: str(v) for k, v in env.items()}).worker_metrics_host == "0.0.0.0"
 
 
 def test_autoscalers_and_disruption_budget_target_the_right_pods(rendered: Rendered) -> None:
@@ -384,7 +435,7 @@ def test_autoscalers_and_disruption_budget_target_the_right_pods(rendered: Rende
 
 
 def test_workers_scale_on_the_lag_of_every_stream_shard(rendered: Rendered) -> None:
-    settings = Settings.from_env(rendered.settings())
+    settings = Settings.from_env(rendered.configured())
     [scaled] = rendered.of_kind("ScaledObject")
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"]
@@ -409,8 +460,8 @@ def test_workers_scale_on_the_lag_of_every_stream_shard(rendered: Rendered) -> N
 
 
 def test_the_cluster_overlay_turns_on_cluster_mode_and_replica_acks() -> None:
-    base = Settings.from_env(Rendered(render(BASE)).settings())
-    cluster = Settings.from_env(Rendered(render(CLUSTER_OVERLAY)).settings())
+    base = Settings.from_env(Rendered(render(BASE)).configured())
+    cluster = Settings.from_env(Rendered(render(CLUSTER_OVERLAY)).configured())
     assert (base.redis_cluster, base.redis_min_replicas) == (False, 0)
     assert (cluster.redis_cluster, cluster.redis_min_replicas) == (True, 1)
     changed = {
@@ -451,9 +502,10 @@ async def test_sigterm_drains_the_edge_and_the_worker_within_their_grace_period(
     it, and every vote answered 202 is counted once. Prints the drain times
     (`pytest -s`) that the manifests' grace periods are checked against."""
     rendered = Rendered(render(BASE))
-    deployment = rendered.settings()
+    deployment = rendered.configured()
     # The deployment's settings, on this test's servers, keys and free ports.
-    own = ("HOST", "PORT", "WORKER_METRICS_PORT", "RATE_LIMIT_PER_IP", "RATE_LIMIT_PER_VOTER")
+    own = ("HOST", "PORT", "WORKER_METRICS_PORT", "WORKER_METRICS_HOST")
+    own += ("RATE_LIMIT_PER_IP", "RATE_LIMIT_PER_VOTER")
     env = {k: v for k, v in deployment.items() if k.removeprefix(PREFIX) not in own}
     env.pop("VOTEFLOW_KEY_PREFIX")
     shaped = Settings.from_env(
@@ -505,6 +557,8 @@ async def test_sigterm_drains_the_edge_and_the_worker_within_their_grace_period(
 
 COMPOSE_DIR = REPO / "infra" / "compose"
 COMPOSE = COMPOSE_DIR / "compose.yaml"
+# Added with -f to publish Prometheus and Grafana on the host's loopback.
+MONITORING_PORTS = COMPOSE_DIR / "monitoring-ports.yaml"
 # The Compose Specification's JSON schema, as check-jsonschema vendors it.
 COMPOSE_SCHEMA = ("check_jsonschema", "builtin_schemas/vendor/compose-spec.json")
 
@@ -618,8 +672,9 @@ def test_compose_nginx_fronts_every_edge() -> None:
     listens = [
         line.split()[1].rstrip(";") for line in site.splitlines() if "listen" in line.split()[:1]
     ]
-    assert "80" in listens, listens
+    assert {"80", "443"} <= set(listens), listens
     assert any(port.endswith(":80") for port in nginx["ports"])
+    assert any(port.endswith(":443") for port in nginx["ports"])
     upstream = (COMPOSE_DIR / mounts["/etc/nginx/voteflow-upstream.conf"]).read_text()
     servers = [
         line.split()[1] for line in upstream.splitlines() if line.strip().startswith("server ")
@@ -628,6 +683,44 @@ def test_compose_nginx_fronts_every_edge() -> None:
     assert servers == [f"edge:{env.port}"]
     # The edges believe nginx's X-Forwarded-For, and only nginx's.
     assert env.trusted_proxies == nginx["networks"]["voteflow"]["ipv4_address"]
+
+
+def _named_volumes(service: dict[str, Any]) -> dict[str, str]:
+    """Target in the container -> named volume, of each named volume mount."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if not source.startswith((".", "/")):
+            mounts[target] = source
+    return mounts
+
+
+def test_compose_nginx_terminates_tls_with_a_certificate_made_on_first_start() -> None:
+    services = compose()["services"]
+    nginx, maker = services["nginx"], services["tls-cert"]
+    mounts = {target: source for source, target in _bind_mounts(nginx)}
+    site = (COMPOSE_DIR / mounts["/etc/nginx/conf.d/default.conf"]).read_text()
+    assert "include voteflow-tls.conf;" in site
+    # voteflow-tls.conf names files in the volume that tls-cert fills.
+    tls_conf = (COMPOSE_DIR / mounts["/etc/nginx/voteflow-tls.conf"]).read_text()
+    paths = dict(
+        line.rstrip(";").split() for line in tls_conf.splitlines() if line.startswith("ssl_")
+    )
+    [(directory, volume)] = _named_volumes(nginx).items()
+    assert paths == {
+        "ssl_certificate": f"{directory}/tls.crt",
+        "ssl_certificate_key": f"{directory}/tls.key",
+    }
+    [(written, maker_volume)] = _named_volumes(maker).items()
+    assert maker_volume == volume
+    # The maker runs infra/nginx/self_signed_cert.py into that volume, before nginx starts.
+    script_mounts = {target: source for source, target in _bind_mounts(maker)}
+    script = maker["entrypoint"][-1]
+    assert (
+        COMPOSE_DIR / script_mounts[script]
+    ).resolve() == REPO / "infra/nginx/self_signed_cert.py"
+    assert maker["command"][0] == written
+    assert nginx["depends_on"]["tls-cert"]["condition"] == "service_completed_successfully"
 
 
 def test_compose_prometheus_scrapes_every_edge_and_worker_with_the_alert_rules() -> None:
@@ -660,7 +753,6 @@ def test_compose_prometheus_scrapes_every_edge_and_worker_with_the_alert_rules()
     sources = COMPOSE_DIR / grafana["/etc/grafana/provisioning/datasources"]
     [datasource] = load_yaml(sources / "prometheus.yml")["datasources"]
     assert datasource["url"] == "http://prometheus:9090"
-    assert any(port.endswith(":9090") for port in services["prometheus"]["ports"])
     dashboards = COMPOSE_DIR / grafana["/etc/grafana/provisioning/dashboards"]
     [provider] = load_yaml(dashboards / "voteflow.yml")["providers"]
     dashboard_target = next(t for t in grafana if t.endswith("voteflow.json"))
@@ -669,3 +761,29 @@ def test_compose_prometheus_scrapes_every_edge_and_worker_with_the_alert_rules()
 
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
+
+
+def test_compose_publishes_only_nginx_and_monitoring_on_loopback_when_asked() -> None:
+    services = compose()["services"]
+    # Prometheus (no authentication) and Grafana (a placeholder password)
+    # run, but nothing of theirs is reachable from other machines.
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"nginx"}
+    assert "profiles" not in services["prometheus"] and "profiles" not in services["grafana"]
+    # The override file publishes them on 127.0.0.1 only, on the ports they serve.
+    override = load_yaml(MONITORING_PORTS)
+    errors = [e.message for e in compose_validator().iter_errors(override)]
+    assert not errors, errors
+    assert set(override["services"]) == {"prometheus", "grafana"}
+    assert set(override["services"]) <= set(services)
+    grafana = {t: s for s, t in _bind_mounts(services["grafana"])}
+    [datasource] = load_yaml(
+        COMPOSE_DIR / grafana["/etc/grafana/provisioning/datasources"] / "prometheus.yml"
+    )["datasources"]
+    serves = {"prometheus": int(datasource["url"].rsplit(":", 1)[1]), "grafana": 3000}
+    for name, service in override["services"].items():
+        [port] = service["ports"]
+        host, host_port, container_port = port.split(":")
+        assert host == "127.0.0.1", port
+        assert int(container_port) == serves[name] == int(host_port)
+    assert "monitoring-ports.yaml" in COMPOSE.read_text()  # documented where one looks

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 import yaml
@@ -28,7 +29,7 @@ from ingest.metrics import EdgeMetrics
 from tests.support import InProcessWorker
 from voteflow.settings import Settings
 from workers.metrics import WorkerMetrics
-from workers.worker import SETTINGS, shutdown, startup
+from workers.worker import METRICS_RUNNER, SETTINGS, shutdown, startup
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 CONFIG = INFRA / "prometheus" / "prometheus.yml"
@@ -348,3 +349,40 @@ async def test_a_second_worker_on_a_taken_metrics_port_says_which_setting_to_cha
                 await startup(ctx)
         finally:
             await shutdown(ctx)
+
+
+async def _answers(address: str, port: int) -> bool:
+    """A GET /metrics on address:port gets an answer (not a refused connection)."""
+    timeout = aiohttp.ClientTimeout(total=5)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(f"http://{address}:{port}/metrics") as response,
+        ):
+            return response.status == 200
+    except aiohttp.ClientConnectorError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("host", "reachable"),
+    [(None, {"127.0.0.1"}), ("0.0.0.0", {"127.0.0.1", "127.0.0.2"})],
+)
+async def test_worker_metrics_listen_only_on_their_configured_address(
+    settings: Settings, host: str | None, reachable: set[str]
+) -> None:
+    # None: the default, loopback. 127.0.0.2 stands for any other address of
+    # the host (on Linux all of 127/8 is local, and a socket bound to
+    # 127.0.0.1 does not accept on it), as another container's Prometheus would use.
+    changes: dict[str, Any] = {"worker_metrics_port": 0}
+    if host is not None:
+        changes["worker_metrics_host"] = host
+    ctx: dict[str, Any] = {SETTINGS: dataclasses.replace(settings, **changes)}
+    try:
+        await startup(ctx)
+        bound, port = ctx[METRICS_RUNNER].addresses[0][:2]
+        assert bound == (host or "127.0.0.1")
+        answered = {a for a in ("127.0.0.1", "127.0.0.2") if await _answers(a, port)}
+        assert answered == reachable
+    finally:
+        await shutdown(ctx)

@@ -30,6 +30,19 @@ def test_min_replicas_and_statement_cache_refuse_negative_values() -> None:
         Settings.from_env({"VOTEFLOW_DATABASE_STATEMENT_CACHE_SIZE": "-5"})
 
 
+def test_worker_metrics_listen_on_loopback_unless_an_address_is_set() -> None:
+    assert Settings.from_env({}).worker_metrics_host == "127.0.0.1"
+    env = {"VOTEFLOW_WORKER_METRICS_HOST": "0.0.0.0"}
+    assert Settings.from_env(env).worker_metrics_host == "0.0.0.0"
+    assert Settings.from_env({"VOTEFLOW_WORKER_METRICS_HOST": "::"}).worker_metrics_host == "::"
+
+
+@pytest.mark.parametrize("host", ["localhost", "0.0.0.0:9464", "10.0.0.0/8", "*", ""])
+def test_a_worker_metrics_host_that_is_no_ip_address_stops_the_start_naming_it(host: str) -> None:
+    with pytest.raises(SettingsError, match="VOTEFLOW_WORKER_METRICS_HOST must be an IP address"):
+        Settings.from_env({"VOTEFLOW_WORKER_METRICS_HOST": host})
+
+
 @pytest.mark.parametrize(
     "token", ["change-me", "CHANGEME", "Secret", "admin", "change-me-to-a-long-random-token"]
 )

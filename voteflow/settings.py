@@ -131,6 +131,9 @@ class Settings:
     poll_cache_ttl: float = 5.0
     vote_partitions: int = 16
     worker_metrics_port: int = 9464
+    # The address a worker's /metrics listens on: loopback unless a Prometheus
+    # in another container or pod must reach it (0.0.0.0 or the pod's address).
+    worker_metrics_host: str = "127.0.0.1"
     # Seconds between SSE heartbeats (WebSocket pings), so proxies keep idle
     # streams open.
     sse_heartbeat: float = 15.0
@@ -237,6 +240,10 @@ class Settings:
         need(self.poll_cache_ttl >= 0, "poll_cache_ttl", "must be >= 0")
         need(1 <= self.vote_partitions <= 1024, "vote_partitions", "must be between 1 and 1024")
         need(0 <= self.worker_metrics_port < 65536, "worker_metrics_port", "must be a port or 0")
+        try:
+            ipaddress.ip_address(self.worker_metrics_host)
+        except ValueError:
+            need(False, "worker_metrics_host", "must be an IP address (127.0.0.1, 0.0.0.0, ::)")
         need(self.sse_heartbeat > 0, "sse_heartbeat", "must be > 0")
         need(self.live_updates_per_second > 0, "live_updates_per_second", "must be > 0")
         need(self.live_write_timeout > 0, "live_write_timeout", "must be > 0")

@@ -90,7 +90,9 @@ async def startup(ctx: dict[str, Any]) -> None:
         settings, keys, redis, nodes, pool, publisher, acknowledger, metrics, consumer_name()
     )
     ctx[WRITER] = writer
-    ctx[METRICS_RUNNER] = await _serve_metrics(metrics, settings.worker_metrics_port)
+    ctx[METRICS_RUNNER] = await _serve_metrics(
+        metrics, settings.worker_metrics_host, settings.worker_metrics_port
+    )
     stop = ctx[STOP] = asyncio.Event()
     ctx[CONSUMERS] = [
         *(
@@ -131,7 +133,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx[SLOT_OWNER].close()
 
 
-async def _serve_metrics(metrics: WorkerMetrics, port: int) -> web.AppRunner:
+async def _serve_metrics(metrics: WorkerMetrics, host: str, port: int) -> web.AppRunner:
     async def get_metrics(request: web.Request) -> web.Response:
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -140,7 +142,9 @@ async def _serve_metrics(metrics: WorkerMetrics, port: int) -> web.AppRunner:
     app.router.add_get("/metrics", get_metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1" if port == 0 else "0.0.0.0", port)
+    # Loopback by default (VOTEFLOW_WORKER_METRICS_HOST): the counts are for
+    # the operator's Prometheus, not for anyone who can reach the host.
+    site = web.TCPSite(runner, host, port)
     try:
         await site.start()
     except OSError as exc:
@@ -152,7 +156,7 @@ async def _serve_metrics(metrics: WorkerMetrics, port: int) -> web.AppRunner:
         ) from exc
     with contextlib.suppress(Exception):
         bound = runner.addresses[0][1]
-        log.info("worker metrics on port %s", bound)
+        log.info("worker metrics on %s port %s", host, bound)
     return runner
 
 
