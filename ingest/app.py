@@ -24,7 +24,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from voteflow.keys import Keys
-from voteflow.outages import POSTGRES_DOWN, REDIS_DOWN
+from voteflow.outages import POSTGRES_DOWN, REDIS_DOWN, is_postgres_outage
 from voteflow.redisconn import AnyRedis, Nodes, has_sharded_pubsub, has_waitaof, open_redis
 from voteflow.settings import Settings
 from voteflow.timeutil import now_us
@@ -145,7 +145,12 @@ async def observe(
     except Invalid as exc:
         response = problem(exc.status, exc.message, exc.field)
         response.headers.update(exc.headers)
-    except UNAVAILABLE_ERRORS as exc:
+    except Exception as exc:
+        # A server voteflow depends on is away, or PostgreSQL refuses everyone
+        # for now (read-only standby, timeouts: by SQLSTATE class, as the
+        # workers decide): 503. Anything else is a bug, and stays a 500.
+        if not isinstance(exc, UNAVAILABLE_ERRORS) and not is_postgres_outage(exc):
+            raise
         log.warning("%s %s: dependency unavailable: %r", request.method, request.path, exc)
         response = problem(
             503, "temporarily unavailable, retry later", None, RETRY_AFTER_UNAVAILABLE

@@ -19,11 +19,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
 
 from tests.cluster import (
     REQUEST_TIMEOUT,
@@ -34,7 +36,8 @@ from tests.cluster import (
     create_poll,
     until,
 )
-from tests.support import drain
+from tests.support import ADMIN, drain
+from tests.support import create_poll as create_poll_in
 from voteflow.migrate import migrate
 from voteflow.servers import PostgresServer
 from voteflow.settings import Settings
@@ -214,3 +217,29 @@ async def test_postgres_down_dead_letters_nothing(
         own_postgres.start()
 
     await ride_out("PostgreSQL down", settings, redis_client, tmp_path, begin, end)
+
+
+async def test_admin_calls_on_a_read_only_postgres_are_503_not_500(
+    edge: TestClient[Any, Any], admin: asyncpg.Connection
+) -> None:
+    """The edge classifies by SQLSTATE class too: a read-only standby is
+    'away for now' (503, Retry-After), not a bug of ours (500)."""
+    poll = await create_poll_in(edge)
+    database = await admin.fetchval("SELECT current_database()")
+    await admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+    await _terminate_others(admin, [])
+    body = {"question": "Q?", "options": ["a", "b"]}
+    for path, sent in (("/api/polls", body), (f"/api/polls/{poll['id']}/close", None)):
+        response = await edge.post(path, json=sent, headers=ADMIN)
+        assert response.status == 503, await response.text()
+        assert response.headers["Retry-After"] == "1"
+    await admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+    await _terminate_others(admin, [])
+    # As a client does: retried after a 503 (a pooled connection the server
+    # ended answers once more so), created once the primary takes writes.
+    statuses = []
+    for _ in range(5):
+        statuses.append((await edge.post("/api/polls", json=body, headers=ADMIN)).status)
+        if statuses[-1] != 503:
+            break
+    assert statuses[-1] == 201 and set(statuses) <= {201, 503}, statuses

@@ -26,6 +26,11 @@ POSTGRES_DOWN: tuple[type[BaseException], ...] = (
     # starting up, shutting down, or out of connections
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
+    # asyncpg's protocol confused by a connection the server ended while it
+    # sat in the pool ("cannot switch to state 15; another operation (2) is in
+    # progress", MagicStack/asyncpg#784 and #1069): a disconnect, not a bug of
+    # ours; the pool replaces the connection.
+    asyncpg_base.InternalClientError,
 )
 
 # SQLSTATE classes that describe what a statement was given: a data exception
