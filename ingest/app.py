@@ -31,7 +31,8 @@ from voteflow.timeutil import now_us
 
 from . import live, pages
 from .append import Appender, Limited, Overloaded, Reused, Unavailable
-from .clientip import Network, client_ip, parse_networks
+from .clientip import Network, client_ip, limited_as, parse_networks
+from .liveslots import LiveSlots
 from .metrics import EdgeMetrics
 from .openapi import get_openapi
 from .origins import Origins
@@ -92,6 +93,8 @@ class Edge:
     proxies: tuple[Network, ...]
     # None: voters are not proven, a ballot's user_id is the client's word.
     voter_tokens: VoterTokens | None
+    # The live streams this process holds, per client address and in all.
+    live_slots: LiveSlots
 
 
 EDGE = web.AppKey("edge", Edge)
@@ -354,16 +357,24 @@ async def get_results(request: web.Request) -> web.Response:
 
 async def get_live(request: web.Request) -> web.StreamResponse:
     edge = request.app[EDGE]
-    poll = await _poll(edge, request)
-    initial = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
-    return await live.stream(request, edge.hub, poll, initial, _pace(edge.settings))
+    with edge.live_slots.hold(_live_client(request, edge)):
+        poll = await _poll(edge, request)
+        initial = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
+        return await live.stream(request, edge.hub, poll, initial, _pace(edge.settings))
 
 
 async def get_live_ws(request: web.Request) -> web.StreamResponse:
     edge = request.app[EDGE]
-    poll = await _poll(edge, request)
-    initial = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
-    return await live.websocket(request, edge.hub, poll, initial, _pace(edge.settings))
+    with edge.live_slots.hold(_live_client(request, edge)):
+        poll = await _poll(edge, request)
+        initial = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
+        return await live.websocket(request, edge.hub, poll, initial, _pace(edge.settings))
+
+
+def _live_client(request: web.Request, edge: Edge) -> str:
+    """Who a live stream counts against: the client address as the per-IP
+    rate limit counts it (an IPv6 client by its /64)."""
+    return limited_as(client_ip(request, edge.proxies), edge.settings.rate_limit_ipv6_prefix)
 
 
 def _pace(settings: Settings) -> live.Pace:
@@ -454,9 +465,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await appender.start(waitaof=bool(settings.redis_min_replicas) and await has_waitaof(redis))
     await hub.start()
     proxies = parse_networks(settings.trusted_proxies)
+    live_slots = LiveSlots(settings.live_max_per_address, settings.live_connections, metrics)
     app[EDGE] = Edge(
         settings, keys, redis, pool, read_pool, polls, appender, hub, metrics, proxies,
-        app[VOTER_TOKENS],
+        app[VOTER_TOKENS], live_slots,
     )  # fmt: skip
     try:
         yield

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
 from typing import Any
@@ -196,3 +197,25 @@ async def test_a_watcher_that_stops_reading_is_dropped_not_buffered_for(
             assert "voteflow_live_subscribers 1.0" in text
             assert await dropped() == 1
         stuck.close()
+
+
+async def test_an_ipv6_64_counts_as_one_address_for_live_streams(settings: Settings) -> None:
+    behind_proxy = dataclasses.replace(
+        settings, live_max_per_address=2, trusted_proxies="127.0.0.1"
+    )
+    async with edge_client(behind_proxy) as edge, contextlib.AsyncExitStack() as streams:
+        poll = await create_poll(edge)
+        path = f"/api/polls/{poll['id']}/live"
+        for client in ("2001:db8:1:2::1", "2001:db8:1:2:ffff::7"):
+            held = await streams.enter_async_context(
+                edge.get(path, headers={"X-Forwarded-For": client})
+            )
+            assert held.status == 200
+        refused = await edge.get(path, headers={"X-Forwarded-For": "2001:db8:1:2::99"})
+        assert refused.status == 429
+        assert refused.headers["Retry-After"]
+        assert set(await refused.json()) == {"error"}
+        # The next /64 is another client.
+        other = await edge.get(path, headers={"X-Forwarded-For": "2001:db8:1:3::1"})
+        assert other.status == 200
+        other.close()
