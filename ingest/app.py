@@ -380,6 +380,7 @@ def _live_client(request: web.Request, edge: Edge) -> str:
 def _pace(settings: Settings) -> live.Pace:
     return live.Pace(
         write_timeout=settings.live_write_timeout,
+        lifetime=settings.live_max_seconds,
     )
 
 

@@ -106,6 +106,8 @@ def test_edge_and_up_refuse_a_placeholder_admin_token_at_start(command: str) -> 
     ("env", "named"),
     [
         ({"VOTEFLOW_LIVE_MAX_PER_ADDRESS": "0"}, "VOTEFLOW_LIVE_MAX_PER_ADDRESS must be >= 1"),
+        ({"VOTEFLOW_LIVE_MAX_SECONDS": "0"}, "VOTEFLOW_LIVE_MAX_SECONDS must be > 0"),
+        ({"VOTEFLOW_LIVE_MAX_SECONDS": "soon"}, "VOTEFLOW_LIVE_MAX_SECONDS must be a number"),
         (
             {"VOTEFLOW_MAX_CONNECTIONS": "100", "VOTEFLOW_LIVE_MAX_CONNECTIONS": "100"},
             r"VOTEFLOW_LIVE_MAX_CONNECTIONS must be .* below VOTEFLOW_MAX_CONNECTIONS \(100\)",

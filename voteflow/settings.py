@@ -146,6 +146,9 @@ class Settings:
     # Live streams (SSE and WebSocket) one client address may hold open at once
     # per edge process, counted as the per-IP limit counts it (an IPv6 /64).
     live_max_per_address: int = 8
+    # Seconds a live stream lasts at most; then the edge ends it and the client
+    # reconnects, resuming from the latest tally.
+    live_max_seconds: float = 3600.0
     # Connections per edge process live streams may take in all, so that
     # watchers never take the ones voters need; 0: half of max_connections.
     live_max_connections: int = 0
@@ -255,6 +258,7 @@ class Settings:
         need(self.live_write_timeout > 0, "live_write_timeout", "must be > 0")
         need(self.max_connections >= 1, "max_connections", "must be >= 1")
         need(self.live_max_per_address >= 1, "live_max_per_address", "must be >= 1")
+        need(self.live_max_seconds > 0, "live_max_seconds", "must be > 0")
         need(
             0 <= self.live_max_connections < self.max_connections,
             "live_max_connections",
