@@ -446,7 +446,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     read_pool = pool
     if settings.database_read_url:
         read_pool = await _database_pool(settings, settings.database_read_url)
-    polls = PollCache(pool, settings.poll_cache_ttl)
+    polls = PollCache(pool, settings.poll_cache_ttl, metrics)
     appender = Appender(
         nodes,
         keys,

@@ -48,6 +48,7 @@ class EdgeMetrics:
     live_subscribers: Gauge = field(init=False)
     live_dropped: Counter = field(init=False)
     live_refused: Counter = field(init=False)
+    poll_reads: Counter = field(init=False)
     pool: PoolGauges = field(init=False)
 
     def __post_init__(self) -> None:
@@ -124,6 +125,12 @@ class EdgeMetrics:
             "VOTEFLOW_LIVE_MAX_PER_ADDRESS) or busy (503, live streams hold their share "
             "of the edge's connections).",
             ["reason"],
+            registry=r,
+        )
+        self.poll_reads = Counter(
+            "voteflow_poll_reads",
+            "Polls read from PostgreSQL on a poll-cache miss, by whether one was found.",
+            ["found"],
             registry=r,
         )
         self.pool = PoolGauges(r)

@@ -1,0 +1,92 @@
+"""Votes for poll ids that name no poll: remembered briefly apart from the real
+polls, so that made-up ids neither read PostgreSQL each time they repeat nor
+evict real polls from the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import uuid
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from ingest.app import EDGE
+from tests.support import ballot, create_poll, edge_client
+from voteflow.settings import Settings
+
+Client = TestClient[Any, Any]
+FLOODER = "203.0.113.7"
+VOTER = "198.51.100.20"
+
+
+def _behind_proxy(settings: Settings, **changes: Any) -> Settings:
+    # The test's client is a trusted proxy: X-Forwarded-For names the address.
+    return dataclasses.replace(settings, trusted_proxies="127.0.0.1", **changes)
+
+
+async def _vote(edge: Client, body: dict[str, Any], address: str) -> Any:
+    return await edge.post("/api/vote", json=body, headers={"X-Forwarded-For": address})
+
+
+def _made_up(poll_id: str | None = None) -> dict[str, Any]:
+    return {
+        "poll_id": poll_id or str(uuid.uuid4()),
+        "option_ids": [str(uuid.uuid4())],
+        "voter_fingerprint": "v",
+    }
+
+
+async def _poll_reads(edge: Client, found: bool) -> int:
+    text = await (await edge.get("/metrics")).text()
+    match = re.search(
+        rf'^voteflow_poll_reads_total{{found="{str(found).lower()}"}} (\S+)$', text, re.M
+    )
+    return 0 if match is None else int(float(match.group(1)))
+
+
+async def test_votes_for_one_unknown_poll_id_read_postgres_once_while_it_is_remembered(
+    settings: Settings,
+) -> None:
+    async with edge_client(_behind_proxy(settings)) as edge:
+        body = _made_up()
+        answers = await asyncio.gather(*(_vote(edge, body, FLOODER) for _ in range(10)))
+        answers += [await _vote(edge, body, FLOODER) for _ in range(20)]
+        assert {answer.status for answer in answers} == {404}
+        assert (await answers[-1].json())["field"] == "poll_id"
+        assert await _poll_reads(edge, found=False) == 1
+
+
+async def test_a_real_poll_stays_cached_while_unknown_poll_ids_flood(settings: Settings) -> None:
+    async with edge_client(_behind_proxy(settings, poll_cache_ttl=60.0)) as edge:
+        poll = await create_poll(edge)
+        assert (await _vote(edge, ballot(poll, "a"), VOTER)).status == 202
+        assert await _poll_reads(edge, found=True) == 1
+        flood = 200
+        for _ in range(flood // 20):
+            answers = await asyncio.gather(*(_vote(edge, _made_up(), FLOODER) for _ in range(20)))
+            assert {answer.status for answer in answers} == {404}
+        assert await _poll_reads(edge, found=False) == flood
+        # The made-up ids took no place in the poll cache: the poll is still
+        # there, and its next ballot is checked without reading it again.
+        assert edge.app[EDGE].polls.size == 1
+        assert (await _vote(edge, ballot(poll, "b"), VOTER)).status == 202
+        assert await _poll_reads(edge, found=True) == 1
+
+
+async def test_an_unknown_poll_id_is_forgotten_after_the_poll_cache_ttl(
+    settings: Settings,
+) -> None:
+    # A poll's id is drawn by PostgreSQL when it is created, so an id cannot
+    # be remembered as unknown before its poll exists; still, the memory is
+    # as short as a cached poll's (and closing a poll drops both).
+    ttl = 0.5
+    async with edge_client(_behind_proxy(settings, poll_cache_ttl=ttl)) as edge:
+        body = _made_up()
+        assert (await _vote(edge, body, VOTER)).status == 404
+        assert (await _vote(edge, body, VOTER)).status == 404
+        assert await _poll_reads(edge, found=False) == 1
+        await asyncio.sleep(ttl + 0.1)
+        assert (await _vote(edge, body, VOTER)).status == 404
+        assert await _poll_reads(edge, found=False) == 2
