@@ -2,7 +2,9 @@
 
 A vote flows request -> validate -> rate-limit and append (one Redis round
 trip, pipelined with concurrent requests) -> 202. PostgreSQL is read only on a
-poll-cache miss, for admin routes and when a tally snapshot is missing.
+poll-cache miss, for admin routes and when a tally snapshot is missing. A vote
+for a poll id that names no poll is charged to its address's limit instead
+(one Redis round trip of its own, ingest/charge.lua) and answered 404, or 429.
 """
 
 from __future__ import annotations
@@ -259,24 +261,29 @@ async def post_vote(request: web.Request) -> web.Response:
         edge.metrics.votes_rejected.labels("too_large").inc()
         raise Invalid(413, None, f"a vote body must be at most {MAX_VOTE_BODY} bytes")
     received_us = now_us()
+    address = client_ip(request, edge.proxies)
     try:
         ballot = parse_ballot(body)
         token_user = _token_user(request, edge)
+        # An address its limiter refused a moment ago for votes for no poll
+        # is refused again before the poll is looked up (no PostgreSQL read).
+        edge.appender.check_refused(address)
         poll = await edge.polls.get(ballot.poll_id)
         if poll is None:
+            # Counts against the address's limit: made-up poll ids are not free.
+            await edge.appender.charge(address, ballot.poll_id)
             raise Invalid(404, "poll_id", "no such poll")
         voter = voter_of(ballot, poll, edge.voter_tokens is not None, token_user)
         vote = admit_ballot(ballot, poll, voter, received_us)
     except Invalid as exc:
         edge.metrics.votes_rejected.labels(str(exc.status)).inc()
         raise
-    try:
-        appended = await edge.appender.append(vote, client_ip(request, edge.proxies))
     except Limited as exc:
-        edge.metrics.rate_limited.inc()
-        return problem(
-            429, "too many votes, slow down", None, max(1, math.ceil(exc.retry_after_ms / 1000))
-        )
+        return _limited(edge, exc)
+    try:
+        appended = await edge.appender.append(vote, address)
+    except Limited as exc:
+        return _limited(edge, exc)
     except Reused:
         edge.metrics.votes_rejected.labels("409").inc()
         raise Invalid(
@@ -302,6 +309,13 @@ async def post_vote(request: web.Request) -> web.Response:
     else:
         edge.metrics.votes_retried.inc()
     return json_response({"vote_id": vote.vote_id, "status": "queued"}, 202)
+
+
+def _limited(edge: Edge, exc: Limited) -> web.Response:
+    edge.metrics.rate_limited.inc()
+    return problem(
+        429, "too many votes, slow down", None, max(1, math.ceil(exc.retry_after_ms / 1000))
+    )
 
 
 async def list_polls(request: web.Request) -> web.Response:

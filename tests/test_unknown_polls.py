@@ -1,6 +1,6 @@
 """Votes for poll ids that name no poll: remembered briefly apart from the real
-polls, so that made-up ids neither read PostgreSQL each time they repeat nor
-evict real polls from the cache."""
+polls, and counted against the client address's rate limit, so that made-up
+ids neither read PostgreSQL without bound nor evict real polls from the cache."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from aiohttp.test_utils import TestClient
 
 from ingest.app import EDGE
 from tests.support import ballot, create_poll, edge_client
+from tests.test_redis_cluster import on_cluster, three_masters
 from voteflow.settings import Settings
 
 Client = TestClient[Any, Any]
+# Fixtures of test_redis_cluster, used here by name: a 3-master cluster.
+__all__ = ["on_cluster", "three_masters"]
 FLOODER = "203.0.113.7"
 VOTER = "198.51.100.20"
 
@@ -58,6 +61,27 @@ async def test_votes_for_one_unknown_poll_id_read_postgres_once_while_it_is_reme
         assert await _poll_reads(edge, found=False) == 1
 
 
+async def test_votes_for_random_poll_ids_count_against_the_address_limit_and_stop_reading_postgres(
+    settings: Settings,
+) -> None:
+    limit = 10
+    async with edge_client(_behind_proxy(settings, rate_limit_per_ip=limit)) as edge:
+        poll = await create_poll(edge)
+        statuses = [(await _vote(edge, _made_up(), FLOODER)).status for _ in range(4 * limit)]
+        assert statuses == [404] * limit + [429] * (3 * limit), statuses
+        refused = await _vote(edge, _made_up(), FLOODER)
+        assert refused.status == 429 and int(refused.headers["Retry-After"]) >= 1
+        assert set(await refused.json()) == {"error"}
+        # Over its limit, the address's votes no longer reach PostgreSQL: the
+        # first one over it read and was refused, those after were not read.
+        assert await _poll_reads(edge, found=False) == limit + 1
+        # Its real ballots are refused as well: one allowance for both.
+        assert (await _vote(edge, ballot(poll), FLOODER)).status == 429
+        # Another address is not held back.
+        assert (await _vote(edge, _made_up(), VOTER)).status == 404
+        assert (await _vote(edge, ballot(poll, "w"), VOTER)).status == 202
+
+
 async def test_a_real_poll_stays_cached_while_unknown_poll_ids_flood(settings: Settings) -> None:
     async with edge_client(_behind_proxy(settings, poll_cache_ttl=60.0)) as edge:
         poll = await create_poll(edge)
@@ -90,3 +114,18 @@ async def test_an_unknown_poll_id_is_forgotten_after_the_poll_cache_ttl(
         await asyncio.sleep(ttl + 0.1)
         assert (await _vote(edge, body, VOTER)).status == 404
         assert await _poll_reads(edge, found=False) == 2
+
+
+async def test_votes_for_random_poll_ids_are_limited_per_address_on_a_cluster(
+    on_cluster: Settings,
+) -> None:
+    # 16 a minute over 8 shards: 2 per shard limiter of the address. Made-up
+    # ids spread over its limiters; once one refuses, the address waits.
+    limited = _behind_proxy(on_cluster, rate_limit_per_ip=16)
+    async with edge_client(limited) as edge:
+        statuses = [(await _vote(edge, _made_up(), FLOODER)).status for _ in range(40)]
+        reads = await _poll_reads(edge, found=False)
+    served = statuses.index(429)
+    assert 2 <= served <= 16, statuses
+    assert statuses == [404] * served + [429] * (40 - served), statuses
+    assert reads == served + 1
