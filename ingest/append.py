@@ -245,7 +245,13 @@ class Appender:
         shard = zlib.crc32(poll_id.encode()) % self._keys.shards
         key = self._keys.rate_ip(address, shard)
         _, client = self._nodes.for_key(key)
-        wait = int(await self._charge(keys=[key], args=[limit], client=client))
+        try:
+            wait = int(await self._charge(keys=[key], args=[limit], client=client))
+        except REDIS_DOWN:
+            # The vote is answered 503 (ingest.app); after a failover or a
+            # moved slot, the next charge goes to the right master.
+            self._nodes.refresh_soon()
+            raise
         if wait > 0:
             self._refused[address] = time.monotonic() + wait / 1000
             raise Limited(wait)

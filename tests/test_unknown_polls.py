@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -15,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from ingest.app import EDGE
 from tests.support import ballot, create_poll, edge_client
 from tests.test_redis_cluster import on_cluster, three_masters
+from voteflow.servers import RedisServer
 from voteflow.settings import Settings
 
 Client = TestClient[Any, Any]
@@ -129,3 +131,16 @@ async def test_votes_for_random_poll_ids_are_limited_per_address_on_a_cluster(
     assert 2 <= served <= 16, statuses
     assert statuses == [404] * served + [429] * (40 - served), statuses
     assert reads == served + 1
+
+
+async def test_a_vote_for_no_poll_while_redis_is_away_is_503_not_500(
+    settings: Settings, tmp_path: Path
+) -> None:
+    with RedisServer(tmp_path / "redis", appendonly=False) as server:
+        away = _behind_proxy(settings, redis_url=server.url, rate_limit_per_ip=10)
+        async with edge_client(away) as edge:
+            assert (await _vote(edge, _made_up(), FLOODER)).status == 404
+            server.stop()
+            answer = await _vote(edge, _made_up(), FLOODER)
+            assert answer.status == 503, await answer.text()
+            assert int(answer.headers["Retry-After"]) >= 1
