@@ -2,7 +2,9 @@
 
 A vote flows request -> validate -> rate-limit and append (one Redis round
 trip, pipelined with concurrent requests) -> 202. PostgreSQL is read only on a
-poll-cache miss, for admin routes and when a tally snapshot is missing.
+poll-cache miss, for admin routes and when a tally snapshot is missing. A vote
+for a poll id that names no poll is charged to its address's limit instead
+(one Redis round trip of its own, ingest/charge.lua) and answered 404, or 429.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from voteflow.timeutil import now_us
 
 from . import live, pages
 from .append import Appender, Limited, Overloaded, Reused, Unavailable
-from .clientip import Network, client_ip, parse_networks
+from .clientip import Network, client_ip, limited_as, parse_networks
+from .liveslots import LiveSlots
 from .metrics import EdgeMetrics
 from .openapi import get_openapi
 from .origins import Origins
@@ -92,6 +95,8 @@ class Edge:
     proxies: tuple[Network, ...]
     # None: voters are not proven, a ballot's user_id is the client's word.
     voter_tokens: VoterTokens | None
+    # The live streams this process holds, per client address and in all.
+    live_slots: LiveSlots
 
 
 EDGE = web.AppKey("edge", Edge)
@@ -256,24 +261,29 @@ async def post_vote(request: web.Request) -> web.Response:
         edge.metrics.votes_rejected.labels("too_large").inc()
         raise Invalid(413, None, f"a vote body must be at most {MAX_VOTE_BODY} bytes")
     received_us = now_us()
+    address = client_ip(request, edge.proxies)
     try:
         ballot = parse_ballot(body)
         token_user = _token_user(request, edge)
+        # An address its limiter refused a moment ago for votes for no poll
+        # is refused again before the poll is looked up (no PostgreSQL read).
+        edge.appender.check_refused(address)
         poll = await edge.polls.get(ballot.poll_id)
         if poll is None:
+            # Counts against the address's limit: made-up poll ids are not free.
+            await edge.appender.charge(address, ballot.poll_id)
             raise Invalid(404, "poll_id", "no such poll")
         voter = voter_of(ballot, poll, edge.voter_tokens is not None, token_user)
         vote = admit_ballot(ballot, poll, voter, received_us)
     except Invalid as exc:
         edge.metrics.votes_rejected.labels(str(exc.status)).inc()
         raise
-    try:
-        appended = await edge.appender.append(vote, client_ip(request, edge.proxies))
     except Limited as exc:
-        edge.metrics.rate_limited.inc()
-        return problem(
-            429, "too many votes, slow down", None, max(1, math.ceil(exc.retry_after_ms / 1000))
-        )
+        return _limited(edge, exc)
+    try:
+        appended = await edge.appender.append(vote, address)
+    except Limited as exc:
+        return _limited(edge, exc)
     except Reused:
         edge.metrics.votes_rejected.labels("409").inc()
         raise Invalid(
@@ -299,6 +309,13 @@ async def post_vote(request: web.Request) -> web.Response:
     else:
         edge.metrics.votes_retried.inc()
     return json_response({"vote_id": vote.vote_id, "status": "queued"}, 202)
+
+
+def _limited(edge: Edge, exc: Limited) -> web.Response:
+    edge.metrics.rate_limited.inc()
+    return problem(
+        429, "too many votes, slow down", None, max(1, math.ceil(exc.retry_after_ms / 1000))
+    )
 
 
 async def list_polls(request: web.Request) -> web.Response:
@@ -354,21 +371,30 @@ async def get_results(request: web.Request) -> web.Response:
 
 async def get_live(request: web.Request) -> web.StreamResponse:
     edge = request.app[EDGE]
-    poll = await _poll(edge, request)
-    initial = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
-    return await live.stream(request, edge.hub, poll, initial, _pace(edge.settings))
+    with edge.live_slots.hold(_live_client(request, edge)):
+        poll = await _poll(edge, request)
+        initial = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
+        return await live.stream(request, edge.hub, poll, initial, _pace(edge.settings))
 
 
 async def get_live_ws(request: web.Request) -> web.StreamResponse:
     edge = request.app[EDGE]
-    poll = await _poll(edge, request)
-    initial = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
-    return await live.websocket(request, edge.hub, poll, initial, _pace(edge.settings))
+    with edge.live_slots.hold(_live_client(request, edge)):
+        poll = await _poll(edge, request)
+        initial = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
+        return await live.websocket(request, edge.hub, poll, initial, _pace(edge.settings))
+
+
+def _live_client(request: web.Request, edge: Edge) -> str:
+    """Who a live stream counts against: the client address as the per-IP
+    rate limit counts it (an IPv6 client by its /64)."""
+    return limited_as(client_ip(request, edge.proxies), edge.settings.rate_limit_ipv6_prefix)
 
 
 def _pace(settings: Settings) -> live.Pace:
     return live.Pace(
         write_timeout=settings.live_write_timeout,
+        lifetime=settings.live_max_seconds,
     )
 
 
@@ -434,7 +460,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     read_pool = pool
     if settings.database_read_url:
         read_pool = await _database_pool(settings, settings.database_read_url)
-    polls = PollCache(pool, settings.poll_cache_ttl)
+    polls = PollCache(pool, settings.poll_cache_ttl, metrics)
     appender = Appender(
         nodes,
         keys,
@@ -454,9 +480,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await appender.start(waitaof=bool(settings.redis_min_replicas) and await has_waitaof(redis))
     await hub.start()
     proxies = parse_networks(settings.trusted_proxies)
+    live_slots = LiveSlots(settings.live_max_per_address, settings.live_connections, metrics)
     app[EDGE] = Edge(
         settings, keys, redis, pool, read_pool, polls, appender, hub, metrics, proxies,
-        app[VOTER_TOKENS],
+        app[VOTER_TOKENS], live_slots,
     )  # fmt: skip
     try:
         yield

@@ -22,13 +22,16 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cachetools import TTLCache
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError
 
 from voteflow.keys import Keys
@@ -60,6 +63,10 @@ BREAKER_THRESHOLD = 3
 BREAKER_OPEN_SECONDS = 1.0
 # Seconds between two warnings that Redis is over its maxmemory.
 FULL_WARNING_EVERY = 10.0
+# Addresses whose limiter refused a vote for no poll, remembered until their
+# wait is over: at most this many, and at most a minute (the GCRA window).
+REFUSED_SIZE = 10_000
+REFUSED_SECONDS = 60
 # What leaves a pipeline unconfirmed: Redis away, or the breaker open.
 UNCONFIRMED: tuple[type[BaseException], ...] = (OpenedState, *REDIS_DOWN)
 
@@ -126,6 +133,10 @@ class Appender:
         self._waitaof = False
         self._metrics = metrics
         self._script = LuaScript.read(Path(__file__).parent / "admit.lua")
+        self._charge_source = (Path(__file__).parent / "charge.lua").read_text()
+        self._charge: AsyncScript | None = None  # registered by start()
+        # limited_as(address) -> time.monotonic() until which its limiter refuses.
+        self._refused: TTLCache[str, float] = TTLCache(REFUSED_SIZE, REFUSED_SECONDS)
         self._breaker = AsyncCircuitBreakerFactory(
             default_threshold=BREAKER_THRESHOLD, default_ttl=BREAKER_OPEN_SECONDS
         )
@@ -138,6 +149,11 @@ class Appender:
     async def start(self, waitaof: bool = False) -> None:
         """Start flushing; `waitaof`: every master has WAITAOF."""
         self._waitaof = waitaof
+        # redis-py loads it again by itself on NOSCRIPT; each call names the
+        # client of the master that holds its key.
+        self._charge = self._nodes.for_key(self._keys.stream(0))[1].register_script(
+            self._charge_source
+        )
         # Loading the script now means the first vote does not pay for it; a
         # Redis restart or a master's failover later is handled by reloading
         # on NOSCRIPT.
@@ -189,6 +205,56 @@ class Appender:
         self._waiting.append(request)
         self._wakeup.set()
         return await request.done
+
+    def check_refused(self, client_ip: str) -> None:
+        """Raises :class:`Limited` while `client_ip`'s limiter is known to
+        refuse it: it refused a vote for no poll (:meth:`charge`) less than
+        its wait ago. No round trip, and no poll lookup before it.
+
+        GCRA only moves a key's next allowed time forward, so a refusal holds
+        for its whole wait, on every edge: on one Redis this refuses nothing
+        admit.lua would let through. On a cluster the address has a limiter
+        per shard and this one was one of them; the address waits at most
+        that limiter's interval (60 s / its share of the limit) more.
+        """
+        address = limited_as(client_ip, self._ipv6_prefix)
+        until = self._refused.get(address)
+        if until is None:
+            return
+        left = until - time.monotonic()
+        if left > 0:
+            raise Limited(max(1, int(left * 1000)))
+        self._refused.pop(address, None)
+
+    async def charge(self, client_ip: str, poll_id: str) -> None:
+        """Count a vote for a poll that does not exist against `client_ip`'s
+        limit, as admit.lua counts a vote, so that made-up poll ids cannot be
+        sent without limit (each may cost a PostgreSQL read). Raises
+        :class:`Limited` when over the limit, and remembers it for
+        :meth:`check_refused`.
+
+        One round trip of its own, not in the appends' pipelines: it is a
+        refusal's path, and the appender's batches stay one script per entry.
+        On a cluster the limiter charged is the address's one of the shard the
+        poll id hashes to, so made-up ids spread over all of its limiters.
+        """
+        limit = self._limits[0]
+        if limit <= 0 or self._charge is None:
+            return
+        address = limited_as(client_ip, self._ipv6_prefix)
+        shard = zlib.crc32(poll_id.encode()) % self._keys.shards
+        key = self._keys.rate_ip(address, shard)
+        _, client = self._nodes.for_key(key)
+        try:
+            wait = int(await self._charge(keys=[key], args=[limit], client=client))
+        except REDIS_DOWN:
+            # The vote is answered 503 (ingest.app); after a failover or a
+            # moved slot, the next charge goes to the right master.
+            self._nodes.refresh_soon()
+            raise
+        if wait > 0:
+            self._refused[address] = time.monotonic() + wait / 1000
+            raise Limited(wait)
 
     async def _flush_forever(self) -> None:
         while True:

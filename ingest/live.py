@@ -15,6 +15,13 @@ and, when woken, writes the feed's latest event, at most
 VOTEFLOW_LIVE_UPDATES_PER_SECOND times a second. A slow client skips
 intermediate tallies instead of making the edge buffer them, always ends on
 the latest, and is dropped if one write waits VOTEFLOW_LIVE_WRITE_TIMEOUT.
+
+A stream lasts VOTEFLOW_LIVE_MAX_SECONDS at most (less up to a tenth, at
+random, so that watchers who came together do not all leave together); then
+the edge ends it (the SSE response ends, the WebSocket is closed with 1000).
+Its client reconnects, and the first message of the new stream is the current
+tally: nothing is lost, and a watcher that never reads cannot keep its
+connection forever. ingest.liveslots bounds how many streams are open.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,6 +58,10 @@ HEARTBEAT = b": keep-alive\n\n"
 # Seconds a master's subscriber waits for a message before it looks for new
 # channels to subscribe to (polls that got their first watcher meanwhile).
 RESUBSCRIBE_EVERY = 0.05
+# A stream's lifetime is cut short by up to this share of
+# VOTEFLOW_LIVE_MAX_SECONDS, at random: watchers who connected together (after
+# a deploy, say) then reconnect spread out, not all at once.
+LIFETIME_JITTER = 0.1
 
 
 class Feed:
@@ -316,10 +328,11 @@ class TallyHub:
 
 @dataclass(frozen=True, slots=True)
 class Pace:
-    """How long a watcher may leave a write unread (the rate of updates and the
-    heartbeat are the feed's)."""
+    """How long a watcher may leave a write unread, and how long its stream
+    lasts at most (the rate of updates and the heartbeat are the feed's)."""
 
     write_timeout: float  # seconds
+    lifetime: float  # seconds
 
 
 class Transport(Protocol):
@@ -335,31 +348,36 @@ async def follow(
     pace: Pace,
     gone: asyncio.Event | None,
 ) -> None:
-    """Send the poll's tallies to one watcher until it is `gone`, too slow, or
-    the edge shuts down: the current one at once, then the latest each time
-    the feed wakes."""
+    """Send the poll's tallies to one watcher until it is `gone`, too slow, its
+    lifetime is over, or the edge shuts down: the current one at once, then the
+    latest each time the feed wakes."""
     feed = hub.watch(poll)
+    # One timer per watcher for its whole life. Writes hand their bytes to the
+    # transport before they wait, so ending one mid-wait cuts no event short.
+    lifetime = asyncio.timeout(pace.lifetime * (1 - LIFETIME_JITTER * random.random()))
     try:
-        feed.offer(initial)
-        sent, beats = -1, feed.beats
-        while not hub.closing.is_set() and not (gone is not None and gone.is_set()):
-            # The generation to wait on is taken before writing: a wake while
-            # the write is under way is not missed, and nothing is sent
-            # between two wakes (which keep the pace).
-            changed = feed.changed
-            if feed.version > sent:
-                sent = feed.version
-                # asyncio.timeout, not wait_for: no task per write, and an
-                # update is as many writes as there are watchers.
-                async with asyncio.timeout(pace.write_timeout):
-                    await transport.send(feed)
-            elif feed.beats > beats:
-                beats = feed.beats
-                async with asyncio.timeout(pace.write_timeout):
-                    await transport.beat()
-            await _either(gone, changed)
+        async with lifetime:
+            feed.offer(initial)
+            sent, beats = -1, feed.beats
+            while not hub.closing.is_set() and not (gone is not None and gone.is_set()):
+                # The generation to wait on is taken before writing: a wake
+                # while the write is under way is not missed, and nothing is
+                # sent between two wakes (which keep the pace).
+                changed = feed.changed
+                if feed.version > sent:
+                    sent = feed.version
+                    # asyncio.timeout, not wait_for: no task per write, and an
+                    # update is as many writes as there are watchers.
+                    async with asyncio.timeout(pace.write_timeout):
+                        await transport.send(feed)
+                elif feed.beats > beats:
+                    beats = feed.beats
+                    async with asyncio.timeout(pace.write_timeout):
+                        await transport.beat()
+                await _either(gone, changed)
     except TimeoutError:
-        hub.slow_watcher()  # its socket buffer stayed full: drop it
+        if not lifetime.expired():  # a write's timeout, not the lifetime's
+            hub.slow_watcher()  # its socket buffer stayed full: drop it
     except (ConnectionResetError, ConnectionError):
         pass  # the watcher left
     finally:

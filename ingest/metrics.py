@@ -47,6 +47,8 @@ class EdgeMetrics:
     unreplicated: Counter = field(init=False)
     live_subscribers: Gauge = field(init=False)
     live_dropped: Counter = field(init=False)
+    live_refused: Counter = field(init=False)
+    poll_reads: Counter = field(init=False)
     pool: PoolGauges = field(init=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +117,20 @@ class EdgeMetrics:
         self.live_dropped = Counter(
             "voteflow_live_dropped",
             "Live watchers dropped because they left an update unread too long.",
+            registry=r,
+        )
+        self.live_refused = Counter(
+            "voteflow_live_refused",
+            "Live streams refused: per_address (429, the client address holds "
+            "VOTEFLOW_LIVE_MAX_PER_ADDRESS) or busy (503, live streams hold their share "
+            "of the edge's connections).",
+            ["reason"],
+            registry=r,
+        )
+        self.poll_reads = Counter(
+            "voteflow_poll_reads",
+            "Polls read from PostgreSQL on a poll-cache miss, by whether one was found.",
+            ["found"],
             registry=r,
         )
         self.pool = PoolGauges(r)

@@ -5,6 +5,14 @@ vote costs no PostgreSQL round trip. A copy lives ``VOTEFLOW_POLL_CACHE_TTL``
 seconds at most; closing a poll drops it at once on every edge through the
 ``polls-changed`` channel (see ingest.live). Concurrent misses for one poll
 share a single query (async-lru coalesces them).
+
+An id that names no poll is remembered apart, as long as a copy of a poll
+is trusted and in a bounded cache of its own (:data:`MISSING_SIZE`): votes
+for random or made-up poll ids then neither reach PostgreSQL each time an
+id repeats nor take the slots of real polls, which they would evict. Poll
+ids are UUIDs the database draws, so an id cannot name a poll before that
+poll is created and read by its creator; closing or changing a poll drops
+its entries from both caches.
 """
 
 from __future__ import annotations
@@ -16,19 +24,28 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from async_lru import alru_cache
+from cachetools import TTLCache
 
 from voteflow.outages import POSTGRES_DOWN
 from voteflow.timeutil import from_us, to_us
+
+if TYPE_CHECKING:
+    # Not at run time: ingest.validate imports this module, and the pre-fork
+    # supervisor must not import prometheus-client (ingest.metrics) early.
+    from .metrics import EdgeMetrics
 
 log = logging.getLogger(__name__)
 
 # Enough for every poll that is live at once on any deployment we know of; a
 # miss beyond it costs one indexed query, not a failure.
 CACHE_SIZE = 50_000
+# Ids that name no poll, remembered at once: a flood of distinct made-up ids
+# cycles through these (least recently used first), never through real polls.
+MISSING_SIZE = 10_000
 # Characters of a list cursor: enough for any this edge hands out.
 MAX_CURSOR = 128
 
@@ -163,20 +180,28 @@ async def list_open(pool: asyncpg.Pool, after: Cursor | None, limit: int) -> Pag
     return Page(polls, cursor)
 
 
+class _NoSuchPoll(Exception):
+    """Raised inside the cache of polls so that it keeps no entry for the id
+    (async-lru keeps no exception); PollCache.get turns it into None."""
+
+
 class PollCache:
-    """Polls by id, each read from PostgreSQL at most once per ``ttl``.
+    """Polls by id, each read from PostgreSQL at most once per ``ttl``; ids
+    that name no poll too, in a cache of their own.
 
     While PostgreSQL is away, the last copy read of a poll keeps being served
     (stale-if-error): votes for a live poll are still checked and queued, and
     the streams absorb them until the workers can write again.
     """
 
-    def __init__(self, pool: asyncpg.Pool, ttl: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, ttl: float, metrics: EdgeMetrics) -> None:
         self._pool = pool
-        self._get: Callable[[str], Awaitable[Poll | None]] = alru_cache(
+        self._metrics = metrics
+        self._get: Callable[[str], Awaitable[Poll]] = alru_cache(
             maxsize=CACHE_SIZE, ttl=ttl if ttl > 0 else None
-        )(self._fetch)
+        )(self._fetch_known)
         self._ttl = ttl
+        self._missing: TTLCache[str, bool] | None = TTLCache(MISSING_SIZE, ttl) if ttl > 0 else None
         self._last_read: OrderedDict[str, Poll] = OrderedDict()
 
     async def _fetch(self, poll_id: str) -> Poll | None:
@@ -188,6 +213,7 @@ class PollCache:
                 raise
             log.warning("PostgreSQL unavailable (%r); serving poll %s as last read", exc, poll_id)
             return stale
+        self._metrics.poll_reads.labels("true" if poll is not None else "false").inc()
         if poll is not None:
             self._last_read[poll_id] = poll
             self._last_read.move_to_end(poll_id)
@@ -195,10 +221,29 @@ class PollCache:
                 self._last_read.popitem(last=False)
         return poll
 
+    async def _fetch_known(self, poll_id: str) -> Poll:
+        poll = await self._fetch(poll_id)
+        if poll is None:
+            raise _NoSuchPoll(poll_id)
+        return poll
+
     async def get(self, poll_id: str) -> Poll | None:
-        if self._ttl <= 0:
+        if self._missing is None:  # no caching at all (ttl 0)
             return await self._fetch(poll_id)
-        return await self._get(poll_id)
+        if poll_id in self._missing:
+            return None
+        try:
+            return await self._get(poll_id)
+        except _NoSuchPoll:
+            self._missing[poll_id] = True
+            return None
+
+    @property
+    def size(self) -> int:
+        """Polls cached now; ids that name no poll are never among them."""
+        return int(self._get.cache_info().currsize)  # type: ignore[attr-defined]
 
     def invalidate(self, poll_id: str) -> None:
         self._get.cache_invalidate(poll_id)  # type: ignore[attr-defined]
+        if self._missing is not None:
+            self._missing.pop(poll_id, None)

@@ -18,7 +18,9 @@ the two around aiohttp's own protocol, per process:
   keep-alive connection stay bounded by ``keepalive_timeout``, as above.
 
 Bodies get their own deadline, ``body_timeout``, where the routes read them
-(:func:`read_body`). A response, a live stream included, is never cut short.
+(:func:`read_body`). A response is never cut short; a live stream ends on
+its own after VOTEFLOW_LIVE_MAX_SECONDS, and takes at most its share of the
+connections (ingest.live, ingest.liveslots).
 """
 
 from __future__ import annotations

@@ -192,6 +192,7 @@ def _stack_env(database_url: str, redis_url: str, port: int, token: str) -> dict
         # Every simulated user comes from 127.0.0.1.
         VOTEFLOW_RATE_LIMIT_PER_IP="0",
         VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
+        VOTEFLOW_LIVE_MAX_PER_ADDRESS="1000000",
     )
     return env
 

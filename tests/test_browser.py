@@ -6,6 +6,7 @@ it. A screenshot of the poll page is left in build/test-artifacts/.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import time
@@ -292,3 +293,59 @@ async def test_poll_page_votes_with_the_voter_token_its_link_carries(
         finally:
             await conn.close()
         assert [row["voter"] for row in voters] == ["u:alice"]
+
+
+async def test_poll_page_reconnects_after_the_streams_lifetime_and_shows_the_latest_tally(
+    settings: Settings, worker: InProcessWorker
+) -> None:
+    short = replace(settings, live_max_seconds=1.0)
+    async with edge_client(short) as edge:
+        poll = await create_poll(edge, question="Still live?", options=["Yes", "No"])
+        base = str(edge.make_url("")).rstrip("/")
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+            try:
+                page = await browser.new_page()
+                streams: list[Any] = []
+                page.on("request", lambda r: streams.append(r) if r.url.endswith("/live") else 0)
+                await page.goto(f"{base}/polls/{poll['id']}")
+                await expect(page.locator("#status")).to_have_text("Live")
+                # The edge ends the first stream; the page opens the next by itself.
+                async with asyncio.timeout(LIVE_TIMEOUT / 1000):
+                    while len(streams) < 2:
+                        await asyncio.sleep(0.1)
+                response = await edge.post("/api/vote", json=ballot(poll, "ann", 1))
+                assert response.status == 202
+                await expect(_count(page, poll, 1)).to_have_text("1 · 100%", timeout=LIVE_TIMEOUT)
+                await expect(page.locator("#status")).to_have_text("Live", timeout=LIVE_TIMEOUT)
+            finally:
+                await browser.close()
+
+
+async def test_poll_page_refused_a_live_stream_opens_one_itself_once_there_is_room(
+    settings: Settings, worker: InProcessWorker
+) -> None:
+    # One stream per address: a second tab is answered 429, and EventSource
+    # gives up on that; the page must try again by itself.
+    one = replace(settings, live_max_per_address=1, sse_heartbeat=0.5)
+    async with edge_client(one) as edge:
+        poll = await create_poll(edge, question="Room for me?", options=["Yes", "No"])
+        url = f"{str(edge.make_url('')).rstrip('/')}/polls/{poll['id']}"
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+            try:
+                first = await browser.new_page()
+                await first.goto(url)
+                await expect(first.locator("#status")).to_have_text("Live")
+                second = await browser.new_page()
+                async with second.expect_response(lambda r: r.url.endswith("/live")) as refused:
+                    await second.goto(url)
+                assert (await refused.value).status == 429
+                await expect(second.locator("#status")).to_have_text("Disconnected, reconnecting…")
+                await first.close()
+                await expect(second.locator("#status")).to_have_text("Live", timeout=LIVE_TIMEOUT)
+                response = await edge.post("/api/vote", json=ballot(poll, "ann", 0))
+                assert response.status == 202
+                await expect(_count(second, poll, 0)).to_have_text("1 · 100%", timeout=LIVE_TIMEOUT)
+            finally:
+                await browser.close()

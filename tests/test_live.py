@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
 from typing import Any
 
 import orjson
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, WSCloseCode, WSMsgType
 from aiohttp.test_utils import TestClient
 from redis import asyncio as aioredis
 
-from tests.support import InProcessWorker, create_poll, edge_client
+from ingest.live import LIFETIME_JITTER
+from tests.support import InProcessWorker, create_poll, edge_client, results
 from voteflow.keys import Keys
 from voteflow.settings import Settings
 from voteflow.tally import Tally
@@ -196,3 +198,61 @@ async def test_a_watcher_that_stops_reading_is_dropped_not_buffered_for(
             assert "voteflow_live_subscribers 1.0" in text
             assert await dropped() == 1
         stuck.close()
+
+
+async def test_a_live_stream_ends_after_its_max_lifetime_and_a_reconnect_gets_the_latest_tally(
+    settings: Settings, worker: InProcessWorker
+) -> None:
+    lifetime = 1.0
+    short = dataclasses.replace(settings, live_max_seconds=lifetime)
+    async with edge_client(short) as edge:
+        poll = await create_poll(edge)
+        a = poll["options"][0]["id"]
+        body = {"poll_id": poll["id"], "option_ids": [a], "voter_fingerprint": "v"}
+        started = asyncio.get_running_loop().time()
+        async with (
+            edge.get(f"/api/polls/{poll['id']}/live") as sse,
+            edge.ws_connect(f"/api/polls/{poll['id']}/ws") as ws,
+        ):
+            assert (await next_event(sse))["total_ballots"] == 0
+            await ws.receive(timeout=10)
+            async with asyncio.timeout(lifetime + 5):
+                while await sse.content.readline():  # to the stream's end
+                    pass
+                while (message := await ws.receive()).type != WSMsgType.CLOSE:
+                    pass
+            ended = asyncio.get_running_loop().time() - started
+            assert message.data == WSCloseCode.OK
+        assert (1 - LIFETIME_JITTER) * lifetime - 0.1 <= ended <= lifetime + 2, ended
+        # A ballot counted while the watcher was away is in the first event of
+        # its next stream.
+        assert (await edge.post("/api/vote", json=body)).status == 202
+        async with asyncio.timeout(10):
+            while (await results(edge, poll["id"]))["total_ballots"] < 1:
+                await asyncio.sleep(0.05)
+        async with edge.get(f"/api/polls/{poll['id']}/live") as again:
+            latest = await next_event(again)
+            assert latest["total_ballots"] == 1
+            assert {o["id"]: o["votes"] for o in latest["options"]}[a] == 1
+
+
+async def test_an_ipv6_64_counts_as_one_address_for_live_streams(settings: Settings) -> None:
+    behind_proxy = dataclasses.replace(
+        settings, live_max_per_address=2, trusted_proxies="127.0.0.1"
+    )
+    async with edge_client(behind_proxy) as edge, contextlib.AsyncExitStack() as streams:
+        poll = await create_poll(edge)
+        path = f"/api/polls/{poll['id']}/live"
+        for client in ("2001:db8:1:2::1", "2001:db8:1:2:ffff::7"):
+            held = await streams.enter_async_context(
+                edge.get(path, headers={"X-Forwarded-For": client})
+            )
+            assert held.status == 200
+        refused = await edge.get(path, headers={"X-Forwarded-For": "2001:db8:1:2::99"})
+        assert refused.status == 429
+        assert refused.headers["Retry-After"]
+        assert set(await refused.json()) == {"error"}
+        # The next /64 is another client.
+        other = await edge.get(path, headers={"X-Forwarded-For": "2001:db8:1:3::1"})
+        assert other.status == 200
+        other.close()

@@ -100,3 +100,29 @@ def test_edge_and_up_refuse_a_placeholder_admin_token_at_start(command: str) -> 
     )  # fmt: skip
     assert done.returncode == 2, done.stdout + done.stderr
     assert "VOTEFLOW_ADMIN_TOKEN is a placeholder" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"VOTEFLOW_LIVE_MAX_PER_ADDRESS": "0"}, "VOTEFLOW_LIVE_MAX_PER_ADDRESS must be >= 1"),
+        ({"VOTEFLOW_LIVE_MAX_SECONDS": "0"}, "VOTEFLOW_LIVE_MAX_SECONDS must be > 0"),
+        ({"VOTEFLOW_LIVE_MAX_SECONDS": "soon"}, "VOTEFLOW_LIVE_MAX_SECONDS must be a number"),
+        (
+            {"VOTEFLOW_MAX_CONNECTIONS": "100", "VOTEFLOW_LIVE_MAX_CONNECTIONS": "100"},
+            r"VOTEFLOW_LIVE_MAX_CONNECTIONS must be .* below VOTEFLOW_MAX_CONNECTIONS \(100\)",
+        ),
+        ({"VOTEFLOW_LIVE_MAX_CONNECTIONS": "-1"}, "VOTEFLOW_LIVE_MAX_CONNECTIONS must be"),
+    ],
+)
+def test_live_stream_limits_out_of_range_stop_the_start_naming_the_variable(
+    env: dict[str, str], named: str
+) -> None:
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env)
+
+
+def test_live_streams_take_half_the_connections_unless_told_otherwise() -> None:
+    assert Settings.from_env({"VOTEFLOW_MAX_CONNECTIONS": "40"}).live_connections == 20
+    told = {"VOTEFLOW_MAX_CONNECTIONS": "40", "VOTEFLOW_LIVE_MAX_CONNECTIONS": "30"}
+    assert Settings.from_env(told).live_connections == 30

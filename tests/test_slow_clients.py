@@ -125,10 +125,13 @@ class Raw:
         self.opened_at = time.monotonic()
 
     @classmethod
-    async def open(cls, edge: Process) -> Raw:
+    async def open(cls, edge: Process, source: str | None = None) -> Raw:
+        """A connection from `source` (a loopback address like 127.0.0.2), or
+        from wherever the kernel picks."""
         host, port = edge.url.removeprefix("http://").split(":")
+        local = None if source is None else (source, 0)
         async with asyncio.timeout(5):
-            reader, writer = await asyncio.open_connection(host, int(port))
+            reader, writer = await asyncio.open_connection(host, int(port), local_addr=local)
         return cls(reader, writer)
 
     async def send(self, data: bytes) -> None:
@@ -350,3 +353,108 @@ async def test_vote_body_over_4_kib_is_refused_413_before_it_is_sent(
     conn.close()
     assert answer is not None and answer.status == 413, answer
     assert "4096" in answer.json()["error"]
+
+
+async def open_stuck_stream(edge: Process, poll_id: str, source: str = "127.0.0.1") -> Raw:
+    """A live stream that got its answer's head and then never reads again."""
+    conn = await Raw.open(edge, source)
+    await conn.send(f"GET /api/polls/{poll_id}/live HTTP/1.1\r\nHost: edge\r\n\r\n".encode())
+    async with asyncio.timeout(MARGIN):
+        head = await conn.reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return conn
+
+
+async def refused_stream(edge: Process, poll_id: str, source: str, ws: bool = False) -> Answer:
+    conn = await Raw.open(edge, source)
+    path = f"/api/polls/{poll_id}/{'ws' if ws else 'live'}"
+    upgrade = (
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        if ws
+        else ""
+    )
+    await conn.send(f"GET {path} HTTP/1.1\r\nHost: edge\r\n{upgrade}\r\n".encode())
+    answer = await conn.answer(MARGIN)
+    conn.close()
+    assert answer is not None
+    return answer
+
+
+async def test_live_streams_beyond_the_per_address_limit_are_429_and_other_addresses_still_stream(
+    start_edge: StartEdge,
+) -> None:
+    per_address = 3
+    # An SSE client's leaving shows at the edge's next write to it: a heartbeat.
+    edge = await start_edge(
+        VOTEFLOW_LIVE_MAX_PER_ADDRESS=str(per_address), VOTEFLOW_SSE_HEARTBEAT="0.3"
+    )
+    async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
+        poll = await create_poll(session, edge, ["A", "B"])
+    held = [await open_stuck_stream(edge, poll["id"]) for _ in range(per_address)]
+    try:
+        for ws in (False, True):  # SSE and WebSocket share the count
+            answer = await refused_stream(edge, poll["id"], "127.0.0.1", ws)
+            assert answer.status == 429, answer
+            assert int(answer.headers["retry-after"]) >= 1
+            assert f"at most {per_address} live streams" in answer.json()["error"]
+        # Another address is not held back by this one.
+        other = await open_stuck_stream(edge, poll["id"], source="127.0.0.2")
+        other.close()
+        # One stream of the first address ends: it may open one more.
+        held.pop().close()
+        deadline = time.monotonic() + 2 * MARGIN
+        while True:
+            conn = await Raw.open(edge)
+            await conn.send(
+                f"GET /api/polls/{poll['id']}/live HTTP/1.1\r\nHost: e\r\n\r\n".encode()
+            )
+            head = await asyncio.wait_for(conn.reader.readuntil(b"\r\n\r\n"), MARGIN)
+            if head.startswith(b"HTTP/1.1 200"):
+                held.append(conn)
+                break
+            conn.close()
+            assert time.monotonic() < deadline, head
+            await asyncio.sleep(0.2)
+    finally:
+        for conn in held:
+            conn.close()
+
+
+async def test_with_the_live_budget_full_a_vote_is_202_and_a_new_stream_503(
+    start_edge: StartEdge, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    edge = await start_edge(
+        VOTEFLOW_MAX_CONNECTIONS="8",
+        VOTEFLOW_LIVE_MAX_CONNECTIONS="4",
+        VOTEFLOW_LIVE_MAX_PER_ADDRESS="100",
+    )
+    async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
+        poll = await create_poll(session, edge, ["A", "B"])
+    # Watchers that never read hold every slot live streams may take...
+    held = [await open_stuck_stream(edge, poll["id"]) for _ in range(4)]
+    try:
+        answer = await refused_stream(edge, poll["id"], "127.0.0.2")
+        assert answer.status == 503, answer
+        assert int(answer.headers["retry-after"]) >= 1
+        assert answer.json()["error"]
+        # ...and a voter is still served.
+        ballot = orjson.dumps(
+            {
+                "poll_id": poll["id"],
+                "option_ids": [poll["options"][0]["id"]],
+                "voter_fingerprint": "v",
+            }
+        )
+        conn = await Raw.open(edge)
+        await conn.send(
+            b"POST /api/vote HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(ballot), ballot)
+        )
+        voted = await conn.answer(MARGIN)
+        conn.close()
+        assert voted is not None and voted.status == 202, voted
+        assert await queued(redis_client, key_prefix) == 1
+    finally:
+        for stuck in held:
+            stuck.close()

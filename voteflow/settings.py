@@ -143,6 +143,15 @@ class Settings:
     # Seconds a live client may leave one update unread before it is dropped
     # (its socket buffer is full): the edge never queues for it.
     live_write_timeout: float = 10.0
+    # Live streams (SSE and WebSocket) one client address may hold open at once
+    # per edge process, counted as the per-IP limit counts it (an IPv6 /64).
+    live_max_per_address: int = 8
+    # Seconds a live stream lasts at most; then the edge ends it and the client
+    # reconnects, resuming from the latest tally.
+    live_max_seconds: float = 3600.0
+    # Connections per edge process live streams may take in all, so that
+    # watchers never take the ones voters need; 0: half of max_connections.
+    live_max_connections: int = 0
     # Slow or stuck clients: most open connections per edge process, and the
     # seconds a client has to send its request headers, then its body.
     max_connections: int = 10_000
@@ -248,6 +257,14 @@ class Settings:
         need(self.live_updates_per_second > 0, "live_updates_per_second", "must be > 0")
         need(self.live_write_timeout > 0, "live_write_timeout", "must be > 0")
         need(self.max_connections >= 1, "max_connections", "must be >= 1")
+        need(self.live_max_per_address >= 1, "live_max_per_address", "must be >= 1")
+        need(self.live_max_seconds > 0, "live_max_seconds", "must be > 0")
+        need(
+            0 <= self.live_max_connections < self.max_connections,
+            "live_max_connections",
+            f"must be 0 (half of VOTEFLOW_MAX_CONNECTIONS) or below VOTEFLOW_MAX_CONNECTIONS "
+            f"({self.max_connections}), so that live streams leave connections for votes",
+        )
         need(self.header_timeout > 0, "header_timeout", "must be > 0")
         need(self.body_timeout > 0, "body_timeout", "must be > 0")
         need(self.keepalive_timeout > 0, "keepalive_timeout", "must be > 0")
@@ -261,6 +278,11 @@ class Settings:
             "log_level",
             "must be DEBUG, INFO, WARNING or ERROR",
         )
+
+    @property
+    def live_connections(self) -> int:
+        """Live streams an edge process may hold open in all."""
+        return self.live_max_connections or self.max_connections // 2
 
     def require_urls(self) -> None:
         """The edge and the workers cannot start without both servers."""

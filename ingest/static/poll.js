@@ -1,8 +1,8 @@
 // A poll's page: its tallies, live from the SSE stream, and a form to vote.
 //
 // The stream sends the whole current tally on connect and after every commit;
-// EventSource reconnects by itself after a drop, and the first event after it
-// is the current snapshot again, so nothing is replayed or lost.
+// after a drop, or the end of a stream's lifetime, the page reconnects and the
+// first event is the current snapshot again, so nothing is replayed or lost.
 "use strict";
 
 const pollId = decodeURIComponent(location.pathname.split("/").pop());
@@ -110,16 +110,31 @@ function tick() {
   drawRate();
 }
 
+// EventSource reconnects by itself when a stream ends (the edge ends each one
+// after VOTEFLOW_LIVE_MAX_SECONDS) or drops, but gives up for good on an answer
+// other than 200: a 429 (this address holds its most live streams) or a 503
+// (the edge holds all it may). The page then opens a new one itself, after a
+// wait that doubles up to a minute, with jitter so that a crowd spreads out.
+const RELISTEN_FIRST = 5; // seconds
+const RELISTEN_MAX = 60;
+let relistenWait = RELISTEN_FIRST;
+
 function listen() {
   const source = new EventSource("/api/polls/" + encodeURIComponent(pollId) + "/live");
   source.addEventListener("open", () => setStatus("live", "Live"));
   source.addEventListener("tally", (event) => {
+    relistenWait = RELISTEN_FIRST;
     setStatus("live", "Live");
     renderTally(JSON.parse(event.data));
   });
   source.addEventListener("error", () => {
     // EventSource retries by itself while the edge is away; say so meanwhile.
     setStatus("down", "Disconnected, reconnecting…");
+    if (source.readyState === EventSource.CLOSED) {
+      const wait = relistenWait * (0.5 + Math.random() / 2);
+      relistenWait = Math.min(RELISTEN_MAX, relistenWait * 2);
+      setTimeout(listen, wait * 1000);
+    }
   });
 }
 

@@ -92,8 +92,10 @@ class Pipeline:
             VOTEFLOW_HOST=HOST,
             VOTEFLOW_PORT=str(port),
             VOTEFLOW_TRUSTED_PROXIES=HOST,
-            # Stage 8's watchers and the votes beside them.
+            # Stage 8's watchers and the votes beside them; the watchers all
+            # come from the bench's one address.
             VOTEFLOW_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
+            VOTEFLOW_LIVE_MAX_PER_ADDRESS=str(MAX_CONNECTIONS),
         )
         worker_env = bench.child_env(**common, VOTEFLOW_WORKER_METRICS_PORT="0")
         self.url = f"http://{HOST}:{port}"
