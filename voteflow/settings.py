@@ -145,7 +145,9 @@ class Settings:
     live_write_timeout: float = 10.0
     # Live streams (SSE and WebSocket) one client address may hold open at once
     # per edge process, counted as the per-IP limit counts it (an IPv6 /64).
-    live_max_per_address: int = 8
+    # A room's phones often share one NAT address: as nginx's limit_conn (100),
+    # far below the live budget, so that one address can never take it all.
+    live_max_per_address: int = 100
     # Seconds a live stream lasts at most; then the edge ends it and the client
     # reconnects, resuming from the latest tally.
     live_max_seconds: float = 3600.0
