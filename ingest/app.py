@@ -160,9 +160,9 @@ async def observe(
         response = problem(
             503, "temporarily unavailable, retry later", None, RETRY_AFTER_UNAVAILABLE
         )
-    route = _route_name(request)
-    metrics.requests.labels(route, request.method, response.status).inc()
-    metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+    metrics.observe_request(
+        _route_name(request), request.method, response.status, time.perf_counter() - started
+    )
     return response
 
 

@@ -27,6 +27,11 @@ from voteflow.poolmetrics import PoolGauges, PoolStats
 # prometheus-client's own switch to multiprocess mode: the directory of the files.
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
+# The methods counted by name; the others that HTTP's parser knows (some
+# thirty: WebDAV's, SEARCH, ...) are counted as "other", so a client cannot
+# add a series of its choosing to every route.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 # Request latencies of a queue-backed edge are sub-millisecond to seconds.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -50,6 +55,28 @@ class EdgeMetrics:
     live_refused: Counter = field(init=False)
     poll_reads: Counter = field(init=False)
     pool: PoolGauges = field(init=False)
+    # Each request's two series, looked up once per (route, method, status)
+    # rather than by prometheus-client's labels() on every request (its
+    # checks and lock cost about as much as counting). Bounded: routes are
+    # the app's own, methods METHODS or "other", statuses HTTP's.
+    _request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = field(
+        init=False, default_factory=dict
+    )
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and its time from request to response."""
+        key = (route, method, status)
+        series = self._request_series.get(key)
+        if series is None:
+            label = method if method in METHODS else "other"
+            series = (
+                self.requests.labels(route, label, status),
+                self.request_seconds.labels(route),
+            )
+            self._request_series[key] = series
+        count, timing = series
+        count.inc()
+        timing.observe(seconds)
 
     def __post_init__(self) -> None:
         r = self.registry

@@ -92,6 +92,14 @@ async def test_edge_metrics_count_requests_and_votes(edge: Client) -> None:
     assert "voteflow_http_request_seconds_bucket" in text
 
 
+async def test_unusual_methods_are_counted_as_one_series(edge: Client) -> None:
+    for method in ("PROPFIND", "MKCOL"):
+        assert (await edge.request(method, "/api/vote")).status == 405
+    text = await (await edge.get("/metrics")).text()
+    assert 'voteflow_http_requests_total{method="other",route="unmatched",status="405"} 2.0' in text
+    assert "PROPFIND" not in text and "MKCOL" not in text
+
+
 async def test_worker_metrics_are_served_on_their_own_port(
     edge: Client, worker: InProcessWorker, redis_client: aioredis.Redis, settings: Settings
 ) -> None:
