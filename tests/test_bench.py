@@ -10,9 +10,12 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,8 +88,16 @@ def test_bench_measures_the_first_stages_and_leaves_no_process(tmp_path: Path) -
     ):
         assert row in done.stdout, done.stdout
 
+    assert "goals (ratios within this run)" in done.stdout, done.stdout
     (written,) = tmp_path.glob("*.json")
-    stages = json.loads(written.read_text())["stages"]
+    document = json.loads(written.read_text())
+    assert document["complete"] is True
+    # Only the edge's goal is measured by these stages; the others say so.
+    verdicts = {goal["goal"]: goal for goal in document["goals"]}
+    edge_goal = verdicts["edge over the HTTP ceiling (2/1)"]
+    assert edge_goal["value"] > 0 and edge_goal["verdict"] in {"met", "not met"}
+    assert verdicts["drain over the PostgreSQL ceiling (4)"]["verdict"] == "not measured"
+    stages = document["stages"]
     assert [stage["stage"] for stage in stages] == [1, 2, 3, 12, 13]
     for stage in stages:
         assert len(stage["samples"]) == 1
@@ -160,7 +171,14 @@ def test_bench_end_to_end_stages_measure_lag_spike_and_cost(tmp_path: Path) -> N
     assert "cost by process" in done.stdout, done.stdout
 
     (written,) = tmp_path.glob("*.json")
-    steady, spike, cost, fanout = json.loads(written.read_text())["stages"]
+    document = json.loads(written.read_text())
+    steady, spike, cost, fanout = document["stages"]
+    # Stages 1 and 4 were not run: the goals that need them are not measured;
+    # stage 8's are, whatever this small run's figures.
+    verdicts = {goal["goal"]: goal["verdict"] for goal in document["goals"]}
+    assert verdicts["pipeline CPU per vote over the bare app's (7 all / 1)"] == "not measured"
+    assert verdicts["live: commit to watcher p99 (8)"] in {"met", "not met"}
+    assert verdicts["live: votes offered meanwhile answered 202 (8)"] in {"met", "not met"}
     (sample,) = steady["samples"]
     extra = sample["extra"]
     # Paced: about 300 votes/s for 3 s were offered, not as many as wrk could send.
@@ -214,3 +232,104 @@ def test_live_lag_is_counted_from_the_first_update_that_counts_each_vote() -> No
     watcher.events = [(10.1, 2)]
     assert watcher.lags(votes)[1] == 1
     assert percentiles([float(n) for n in range(1, 101)]) == [50.0, 95.0, 99.0]
+
+
+def test_an_interrupted_bench_keeps_what_it_measured(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk): the bench's load generator")
+    token = secrets.token_hex(8)
+    argv = [sys.executable, "-m", "loadtest.bench", "--stages", "1", "--repeats", "50"]
+    argv += ["--duration", "1", "--connections", "8", "--results-dir", str(tmp_path)]
+    bench = subprocess.Popen(
+        argv, cwd=REPO, env={**os.environ, MARK: token}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + SMOKE_TIMEOUT
+        while not list(tmp_path.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        bench.send_signal(signal.SIGINT)
+        _, err = bench.communicate(timeout=60)
+    finally:
+        bench.kill()
+    assert bench.returncode == 130, err
+    assert _processes_marked(f"{MARK}={token}") == []
+    (written,) = tmp_path.glob("*.json")
+    assert str(written) in err, err
+    document = json.loads(written.read_text())
+    assert document["complete"] is False
+    (stage,) = document["stages"]
+    assert 1 <= len(stage["samples"]) < 50 and stage["rate_median"] > 0, stage
+
+
+def _run(stages: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
+    return {"started_at": "2026-12-03T00:00:00+00:00", "settings": settings, "stages": stages}
+
+
+def _stage(number: int, rate: float, cpu: float, **fields: Any) -> dict[str, Any]:
+    sample = {"non_2xx": 0, "socket_errors": 0, "timeouts": 0, "extra": fields.pop("extra", {})}
+    return {
+        "stage": number, "name": f"s{number}", "rate_median": rate,
+        "server_cpu_s_per_1k_median": cpu, "latency_ms_median": {"p99": 5.0},
+        "ratio": None, "samples": [sample], **fields,
+    }  # fmt: skip
+
+
+def test_goals_are_met_not_met_or_not_measured() -> None:
+    from loadtest.bench.goals import judged
+
+    pipeline = {f"cpu_s_per_1k.{p}": 0.1 for p in ("edge", "worker", "redis", "postgresql")}
+    run = _run(
+        [
+            _stage(1, 10_000, 0.05),
+            _stage(2, 7_000, 0.1, ratio={"of": "2/1", "median": 0.7}),
+            _stage(7, 3_000, 0.2, extra=pipeline | {"cpu_s_per_1k.wrk": 9.0}),
+            _stage(8, 150, 0.3, extra={"delay_p99_ms": 250.0}),
+        ],
+        fanout={"rate": 200},
+    )
+    verdicts = {goal["goal"]: (goal["value"], goal["verdict"]) for goal in judged(run)}
+    assert verdicts["edge over the HTTP ceiling (2/1)"] == (0.7, "met")
+    # 0.4 s per 1,000 in the pipeline (wrk is not part of it) over the bare 0.05.
+    value, verdict = verdicts["pipeline CPU per vote over the bare app's (7 all / 1)"]
+    assert round(value, 6) == 8 and verdict == "not met"
+    assert verdicts["live: commit to watcher p99 (8)"] == (250.0, "met")
+    # 150 of the 200 votes/s offered were answered.
+    assert verdicts["live: votes offered meanwhile answered 202 (8)"] == (0.75, "not met")
+    assert verdicts["live: those votes' p99 (8)"] == (5.0, "met")
+    assert verdicts["drain over the PostgreSQL ceiling (4)"] == (None, "not measured")
+
+
+def test_compare_prints_two_runs_side_by_side(tmp_path: Path) -> None:
+    older = _run(
+        [_stage(1, 10_000, 0.05), _stage(2, 3_000, 0.15, ratio={"of": "2/1", "median": 0.3})]
+    )
+    newer = _run(
+        [_stage(1, 10_000, 0.05), _stage(2, 6_000, 0.12, ratio={"of": "2/1", "median": 0.6})]
+    )
+    newer["complete"] = False
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(older))  # written before runs said "complete"
+    b.write_text(json.dumps(newer))
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--compare", str(a), str(b)],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(str(b) in line and "cut short" in line for line in lines), done.stdout
+    (edge,) = [line for line in lines if line.startswith("2 s2")]
+    assert edge.split()[2:9] == ["3,000", "6,000", "2.00", "0.150", "0.120", "0.80", "2/1"]
+    (goal,) = [line for line in lines if line.startswith("edge over the HTTP ceiling")]
+    assert goal.split()[-4:] == ["0.3", "0.6", ">=", "0.6"]
+
+
+def test_compare_refuses_what_is_not_a_bench_result(tmp_path: Path) -> None:
+    other = tmp_path / "other.json"
+    other.write_text("[1, 2]")
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--compare", str(other), str(other)],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "not a result of python -m loadtest.bench" in done.stderr

@@ -26,7 +26,10 @@ Each stage is registered in ``cli.STAGES``.
 The stages run in rounds, one repeat of each per round, so the shared
 machine's noise falls on each alike; ratios are taken within a round. The
 table and ``bench/results/<UTC timestamp>.json`` show medians and spreads,
-the server's CPU seconds per 1,000 requests and wrk's own CPU use. Every
+the server's CPU seconds per 1,000 requests and wrk's own CPU use; the JSON
+is rewritten after each measured run (``"complete": false`` until the end),
+and the goals (``goals``) are judged from it. ``--compare A.json B.json``
+prints two kept runs side by side (``compare``). Every
 process the bench starts (private PostgreSQL and Redis, the edge, the apps,
 wrk) is stopped when it ends, also on Ctrl-C.
 """

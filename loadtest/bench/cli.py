@@ -6,7 +6,7 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +14,7 @@ from tempfile import TemporaryDirectory
 from types import FrameType
 from typing import Any
 
-from . import report, wrk
+from . import compare, goals, report, wrk
 from .ceiling import HttpCeiling
 from .cluster_cost import ClusterCost
 from .cost import Cost
@@ -162,6 +162,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="stage 8: votes/s while they watch (default: 200)",
     )
     parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("A.json", "B.json"),
+        help="measure nothing: print two kept runs side by side, with B/A and each's goals",
+    )
+    parser.add_argument(
         "--results-dir",
         type=Path,
         default=report.RESULTS_DIR,
@@ -181,11 +188,18 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+# Called after each sample with every stage and the samples so far.
+Save = Callable[[list[Stage], dict[int, list[Sample]]], None]
+
+
 def _measure(
-    options: Options, numbers: list[int], machine: dict[str, Any]
-) -> tuple[list[Stage], dict[int, list[Sample]]]:
-    stages = [STAGES[n]() for n in numbers]
-    samples: dict[int, list[Sample]] = {n: [] for n in numbers}
+    options: Options,
+    stages: list[Stage],
+    samples: dict[int, list[Sample]],
+    machine: dict[str, Any],
+    save: Save,
+) -> None:
+    numbers = [stage.number for stage in stages]
     with ExitStack() as stack:
         work_dir = Path(
             stack.enter_context(
@@ -210,6 +224,7 @@ def _measure(
                     sample = stage.measure()
                     samples[stage.number].append(sample)
                     bench.rates[stage.number].append(sample.rate)
+                    save(stages, samples)
                     progress(
                         f"round {round_}/{options.repeats} {stage.number} {stage.name}: "
                         f"{sample.rate:,.0f} {stage.unit}, p99 {sample.p99_ms:.1f} ms, "
@@ -222,11 +237,23 @@ def _measure(
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             progress("stopping everything the bench started")
-    return stages, samples
+
+
+def _say_kept(path: Path) -> None:
+    if path.exists():
+        print(f"bench: what it measured before that is in {path} (\"complete\": false)",
+              file=sys.stderr)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    if args.compare:
+        try:
+            print(compare.compare(*args.compare))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"bench: cannot compare: {exc}", file=sys.stderr)
+            return 2
+        return 0
     Drain.settings = DrainSettings(args.drain_votes, args.drain_workers, args.drain_repeats)
     wrk_path = wrk.find()
     if wrk_path is None and any(STAGES[n] is not Drain for n in args.stages):
@@ -251,21 +278,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wrk": wrk.version(wrk_path) if wrk_path else None,
         "loadavg_before": list(os.getloadavg()),
     }
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        stages, samples = _measure(options, args.stages, machine)
-    except KeyboardInterrupt:
-        print("bench: interrupted; everything it started is stopped", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"bench: failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
-    machine["loadavg_after"] = list(os.getloadavg())
-    rows = report.rows(stages, samples)
     settings = {
         "stages": args.stages,
         "repeats": options.repeats,
@@ -282,7 +294,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         "spike": {"votes": args.spike_votes, "connections": args.spike_connections},
         "fanout": {"watchers": args.watchers, "rate": args.fanout_rate},
     }
+
+    def save(stages: list[Stage], samples: dict[int, list[Sample]]) -> None:
+        report.write_json(
+            report.rows(stages, samples), started, settings, machine, args.results_dir,
+            complete=False,
+        )  # fmt: skip
+
+    stages = [STAGES[n]() for n in args.stages]
+    samples: dict[int, list[Sample]] = {n: [] for n in args.stages}
+    kept = report.results_path(started, args.results_dir)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _measure(options, stages, samples, machine, save)
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything it started is stopped", file=sys.stderr)
+        _say_kept(kept)
+        return 130
+    except RuntimeError as exc:
+        print(f"bench: failed: {exc}", file=sys.stderr)
+        _say_kept(kept)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    machine["loadavg_after"] = list(os.getloadavg())
+    rows = report.rows(stages, samples)
     path = report.write_json(rows, started, settings, machine, args.results_dir)
+    document = compare.load(path)
+    path = report.write_json(
+        rows, started, settings, machine, args.results_dir, extra={"goals": goals.judged(document)}
+    )
     print(
         f"\nvoteflow bench, {started:%Y-%m-%d %H:%M} UTC: {report.rounds(rows)}; "
         f"{options.connections} connections, wrk {options.threads} thread(s), "
@@ -299,5 +342,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         " ".join(f"{x:.2f}" for x in machine[k]) for k in ("loadavg_before", "loadavg_after")
     )
     print(f"  machine load average (1, 5, 15 min): {before} before, {after} after")
+    print(f"\ngoals (ratios within this run):\n{goals.table([document])}")
     print(f"\nwritten to {path}")
     return 0

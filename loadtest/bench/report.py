@@ -88,7 +88,10 @@ def rows(stages: Sequence[Stage], samples: dict[int, list[Sample]]) -> list[Row]
         ratio = None
         if stage.ratio is not None and all(n in samples for n in stage.ratio):
             top, bottom = (samples[n] for n in stage.ratio)
-            per_round = [a.rate / b.rate for a, b in zip(top, bottom, strict=True) if b.rate > 0]
+            # Rounds both stages have finished: a run saved mid-round has
+            # one sample more of the earlier stage.
+            paired = zip(top, bottom, strict=False)
+            per_round = [a.rate / b.rate for a, b in paired if b.rate > 0]
             if per_round:
                 median = statistics.median(per_round)
                 ratio = Ratio(*stage.ratio, median, min(per_round), max(per_round))
@@ -257,22 +260,37 @@ def filesystem(path: Path) -> str:
     return kind
 
 
+def results_path(started: datetime, directory: Path) -> Path:
+    """Where a run started at `started` keeps its figures."""
+    return directory / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+
+
 def write_json(
     found: Sequence[Row],
     started: datetime,
     settings: dict[str, Any],
     machine: dict[str, Any],
     directory: Path,
+    *,
+    complete: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
+    """Write the run's figures so far. The bench calls this after every
+    sample with ``complete=False``, so that a run cut short keeps what it
+    measured; the file is replaced whole, never left half written."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path = results_path(started, directory)
     document = {
         "started_at": started.isoformat(),
+        "complete": complete,
         "command": [Path(sys.executable).name, "-m", "loadtest.bench", *sys.argv[1:]],
         "git": _git(),
         "settings": settings,
         "machine": machine | {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "stages": [row.to_json() for row in found],
+        "stages": [row.to_json() for row in found if row.samples],
+        **(extra or {}),
     }
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(partial, path)
     return path
