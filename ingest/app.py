@@ -475,6 +475,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await nodes.start()
     hub = live.TallyHub(
         redis, keys, polls, metrics, 1 / settings.live_updates_per_second, settings.sse_heartbeat,
+        settings.live_write_timeout,
         sharded=settings.redis_cluster and await has_sharded_pubsub(redis),
     )  # fmt: skip
     await appender.start(waitaof=bool(settings.redis_min_replicas) and await has_waitaof(redis))

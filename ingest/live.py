@@ -10,11 +10,14 @@ watchers for. For a poll that has local watchers, a tally is turned into an SSE
 event once, and every watcher writes those same bytes.
 
 Watchers follow the feed over SSE or a WebSocket, with the same tally
-messages. A watcher never queues events: it keeps the version it sent last
-and, when woken, writes the feed's latest event, at most
-VOTEFLOW_LIVE_UPDATES_PER_SECOND times a second. A slow client skips
-intermediate tallies instead of making the edge buffer them, always ends on
-the latest, and is dropped if one write waits VOTEFLOW_LIVE_WRITE_TIMEOUT.
+messages, at most VOTEFLOW_LIVE_UPDATES_PER_SECOND times a second. An SSE
+watcher costs the edge no coroutine per update: its feed writes the event,
+framed once for all, into every SSE watcher's socket from one loop (the
+handler of each only waits for its stream to end). A WebSocket watcher has a
+coroutine of its own, woken per update. A watcher never queues events: a
+slow client whose unsent bytes pass HIGH_WATER skips intermediate tallies
+instead of making the edge buffer them, always ends on the latest, and is
+dropped if it stays behind VOTEFLOW_LIVE_WRITE_TIMEOUT.
 
 A stream lasts VOTEFLOW_LIVE_MAX_SECONDS at most (less up to a tenth, at
 random, so that watchers who came together do not all leave together); then
@@ -30,11 +33,12 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, hdrs, web
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
@@ -55,6 +59,11 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 HEARTBEAT = b": keep-alive\n\n"
+# Bytes a watcher's socket may hold unsent before the watcher counts as
+# behind: it gets nothing more until it drains (then the latest tally), and is
+# dropped once behind for VOTEFLOW_LIVE_WRITE_TIMEOUT. aiohttp's own writer
+# waits for a socket at the same mark.
+HIGH_WATER = 64 * 1024
 # Seconds a master's subscriber waits for a message before it looks for new
 # channels to subscribe to (polls that got their first watcher meanwhile).
 RESUBSCRIBE_EVERY = 0.05
@@ -64,25 +73,63 @@ RESUBSCRIBE_EVERY = 0.05
 LIFETIME_JITTER = 0.1
 
 
+def _chunk(data: bytes) -> bytes:
+    """`data` as one chunk of HTTP/1.1 chunked transfer coding (RFC 9112 7.1)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+HEARTBEAT_CHUNK = _chunk(HEARTBEAT)
+
+
+class _SseSink:
+    """One SSE watcher, as its feed sees it: the socket to write to, how to
+    frame an event for it, the last version it was sent, and since when it is
+    behind."""
+
+    __slots__ = ("behind_since", "chunked", "done", "sent", "transport")
+
+    def __init__(self, transport: asyncio.Transport, chunked: bool) -> None:
+        self.transport = transport
+        self.chunked = chunked
+        self.sent = -1
+        self.behind_since: float | None = None
+        # Set when the stream is over: the watcher left, was dropped, or the
+        # edge shuts down. The watcher's handler waits on it.
+        self.done = asyncio.Event()
+
+
 class Feed:
     """The latest tally of one poll, encoded once for all its watchers on this
-    edge: as an SSE event and as a WebSocket text message.
+    edge: as an SSE event (plain and chunked) and as a WebSocket text message.
 
-    The feed wakes its watchers at most once per `interval`, with whatever
+    The feed sends to its watchers at most once per `interval`, with whatever
     tally is latest then: at a spike a poll commits many times a second, and
-    waking thousands of watchers per commit would take the edge's CPU. After
-    `heartbeat` seconds without a tally it wakes them to send a heartbeat, so
-    that no watcher keeps a timer of its own.
+    writing to thousands of watchers per commit would take the edge's CPU.
+    After `heartbeat` seconds without a tally it sends a heartbeat, so that no
+    watcher keeps a timer of its own. SSE watchers are written to by the feed
+    itself (``_broadcast``); WebSocket watchers are woken (``changed``).
     """
 
-    def __init__(self, poll: Poll, interval: float, heartbeat: float) -> None:
+    def __init__(
+        self,
+        poll: Poll,
+        interval: float,
+        heartbeat: float,
+        write_timeout: float,
+        on_drop: Callable[[], None],
+    ) -> None:
         self.poll = poll
         self.version = -1
         self.event = b""
+        self.chunk = b""  # self.event as one HTTP/1.1 chunk
         self.message = b""
         self.watchers = 0
         self.beats = 0  # heartbeats due so far
         self.changed = asyncio.Event()
+        self._sinks: dict[_SseSink, None] = {}  # in the order they joined
+        self._behind = 0  # SSE watchers not sent the latest tally at the last send
+        self._write_timeout = write_timeout
+        self._on_drop = on_drop
         self._dirty = asyncio.Event()
         self._pacer = asyncio.create_task(self._pace(interval, heartbeat), name=f"feed-{poll.id}")
 
@@ -93,23 +140,87 @@ class Feed:
         results = tally.results(self.poll.labels)
         self.message = orjson.dumps(results)
         self.event = b"event: tally\nid: %d\ndata: %s\n\n" % (tally.version, self.message)
+        self.chunk = _chunk(self.event)
         self._dirty.set()
 
-    def wake(self) -> None:
-        # Wake everyone waiting on this generation; later waits use a new one.
+    def join(self, sink: _SseSink) -> None:
+        """Add an SSE watcher, and send it the latest tally at once."""
+        self._sinks[sink] = None
+        self._send(sink, asyncio.get_running_loop().time(), beat=False)
+
+    def leave(self, sink: _SseSink) -> None:
+        self._sinks.pop(sink, None)
+        sink.done.set()
+
+    def end_all(self) -> None:
+        for sink in list(self._sinks):
+            self.leave(sink)
+
+    def wake(self, beat: bool = False) -> None:
+        # Wake every WebSocket watcher waiting on this generation; later waits
+        # use a new one.
         self.changed.set()
         self.changed = asyncio.Event()
+        self._broadcast(beat)
+
+    def _broadcast(self, beat: bool) -> None:
+        # One loop over every SSE watcher of the poll, the same bytes for all:
+        # a few transport writes, no coroutine woken per watcher.
+        now = asyncio.get_running_loop().time()
+        behind = 0
+        for sink in list(self._sinks):
+            if not self._send(sink, now, beat):
+                behind += 1
+        self._behind = behind
+
+    def _send(self, sink: _SseSink, now: float, beat: bool) -> bool:
+        """Send `sink` the latest tally, or a heartbeat if it has it; False
+        when it is behind and got nothing."""
+        transport = sink.transport
+        if transport.is_closing():  # the watcher left
+            self.leave(sink)
+            return True
+        if transport.get_write_buffer_size() > HIGH_WATER:
+            if sink.behind_since is None:
+                sink.behind_since = now
+            elif now - sink.behind_since >= self._write_timeout:
+                # Its socket stayed full: drop it, without waiting to flush.
+                # Its client reconnects and gets the latest tally first.
+                self._on_drop()
+                transport.abort()
+                self.leave(sink)
+                return True
+            return False
+        sink.behind_since = None
+        if sink.sent < self.version:
+            transport.write(self.chunk if sink.chunked else self.event)
+            sink.sent = self.version
+        elif beat:
+            transport.write(HEARTBEAT_CHUNK if sink.chunked else HEARTBEAT)
+        return True
 
     async def _pace(self, interval: float, heartbeat: float) -> None:
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time() + heartbeat
         while True:
+            wait = next_beat - loop.time()
+            if self._behind:
+                # Someone missed the latest tally: try again at the pace of
+                # updates, not only at the next tally or heartbeat.
+                wait = min(wait, interval)
             try:
-                async with asyncio.timeout(heartbeat):
+                async with asyncio.timeout(max(0.0, wait)):
                     await self._dirty.wait()
             except TimeoutError:
-                self.beats += 1
-                self.wake()
+                if loop.time() >= next_beat:
+                    self.beats += 1
+                    next_beat = loop.time() + heartbeat
+                    self.wake(beat=True)
+                else:
+                    self._broadcast(beat=False)
                 continue
             self._dirty.clear()
+            next_beat = loop.time() + heartbeat
             self.wake()
             await asyncio.sleep(interval)
 
@@ -126,12 +237,14 @@ class TallyHub:
         metrics: EdgeMetrics,
         interval: float,
         heartbeat: float,
+        write_timeout: float,
         sharded: bool = False,
     ) -> None:
         # sharded: on a cluster whose masters have sharded pub/sub.
         self._sharded = sharded
         self._interval = interval
         self._heartbeat = heartbeat
+        self._write_timeout = write_timeout
         self._redis = redis
         self._keys = keys
         self._polls = polls
@@ -149,6 +262,7 @@ class TallyHub:
         self.closing.set()
         for feed in self._feeds.values():
             feed.wake()
+            feed.end_all()
 
     async def close(self) -> None:
         self.release_watchers()
@@ -160,7 +274,9 @@ class TallyHub:
     def watch(self, poll: Poll) -> Feed:
         feed = self._feeds.get(poll.id)
         if feed is None:
-            feed = self._feeds[poll.id] = Feed(poll, self._interval, self._heartbeat)
+            feed = self._feeds[poll.id] = Feed(
+                poll, self._interval, self._heartbeat, self._write_timeout, self.slow_watcher
+            )
         feed.watchers += 1
         self._metrics.live_subscribers.inc()
         return feed
@@ -398,17 +514,6 @@ async def _either(gone: asyncio.Event | None, changed: asyncio.Event) -> None:
             task.cancel()
 
 
-class _Sse:
-    def __init__(self, response: web.StreamResponse) -> None:
-        self._response = response
-
-    async def send(self, feed: Feed) -> None:
-        await self._response.write(feed.event)
-
-    async def beat(self) -> None:
-        await self._response.write(HEARTBEAT)
-
-
 class _WebSocket:
     def __init__(self, ws: web.WebSocketResponse) -> None:
         self._ws = ws
@@ -424,11 +529,30 @@ class _WebSocket:
 async def stream(
     request: web.Request, hub: TallyHub, poll: Poll, initial: Tally, pace: Pace
 ) -> web.StreamResponse:
-    """Serve one SSE watcher until it leaves or the edge shuts down."""
+    """Serve one SSE watcher until it leaves, is dropped, its lifetime is
+    over, or the edge shuts down. Its feed writes its events (Feed.join)."""
     response = web.StreamResponse(headers=SSE_HEADERS)
+    # A StreamResponse sends its head at prepare(): what the feed writes to
+    # the socket after it is the body. The response's own writer is not used
+    # until aiohttp ends the body (the last chunk) after this returns.
     await response.prepare(request)
-    # An SSE client only reads; its leaving shows as a failed write.
-    await follow(hub, poll, initial, _Sse(response), pace, None)
+    transport = request.transport
+    if transport is None or hub.closing.is_set():
+        return response
+    # The head sent says whether the body is chunked (HTTP/1.1) or not (1.0).
+    chunked = response.headers.get(hdrs.TRANSFER_ENCODING, "").lower() == "chunked"
+    sink = _SseSink(transport, chunked)
+    feed = hub.watch(poll)
+    try:
+        async with asyncio.timeout(pace.lifetime * (1 - LIFETIME_JITTER * random.random())):
+            feed.offer(initial)
+            feed.join(sink)
+            await sink.done.wait()
+    except TimeoutError:
+        pass  # its lifetime is over: the client reconnects to the latest tally
+    finally:
+        feed.leave(sink)
+        hub.unwatch(feed)
     return response
 
 
