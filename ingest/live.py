@@ -64,6 +64,10 @@ HEARTBEAT = b": keep-alive\n\n"
 # dropped once behind for VOTEFLOW_LIVE_WRITE_TIMEOUT. aiohttp's own writer
 # waits for a socket at the same mark.
 HIGH_WATER = 64 * 1024
+# SSE watchers written to between two chances for other work (votes) to run.
+# With 10,000 watchers on one edge (bench stage 8), votes' p99 was 134 ms
+# unsliced, 105-126 ms in slices of 500, 35-42 ms in slices of 100.
+BROADCAST_SLICE = 100
 # Seconds a master's subscriber waits for a message before it looks for new
 # channels to subscribe to (polls that got their first watcher meanwhile).
 RESUBSCRIBE_EVERY = 0.05
@@ -156,21 +160,26 @@ class Feed:
         for sink in list(self._sinks):
             self.leave(sink)
 
-    def wake(self, beat: bool = False) -> None:
+    def wake(self) -> None:
         # Wake every WebSocket watcher waiting on this generation; later waits
         # use a new one.
         self.changed.set()
         self.changed = asyncio.Event()
-        self._broadcast(beat)
 
-    def _broadcast(self, beat: bool) -> None:
+    async def _broadcast(self, beat: bool) -> None:
         # One loop over every SSE watcher of the poll, the same bytes for all:
-        # a few transport writes, no coroutine woken per watcher.
-        now = asyncio.get_running_loop().time()
+        # a transport write each, no coroutine woken per watcher. In slices,
+        # so that votes arriving meanwhile wait for one slice, not for all.
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         behind = 0
-        for sink in list(self._sinks):
-            if not self._send(sink, now, beat):
-                behind += 1
+        sinks = list(self._sinks)
+        for start in range(0, len(sinks), BROADCAST_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            for sink in sinks[start : start + BROADCAST_SLICE]:
+                if sink in self._sinks and not self._send(sink, now, beat):
+                    behind += 1
         self._behind = behind
 
     def _send(self, sink: _SseSink, now: float, beat: bool) -> bool:
@@ -215,13 +224,15 @@ class Feed:
                 if loop.time() >= next_beat:
                     self.beats += 1
                     next_beat = loop.time() + heartbeat
-                    self.wake(beat=True)
+                    self.wake()
+                    await self._broadcast(beat=True)
                 else:
-                    self._broadcast(beat=False)
+                    await self._broadcast(beat=False)
                 continue
             self._dirty.clear()
             next_beat = loop.time() + heartbeat
             self.wake()
+            await self._broadcast(beat=False)
             await asyncio.sleep(interval)
 
     def close(self) -> None:
