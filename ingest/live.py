@@ -473,11 +473,12 @@ async def follow(
     initial: Tally,
     transport: Transport,
     pace: Pace,
-    gone: asyncio.Event | None,
+    gone: asyncio.Event,
 ) -> None:
-    """Send the poll's tallies to one watcher until it is `gone`, too slow, its
-    lifetime is over, or the edge shuts down: the current one at once, then the
-    latest each time the feed wakes."""
+    """Send the poll's tallies to one WebSocket watcher until it is `gone`, too
+    slow, its lifetime is over, or the edge shuts down: the current one at
+    once, then the latest each time the feed wakes. (SSE watchers are written
+    to by their feed: ``stream``.)"""
     feed = hub.watch(poll)
     # One timer per watcher for its whole life. Writes hand their bytes to the
     # transport before they wait, so ending one mid-wait cuts no event short.
@@ -486,7 +487,7 @@ async def follow(
         async with lifetime:
             feed.offer(initial)
             sent, beats = -1, feed.beats
-            while not hub.closing.is_set() and not (gone is not None and gone.is_set()):
+            while not hub.closing.is_set() and not gone.is_set():
                 # The generation to wait on is taken before writing: a wake
                 # while the write is under way is not missed, and nothing is
                 # sent between two wakes (which keep the pace).
@@ -511,12 +512,8 @@ async def follow(
         hub.unwatch(feed)
 
 
-async def _either(gone: asyncio.Event | None, changed: asyncio.Event) -> None:
-    """Wait for `changed`, or for `gone` if it is set first (None: an SSE
-    client's leaving shows only as a failed write)."""
-    if gone is None:
-        await changed.wait()  # no extra task: every watcher waits here per update
-        return
+async def _either(gone: asyncio.Event, changed: asyncio.Event) -> None:
+    """Wait for `changed`, or for `gone` if it is set first."""
     waits = [asyncio.ensure_future(gone.wait()), asyncio.ensure_future(changed.wait())]
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

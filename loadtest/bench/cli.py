@@ -295,15 +295,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fanout": {"watchers": args.watchers, "rate": args.fanout_rate},
     }
 
+    kept = report.results_path(started, args.results_dir)
+
     def save(stages: list[Stage], samples: dict[int, list[Sample]]) -> None:
-        report.write_json(
-            report.rows(stages, samples), started, settings, machine, args.results_dir,
-            complete=False,
-        )  # fmt: skip
+        rows = report.rows(stages, samples)
+        report.write_json(report.document(rows, started, settings, machine, complete=False), kept)
 
     stages = [STAGES[n]() for n in args.stages]
     samples: dict[int, list[Sample]] = {n: [] for n in args.stages}
-    kept = report.results_path(started, args.results_dir)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -321,11 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, handlers[1])
     machine["loadavg_after"] = list(os.getloadavg())
     rows = report.rows(stages, samples)
-    path = report.write_json(rows, started, settings, machine, args.results_dir)
-    document = compare.load(path)
-    path = report.write_json(
-        rows, started, settings, machine, args.results_dir, extra={"goals": goals.judged(document)}
-    )
+    figures = report.document(rows, started, settings, machine)
+    figures["goals"] = goals.judged(figures)
+    report.write_json(figures, kept)
     print(
         f"\nvoteflow bench, {started:%Y-%m-%d %H:%M} UTC: {report.rounds(rows)}; "
         f"{options.connections} connections, wrk {options.threads} thread(s), "
@@ -342,6 +339,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         " ".join(f"{x:.2f}" for x in machine[k]) for k in ("loadavg_before", "loadavg_after")
     )
     print(f"  machine load average (1, 5, 15 min): {before} before, {after} after")
-    print(f"\ngoals (ratios within this run):\n{goals.table([document])}")
-    print(f"\nwritten to {path}")
+    print(f"\ngoals (ratios within this run):\n{goals.table([figures])}")
+    print(f"\nwritten to {kept}")
     return 0

@@ -9,7 +9,6 @@ absolute figures is shown beside them as a hint.
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,6 @@ def load(path: Path) -> dict[str, Any]:
 
 def _by_number(document: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return {stage["stage"]: stage for stage in document["stages"] if stage.get("samples")}
-
-
-def _pipeline_cpu(stage: dict[str, Any]) -> float | None:
-    totals = [
-        sum(s["extra"][f"cpu_s_per_1k.{name}"] for name in goals.PIPELINE)
-        for s in stage["samples"]
-        if all(f"cpu_s_per_1k.{name}" in s.get("extra", {}) for name in goals.PIPELINE)
-    ]
-    return statistics.median(totals) if totals else None
 
 
 def _figure(stage: dict[str, Any] | None, name: str) -> float | None:
@@ -99,7 +89,12 @@ def compare(path_a: Path, path_b: Path) -> str:
                 _ratio(sb),
             )
         )
-        if sa and sb and (pa := _pipeline_cpu(sa)) and (pb := _pipeline_cpu(sb)):
+        if (
+            sa
+            and sb
+            and (pa := goals.pipeline_cpu_per_1k(sa))
+            and (pb := goals.pipeline_cpu_per_1k(sb))
+        ):
             lines.append(
                 (f"  {number} pipeline, all", "", "", "", f"{pa:.3f}", f"{pb:.3f}",
                  _over(pa, pb), "", "")

@@ -1,6 +1,6 @@
 """voteflow's cost goals, each a ratio within one run of the bench, next to its target.
 
-Computed from a run's JSON document (report.write_json), so that a run kept
+Computed from a run's JSON document (report.document), so that a run kept
 from before the goals existed is judged the same way (``--compare``). A goal
 whose stages the run did not measure is "not measured", never met.
 """
@@ -57,20 +57,25 @@ def edge_over_ceiling(document: Document) -> float | None:
     return None if not ratio or ratio.get("of") != "2/1" else float(ratio["median"])
 
 
+def pipeline_cpu_per_1k(stage: dict[str, Any]) -> float | None:
+    """A stage's CPU seconds per 1,000 votes, every process of the pipeline
+    together (median over its samples); None if it did not measure them."""
+    per_sample = [
+        sum(float(s["extra"][f"cpu_s_per_1k.{name}"]) for name in PIPELINE)
+        for s in stage["samples"]
+        if all(f"cpu_s_per_1k.{name}" in s.get("extra", {}) for name in PIPELINE)
+    ]
+    return statistics.median(per_sample) if per_sample else None
+
+
 def pipeline_cpu_over_bare(document: Document) -> float | None:
     """Stage 7's CPU per vote, every process of the pipeline, over the bare
     app's CPU per request (stage 1)."""
     bare, cost = _stage(document, 1), _stage(document, 7)
     if bare is None or cost is None or not bare["server_cpu_s_per_1k_median"]:
         return None
-    per_sample = [
-        sum(s["extra"][f"cpu_s_per_1k.{name}"] for name in PIPELINE)
-        for s in cost["samples"]
-        if all(f"cpu_s_per_1k.{name}" in s.get("extra", {}) for name in PIPELINE)
-    ]
-    if not per_sample:
-        return None
-    return float(statistics.median(per_sample)) / float(bare["server_cpu_s_per_1k_median"])
+    pipeline = pipeline_cpu_per_1k(cost)
+    return None if pipeline is None else pipeline / float(bare["server_cpu_s_per_1k_median"])
 
 
 def watcher_delay_p99(document: Document) -> float | None:

@@ -7,6 +7,7 @@ measured back to back), which the machine's drifting load affects least.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -227,6 +228,7 @@ def cost_table(found: Sequence[Row]) -> str:
     )
 
 
+@functools.cache  # once per run, not once per sample written
 def _git() -> dict[str, Any]:
     repo = RESULTS_DIR.parents[1]
     try:
@@ -265,22 +267,16 @@ def results_path(started: datetime, directory: Path) -> Path:
     return directory / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
 
 
-def write_json(
+def document(
     found: Sequence[Row],
     started: datetime,
     settings: dict[str, Any],
     machine: dict[str, Any],
-    directory: Path,
     *,
     complete: bool = True,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write the run's figures so far. The bench calls this after every
-    sample with ``complete=False``, so that a run cut short keeps what it
-    measured; the file is replaced whole, never left half written."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = results_path(started, directory)
-    document = {
+) -> dict[str, Any]:
+    """The run's figures so far, as bench/results/ keeps them."""
+    return {
         "started_at": started.isoformat(),
         "complete": complete,
         "command": [Path(sys.executable).name, "-m", "loadtest.bench", *sys.argv[1:]],
@@ -288,9 +284,14 @@ def write_json(
         "settings": settings,
         "machine": machine | {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "stages": [row.to_json() for row in found if row.samples],
-        **(extra or {}),
     }
+
+
+def write_json(figures: dict[str, Any], path: Path) -> None:
+    """Write `figures` to `path`, replacing it whole: the bench writes after
+    every sample, so that a run cut short keeps what it measured, and a file
+    is never left half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
+    partial.write_text(json.dumps(figures, indent=2) + "\n")
     os.replace(partial, path)
-    return path
