@@ -23,7 +23,7 @@ run: $(STAMP)
 # (another checkout's) still has its private servers' data in it.
 test: lint $(STAMP)
 	@tmp=$$(mktemp -d /tmp/voteflow-test.XXXXXX) && chmod 755 $$tmp; \
-	$(BIN)/pytest -q --basetemp=$$tmp/run; status=$$?; rm -rf $$tmp; exit $$status
+	$(BIN)/pytest -q -rs --basetemp=$$tmp/run; status=$$?; rm -rf $$tmp; exit $$status
 
 ## lint: ruff (lint and format check) and mypy
 lint: $(STAMP)
