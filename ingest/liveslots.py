@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from .longlived import LongLived
 from .metrics import EdgeMetrics
 from .validate import Invalid
 
@@ -38,6 +39,7 @@ class LiveSlots:
         self.open = 0
         self._metrics = metrics
         self._by_address: dict[str, int] = {}  # only addresses holding a stream
+        self._long_lived = LongLived()
 
     @contextlib.contextmanager
     def hold(self, address: str) -> Iterator[None]:
@@ -62,10 +64,12 @@ class LiveSlots:
             )
         self.open += 1
         self._by_address[address] = held + 1
+        self._long_lived.opened(self.open)
         try:
             yield
         finally:
             self.open -= 1
+            self._long_lived.closed(self.open)
             left = self._by_address[address] - 1
             if left:
                 self._by_address[address] = left

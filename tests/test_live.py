@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import uuid
+import weakref
 from typing import Any
 
 import orjson
@@ -14,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from redis import asyncio as aioredis
 
 from ingest.live import LIFETIME_JITTER
+from ingest.longlived import LongLived
 from tests.support import InProcessWorker, create_poll, edge_client, results
 from voteflow.keys import Keys
 from voteflow.settings import Settings
@@ -256,3 +259,37 @@ async def test_an_ipv6_64_counts_as_one_address_for_live_streams(settings: Setti
         other = await edge.get(path, headers={"X-Forwarded-For": "2001:db8:1:3::1"})
         assert other.status == 200
         other.close()
+
+
+class _Cycle:
+    """Garbage only the cyclic collector can free: it refers to itself."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_streams_objects_are_frozen_while_many_are_open_and_given_back_when_they_leave() -> None:
+    keeper = LongLived(every=3)
+    gc.collect()
+    gc.unfreeze()
+    try:
+        died = _Cycle()
+        gone = weakref.ref(died)
+        for open_now in (1, 2, 3):
+            keeper.opened(open_now)
+        # The third stream froze everything alive: full collections skip it...
+        assert gc.get_freeze_count() > 0
+        del died
+        gc.collect()
+        assert gone() is not None
+        keeper.closed(2)
+        keeper.closed(1)
+        assert gc.get_freeze_count() > 0
+        # ...until the streams open fall under half of those open then: what
+        # died in a cycle meanwhile goes back to the collector and is freed.
+        keeper.closed(0)
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
