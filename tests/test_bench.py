@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from loadtest.bench import cli
+
 REPO = Path(__file__).resolve().parents[1]
 # Private servers, three apps, three 1 s warm-ups and three 2 s runs: ~20 s.
 SMOKE_TIMEOUT = 100.0
@@ -89,9 +91,18 @@ def test_bench_measures_the_first_stages_and_leaves_no_process(tmp_path: Path) -
         assert row in done.stdout, done.stdout
 
     assert "goals (ratios within this run)" in done.stdout, done.stdout
+    # How long each stage will take, said before it starts; what it took, after.
+    plan = done.stderr.split("bench: the plan", 1)[1].split("bench: starting", 1)[0]
+    for label in ("1 http-ceiling", "2 edge", "3 naive", "12 edge-2-processes", "all stages"):
+        assert label in plan, done.stderr
+    assert "took" in done.stdout.split("time (planned", 1)[1], done.stdout
     (written,) = tmp_path.glob("*.json")
     document = json.loads(written.read_text())
     assert document["complete"] is True
+    for number in ("1", "2", "3", "12", "13"):
+        timed = document["timing"][number]
+        assert timed["planned_s"]["total"] > 0, timed
+        assert len(timed["took_s"]["rounds"]) == 1 and timed["took_s"]["total"] > 0, timed
     # Only the edge's goal is measured by these stages; the others say so.
     verdicts = {goal["goal"]: goal for goal in document["goals"]}
     edge_goal = verdicts["edge over the HTTP ceiling (2/1)"]
@@ -108,6 +119,31 @@ def test_bench_measures_the_first_stages_and_leaves_no_process(tmp_path: Path) -
         # for its last requests, and the server still serves them).
         (sample,) = stage["samples"]
         assert sample["stored"] >= sample["accepted"], sample
+
+
+def test_quick_run_is_one_short_round_unless_told_otherwise() -> None:
+    quick = cli.parse(["--quick"])
+    full = cli.parse([])
+    assert (quick.repeats, full.repeats) == (1, 3)
+    assert quick.duration < full.duration and quick.drain_votes < full.drain_votes
+    assert quick.watchers < full.watchers and quick.spike_votes < full.spike_votes
+    # An option given wins over either size.
+    assert cli.parse(["--quick", "--repeats", "2", "--watchers", "50"]).repeats == 2
+    assert cli.parse(["--quick", "--watchers", "50"]).watchers == 50
+
+
+def test_the_plans_of_a_full_and_a_quick_run_fit_their_promise() -> None:
+    # What `make bench` and `--quick` promise (about 10 and 3 minutes), by the
+    # stages' own plans; what a run really took is in its JSON, next to them.
+    def planned(argv: list[str]) -> float:
+        args = cli.parse(argv)
+        options = cli.options_of(args, wrk_path="wrk")
+        started: set[str] = set()
+        return sum(cli.STAGES[n]().plan(options, started).total for n in args.stages)
+
+    assert planned([]) <= 10 * 60
+    assert planned(["--quick"]) <= 3.5 * 60
+    assert planned(["--quick"]) < planned([]) / 2
 
 
 def test_bench_without_wrk_says_how_to_install_it() -> None:

@@ -1,6 +1,9 @@
 """`make bench`: voteflow's throughput next to what bounds it, in one run.
 
-    python -m loadtest.bench [--stages 1,2,3] [--repeats 5] [--duration 10] [--connections 64]
+    python -m loadtest.bench [--quick] [--stages 1,2,3] [--repeats 3] [--duration 8]
+
+Before it starts, the bench prints how long each stage will take (``timing``):
+every stage fits in about 10 minutes on 2 cores, in about 3 with ``--quick``.
 
 Stages, each a module here, each measured with wrk (``vote.lua``: a new
 voter and vote_id on every request):
@@ -20,6 +23,8 @@ voter and vote_id on every request):
    replica's confirmation of each append.
 11. ``cluster_cost``: the pipeline on a Redis Cluster, 1 edge + 1 worker and
     2 + 2, CPU per vote and exactness.
+12. ``edge-2-processes``: the edge as two processes; 13. ``edge-voter-tokens``: the
+    edge verifying a voter token on every vote.
 
 Each stage is registered in ``cli.STAGES``.
 

@@ -14,7 +14,7 @@ from tempfile import TemporaryDirectory
 from types import FrameType
 from typing import Any
 
-from . import compare, goals, report, wrk
+from . import compare, goals, report, timing, wrk
 from .ceiling import HttpCeiling
 from .cluster_cost import ClusterCost
 from .cost import Cost
@@ -46,6 +46,33 @@ STAGES: dict[int, type[Stage]] = {
     12: EdgeProcesses,
     13: EdgeVoterTokens,
 }
+
+
+# The sizes of a run: the default fits in about 10 minutes on 2 cores with
+# every stage, --quick in about 3 (one round: no spread, a first look). An
+# option given on the command line wins over either.
+FULL = {
+    "repeats": 3,
+    "duration": 8,
+    "drain_votes": DrainSettings().votes,
+    "steady_duration": 20,
+    "spike_votes": 50_000,
+    "watchers": 10_000,
+}
+QUICK = {
+    "repeats": 1,
+    "duration": 5,
+    "drain_votes": 100_000,
+    "steady_duration": 10,
+    "spike_votes": 20_000,
+    "watchers": 5_000,
+}
+
+
+def _sized(name: str, what: str) -> str:
+    """The help's default of a sized option: the full run's and --quick's."""
+    full, quick = FULL[name], QUICK[name]
+    return f"{what} (default: {full:,}; --quick: {quick:,})"
 
 
 def _stages(text: str) -> list[int]:
@@ -88,9 +115,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=sorted(STAGES),
         help="comma-separated stage numbers (default: all)",
     )
-    parser.add_argument("--repeats", type=_positive, default=5, help="rounds (default: 5)")
     parser.add_argument(
-        "--duration", type=_positive, default=10, help="seconds per measured run (default: 10)"
+        "--quick",
+        action="store_true",
+        help="every stage once, shorter and smaller: a first look in about 3 minutes",
+    )
+    parser.add_argument("--repeats", type=_positive, help=_sized("repeats", "rounds"))
+    parser.add_argument(
+        "--duration", type=_positive, help=_sized("duration", "seconds per measured run")
     )
     parser.add_argument(
         "--warmup",
@@ -110,8 +142,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--drain-votes",
         type=_positive,
-        default=DrainSettings().votes,
-        help=f"stage 4: votes queued before the workers start (default: {DrainSettings().votes:,})",
+        help=_sized("drain_votes", "stage 4: votes queued before the workers start"),
     )
     parser.add_argument(
         "--drain-workers",
@@ -134,14 +165,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--steady-duration",
         type=_positive,
-        default=30,
-        help="stage 5: seconds of each run (default: 30)",
+        help=_sized("steady_duration", "stage 5: seconds of each run"),
     )
     parser.add_argument(
         "--spike-votes",
         type=_positive,
-        default=50_000,
-        help="stage 6: votes in the spike (default: 50,000)",
+        help=_sized("spike_votes", "stage 6: votes in the spike"),
     )
     parser.add_argument(
         "--spike-connections",
@@ -152,8 +181,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--watchers",
         type=_positive,
-        default=10_000,
-        help="stage 8: SSE watchers of one poll (default: 10,000)",
+        help=_sized("watchers", "stage 8: SSE watchers of one poll"),
     )
     parser.add_argument(
         "--fanout-rate",
@@ -175,6 +203,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"where the JSON goes (default: {report.RESULTS_DIR})",
     )
     args = parser.parse_args(argv)
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.threads > min(args.connections, args.spike_connections):
         parser.error("--threads must not exceed --connections nor --spike-connections")
     if args.spike_votes % args.threads:
@@ -182,6 +213,25 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.warmup is None:
         args.warmup = min(3, max(1, args.duration // 3))
     return args
+
+
+def options_of(args: argparse.Namespace, wrk_path: str) -> Options:
+    """The run's options from its command line (stage 4's are its class's)."""
+    Drain.settings = DrainSettings(args.drain_votes, args.drain_workers, args.drain_repeats)
+    return Options(
+        repeats=args.repeats,
+        duration=args.duration,
+        warmup=args.warmup,
+        connections=args.connections,
+        threads=args.threads,
+        wrk=wrk_path,
+        steady_rate=float(args.steady_rate),
+        steady_duration=args.steady_duration,
+        spike_votes=args.spike_votes,
+        spike_connections=args.spike_connections,
+        watchers=args.watchers,
+        fanout_rate=float(args.fanout_rate),
+    )
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -192,12 +242,18 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 Save = Callable[[list[Stage], dict[int, list[Sample]]], None]
 
 
+def _label(stage: Stage) -> str:
+    return f"{stage.number} {stage.name}"
+
+
 def _measure(
     options: Options,
     stages: list[Stage],
     samples: dict[int, list[Sample]],
     machine: dict[str, Any],
     save: Save,
+    took: dict[int, timing.Took],
+    left: Callable[[], float],
 ) -> None:
     numbers = [stage.number for stage in stages]
     with ExitStack() as stack:
@@ -211,17 +267,20 @@ def _measure(
         bench.rates = {n: [] for n in numbers}
         try:
             for stage in stages:
-                progress(f"starting stage {stage.number} {stage.name}")
-                stage.start(bench)
+                progress(f"starting stage {_label(stage)}")
+                with timing.timed(took[stage.number], "start"):
+                    stage.start(bench)
             for stage in stages:
                 if isinstance(stage, WrkStage):
                     progress(f"warming up {stage.name} ({options.warmup}s)")
-                stage.warm_up()
+                with timing.timed(took[stage.number], "warm_up"):
+                    stage.warm_up()
             for round_ in range(1, options.repeats + 1):
                 for stage in stages:
                     if isinstance(stage, Drain) and round_ > stage.rounds(options.repeats):
                         continue
-                    sample = stage.measure()
+                    with timing.timed(took[stage.number], "round"):
+                        sample = stage.measure()
                     samples[stage.number].append(sample)
                     bench.rates[stage.number].append(sample.rate)
                     save(stages, samples)
@@ -229,7 +288,8 @@ def _measure(
                         f"round {round_}/{options.repeats} {stage.number} {stage.name}: "
                         f"{sample.rate:,.0f} {stage.unit}, p99 {sample.p99_ms:.1f} ms, "
                         f"non-2xx {sample.non_2xx}, server CPU {sample.server_cpu_percent:.0f}%, "
-                        f"wrk CPU {sample.wrk_cpu_percent:.0f}%"
+                        f"wrk CPU {sample.wrk_cpu_percent:.0f}%; about "
+                        f"{timing.minutes(left())} left"
                     )
         finally:
             # Stopping is bounded (each process gets seconds, then SIGKILL):
@@ -254,25 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench: cannot compare: {exc}", file=sys.stderr)
             return 2
         return 0
-    Drain.settings = DrainSettings(args.drain_votes, args.drain_workers, args.drain_repeats)
     wrk_path = wrk.find()
     if wrk_path is None and any(STAGES[n] is not Drain for n in args.stages):
         print(wrk.MISSING, file=sys.stderr)
         return 2
-    options = Options(
-        repeats=args.repeats,
-        duration=args.duration,
-        warmup=args.warmup,
-        connections=args.connections,
-        threads=args.threads,
-        wrk=wrk_path or "",  # only the stages measured by wrk use it
-        steady_rate=float(args.steady_rate),
-        steady_duration=args.steady_duration,
-        spike_votes=args.spike_votes,
-        spike_connections=args.spike_connections,
-        watchers=args.watchers,
-        fanout_rate=float(args.fanout_rate),
-    )
+    options = options_of(args, wrk_path or "")  # only the stages measured by wrk use it
     started = datetime.now(UTC)
     machine: dict[str, Any] = {
         "wrk": wrk.version(wrk_path) if wrk_path else None,
@@ -296,17 +342,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
 
     kept = report.results_path(started, args.results_dir)
+    stages = [STAGES[n]() for n in args.stages]
+    samples: dict[int, list[Sample]] = {n: [] for n in args.stages}
+    shared: set[str] = set()
+    plans = {stage.number: stage.plan(options, shared) for stage in stages}
+    took = {stage.number: timing.Took() for stage in stages}
+
+    def timings() -> dict[str, Any]:
+        return {str(n): timing.to_json(plans[n], took[n]) for n in plans}
+
+    def left() -> float:
+        """Seconds the plan gives the stages' parts not yet done."""
+        return sum(
+            (0 if took[n].start else plan.start)
+            + (0 if took[n].warm_up else plan.warm_up)
+            + plan.round * max(plan.rounds - len(took[n].rounds), 0)
+            for n, plan in plans.items()
+        )
 
     def save(stages: list[Stage], samples: dict[int, list[Sample]]) -> None:
         rows = report.rows(stages, samples)
-        report.write_json(report.document(rows, started, settings, machine, complete=False), kept)
+        figures = report.document(rows, started, settings, machine, complete=False)
+        report.write_json(figures | {"timing": timings()}, kept)
 
-    stages = [STAGES[n]() for n in args.stages]
-    samples: dict[int, list[Sample]] = {n: [] for n in args.stages}
+    planned = timing.plan_table([(_label(s), plans[s.number]) for s in stages])
+    progress(
+        f"the plan ({options.repeats} round(s) of {options.duration}s; a busy machine "
+        f"takes longer):\n{planned}"
+    )
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        _measure(options, stages, samples, machine, save)
+        _measure(options, stages, samples, machine, save, took, left)
     except KeyboardInterrupt:
         print("bench: interrupted; everything it started is stopped", file=sys.stderr)
         _say_kept(kept)
@@ -322,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = report.rows(stages, samples)
     figures = report.document(rows, started, settings, machine)
     figures["goals"] = goals.judged(figures)
+    figures["timing"] = timings()
     report.write_json(figures, kept)
     print(
         f"\nvoteflow bench, {started:%Y-%m-%d %H:%M} UTC: {report.rounds(rows)}; "
@@ -340,5 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"  machine load average (1, 5, 15 min): {before} before, {after} after")
     print(f"\ngoals (ratios within this run):\n{goals.table([figures])}")
+    print("\ntime (planned from the run's options before it started):")
+    print(timing.took_table([(_label(s), plans[s.number], took[s.number]) for s in stages]))
     print(f"\nwritten to {kept}")
     return 0

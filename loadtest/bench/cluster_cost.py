@@ -46,12 +46,14 @@ from voteflow.keys import Keys
 from voteflow.servers import HOST, RedisClusterServers, free_port
 
 from . import wrk
+from .cost import DRAIN_AFTER
 from .edge import create_poll
 from .pipeline import PROCESSES, STALL_TIMEOUT, Meter
 from .procs import Child
 from .redis_cluster import SHARDS, client, cluster_env, node_pids, rewrite_every_aof
-from .stack import Bench, progress, run_sql, wait_drained
+from .stack import Bench, Options, progress, run_sql, wait_drained
 from .stage import Sample, Stage, median_extra
+from .timing import Plan
 
 NAME = "cluster-pipeline"
 MASTERS = 3
@@ -213,6 +215,18 @@ class ClusterCost(Stage):
         "2 + 2: CPU per vote and exactly once; all on the same cores, so not scaling"
     )
     ratio = (11, 7)
+    start_s = 4.0
+    # Each shape sends for --duration, then commits its backlog.
+    round_overhead_s = 0.5
+
+    def plan(self, options: Options, started: set[str]) -> Plan:
+        per_shape = options.duration * DRAIN_AFTER + self.round_overhead_s
+        return Plan(
+            start=self.start_s,
+            warm_up=len(SHAPES) * options.warmup * DRAIN_AFTER,
+            round=len(SHAPES) * per_shape,
+            rounds=options.repeats,
+        )
 
     def start(self, bench: Bench) -> None:
         self.bench = bench

@@ -11,13 +11,22 @@ from __future__ import annotations
 import time
 
 from .pipeline import PipelineStage
+from .stack import Options
 from .stage import Sample
+
+# A round's seconds over its --duration, for the plan: the worker commits the
+# edge's backlog after wrk stops.
+DRAIN_AFTER = 1.2
 
 
 class Cost(PipelineStage):
     number = 7
     name = "cost"
     title = "the pipeline flat out until all is committed: CPU and memory per process"
+
+    def round_s(self, options: Options) -> float:
+        # The worker commits the edge's backlog after wrk stops.
+        return options.duration * DRAIN_AFTER
 
     def measure(self) -> Sample:
         poll = self.pipeline.new_poll()

@@ -47,9 +47,19 @@ from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, Vote
 from voteflow.migrate import migrate
 
+from . import timing
 from .edge import SHARDS
 from .procs import Child, cpu_seconds, tree_cpu, tree_cpu_used
-from .stack import Bench, Servers, _database_url, progress, rewrite_aof, run_sql, wait_drained
+from .stack import (
+    Bench,
+    Options,
+    Servers,
+    _database_url,
+    progress,
+    rewrite_aof,
+    run_sql,
+    wait_drained,
+)
 from .stage import Sample, Stage
 
 KEY_PREFIX = "drain"
@@ -61,13 +71,20 @@ REVOTE_EVERY = 10  # every tenth vote is a re-vote
 CHUNK = 10_000  # votes generated, and XADDed in one pipeline, at a time
 CEILING_BATCH = 1000  # rows per unnest call of the ceiling
 POLL_EVERY = 0.1  # seconds between two looks at the backlog
+# Votes per second queued, drained by one worker, and written by the ceiling,
+# and the seconds of a round's fresh databases and checkpoints, for the plan
+# (read off a run on 2 cores).
+QUEUED_PER_S = 70_000.0
+DRAINED_PER_S = 20_000.0
+CEILING_PER_S = 60_000.0
+ROUND_S = 3.0
 # A drain that makes no progress for this long has failed (a worker stuck).
 STALL_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True, slots=True)
 class DrainSettings:
-    votes: int = 1_000_000
+    votes: int = 300_000  # the full run's; --quick queues fewer
     workers: int = 1
     repeats: int = 1  # at most; never more than --repeats
 
@@ -202,6 +219,15 @@ class Drain(Stage):
         self.redis = redis.Redis.from_url(self.servers.redis.url, socket_timeout=60)
         bench.stack.callback(self.redis.close)
         self.repeat = 0
+
+    def plan(self, options: Options, started: set[str]) -> timing.Plan:
+        votes = self.settings.votes
+        return timing.Plan(
+            start=0.0,
+            warm_up=0.0,
+            round=ROUND_S + votes / QUEUED_PER_S + votes / DRAINED_PER_S + votes / CEILING_PER_S,
+            rounds=self.rounds(options.repeats),
+        )
 
     def rounds(self, repeats: int) -> int:
         """How many of the run's rounds measure this stage: it is long."""

@@ -21,16 +21,21 @@ import orjson
 from . import wrk
 from .pipeline import PipelineStage
 from .procs import cpu_seconds, popen, rss
-from .stack import progress
+from .stack import Options, progress
 from .stage import Sample, median_extra
 
-CONNECT_TIMEOUT = 180.0
+# Watchers that open their streams per second, for the plan.
+CONNECTED_PER_S = 2000.0
 
 
 class FanOut(PipelineStage):
     number = 8
     name = "fan-out"
     title = "SSE watchers of one poll on one edge while votes flow: memory and delay"
+
+    def round_s(self, options: Options) -> float:
+        # The streams open, a second to settle, the votes, a second for the last update.
+        return options.watchers / CONNECTED_PER_S + 2 + options.duration
 
     def measure(self) -> Sample:
         options = self.bench.options

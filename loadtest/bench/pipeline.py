@@ -35,8 +35,9 @@ from voteflow.servers import HOST, free_port
 from . import wrk
 from .edge import SHARDS, create_poll
 from .procs import cpu_seconds, peak_rss, reset_peak_rss, tree_cpu, tree_cpu_used, tree_pss
-from .stack import Bench, progress, rewrite_aof, run_sql, wait_drained
+from .stack import Bench, Options, progress, rewrite_aof, run_sql, wait_drained
 from .stage import Sample, Stage
+from .timing import Plan
 
 KEY_PREFIX = "e2e"
 MAX_CONNECTIONS = 50_000
@@ -293,6 +294,26 @@ class LiveWatcher:
 
 class PipelineStage(Stage):
     """A stage measured on the pipeline, end to end: from wrk to PostgreSQL."""
+
+    # Starting the pipeline and warming it up, paid by the first such stage.
+    start_s = 1.5
+    # Seconds a round takes beyond what it sends: the worker's tail of commits,
+    # Redis compacting its file, a new poll.
+    round_overhead_s = 1.0
+
+    def round_s(self, options: Options) -> float:
+        """Seconds of one round without the overhead."""
+        return float(options.duration)
+
+    def plan(self, options: Options, started: set[str]) -> Plan:
+        first = "pipeline" not in started
+        started.add("pipeline")
+        return Plan(
+            start=self.start_s if first else 0.0,
+            warm_up=options.warmup + 1.0 if first else 0.0,
+            round=self.round_s(options) + self.round_overhead_s,
+            rounds=options.repeats,
+        )
 
     def start(self, bench: Bench) -> None:
         self.bench = bench

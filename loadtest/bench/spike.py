@@ -21,8 +21,11 @@ from tempfile import TemporaryDirectory
 
 from . import wrk
 from .pipeline import PipelineStage
-from .stack import progress
+from .stack import Options, progress
 from .stage import Sample, median_extra
+
+# Votes answered and committed per second, for the plan.
+COMMITTED_PER_S = 5000.0
 
 # Seconds wrk may run at most: the spike ends when every vote is answered.
 LIMIT = 120
@@ -32,6 +35,9 @@ class Spike(PipelineStage):
     number = 6
     name = "spike"
     title = "a spike of votes as fast as wrk sends them; then each 202 exactly once in PostgreSQL"
+
+    def round_s(self, options: Options) -> float:
+        return options.spike_votes / COMMITTED_PER_S
 
     def measure(self) -> Sample:
         options = self.bench.options

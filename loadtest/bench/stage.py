@@ -16,7 +16,8 @@ from typing import ClassVar
 
 from . import wrk
 from .procs import Child, tree_cpu, tree_cpu_used
-from .stack import Bench
+from .stack import Bench, Options
+from .timing import Plan
 
 # Seconds after wrk stops before its last requests are counted in storage:
 # the server finishes the ones wrk stopped waiting for.
@@ -102,6 +103,21 @@ class Stage(ABC):
     ratio: ClassVar[tuple[int, int] | None] = None
     # False: the stage sends no requests (the drain), so it has no latency and no wrk.
     requests: ClassVar[bool] = True
+    # Seconds to start what the stage measures, and the seconds a round takes
+    # beyond its --duration (resetting storage, settling), read off a run.
+    start_s: ClassVar[float] = 1.0
+    round_overhead_s: ClassVar[float] = 1.0
+
+    def plan(self, options: Options, started: set[str]) -> Plan:
+        """The seconds this stage is expected to take in a run with `options`;
+        `started` names what earlier stages of the run start for it too (a
+        stage adds what it shares, such as the pipeline)."""
+        return Plan(
+            start=self.start_s,
+            warm_up=options.warmup + SETTLE,
+            round=options.duration + self.round_overhead_s,
+            rounds=options.repeats,
+        )
 
     @abstractmethod
     def start(self, bench: Bench) -> None:

@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from . import wrk
 from .pipeline import LiveWatcher, PipelineStage, percentiles
-from .stack import progress
+from .stack import Options, progress
 from .stage import Sample, median_extra
 
 # Seconds of latency the connections absorb before the schedule slips.
@@ -37,6 +37,9 @@ class Steady(PipelineStage):
     title = "the pipeline end to end at a fixed offered rate; lag to commit and to SSE"
 
     rate: float = 0.0
+
+    def round_s(self, options: Options) -> float:
+        return float(options.steady_duration)
 
     def _offered_rate(self) -> float:
         options = self.bench.options

@@ -1,0 +1,104 @@
+"""How long a run of the bench will take, said before it starts, and how long it took.
+
+Each stage plans its own time from the run's options (Stage.plan): the seconds
+it takes to start what it measures, its warm-up, and one round. The plans'
+constants were read off this kind of machine (2 cores); a busy machine takes
+longer, so the bench keeps what each stage really took next to its plan, in
+the JSON and at the end of its output, where a stale plan shows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A stage's expected seconds."""
+
+    start: float
+    warm_up: float
+    round: float
+    rounds: int
+
+    @property
+    def total(self) -> float:
+        return self.start + self.warm_up + self.round * self.rounds
+
+
+@dataclass(slots=True)
+class Took:
+    """A stage's seconds, as they went."""
+
+    start: float = 0.0
+    warm_up: float = 0.0
+    rounds: list[float] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return self.start + self.warm_up + sum(self.rounds)
+
+
+@contextmanager
+def timed(into: Took, part: str) -> Iterator[None]:
+    """Add the seconds of the block to `into`'s start or warm-up, or append a round."""
+    began = time.monotonic()
+    try:
+        yield
+    finally:
+        seconds = time.monotonic() - began
+        if part == "round":
+            into.rounds.append(seconds)
+        else:
+            setattr(into, part, getattr(into, part) + seconds)
+
+
+def minutes(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def plan_table(rows: Sequence[tuple[str, Plan]]) -> str:
+    """The plan, one line per stage and the total, before the run starts."""
+    lines = []
+    for label, plan in rows:
+        lines.append(
+            f"  {label:<27} start {minutes(plan.start):>6}, warm-up {minutes(plan.warm_up):>5}, "
+            f"{plan.rounds} x {minutes(plan.round):>6} = {minutes(plan.total):>6}"
+        )
+    total = sum(plan.total for _, plan in rows)
+    lines.append(f"  {'all stages':<27} about {minutes(total)}")
+    return "\n".join(lines)
+
+
+def took_table(rows: Sequence[tuple[str, Plan, Took]]) -> str:
+    """What each stage took next to its plan, after the run."""
+    lines = []
+    for label, plan, took in rows:
+        lines.append(f"  {label:<27} took {minutes(took.total):>6} (planned {minutes(plan.total)})")
+    took_all = sum(took.total for _, _, took in rows)
+    plan_all = sum(plan.total for _, plan, _ in rows)
+    lines.append(f"  {'all stages':<27} took {minutes(took_all):>6} (planned {minutes(plan_all)})")
+    return "\n".join(lines)
+
+
+def to_json(plan: Plan, took: Took) -> dict[str, Any]:
+    return {
+        "planned_s": {
+            "start": plan.start,
+            "warm_up": plan.warm_up,
+            "round": plan.round,
+            "rounds": plan.rounds,
+            "total": plan.total,
+        },
+        "took_s": {
+            "start": took.start,
+            "warm_up": took.warm_up,
+            "rounds": took.rounds,
+            "total": took.total,
+        },
+    }
