@@ -134,6 +134,7 @@ async def consume(writer: Writer, shard: int, stop: asyncio.Event) -> None:
 
 async def _consume(writer: Writer, shard: int, stop: asyncio.Event) -> None:
     stream = writer.keys.stream(shard)
+    linger = writer.settings.batch_linger_ms / 1000
     backoff = 0.1
     while not stop.is_set():
         try:
@@ -158,12 +159,15 @@ async def _consume(writer: Writer, shard: int, stop: asyncio.Event) -> None:
             continue
         backoff = 0.1
         if reply:
+            entries = reply[0][1]
             try:
-                await write_batch(writer, shard, reply[0][1])
+                await write_batch(writer, shard, entries)
             except REDIS_DOWN as exc:
                 # Committed but not acknowledged: the entries stay pending and
                 # are reclaimed; their second delivery is a duplicate.
                 log.warning("shard %d: acknowledging failed: %s", shard, exc)
+            if len(entries) < writer.settings.batch_size and linger:
+                await asyncio.sleep(linger)
 
 
 async def watch_backlog(writer: Writer, stop: asyncio.Event, every: float = 5.0) -> None:
