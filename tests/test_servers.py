@@ -61,6 +61,15 @@ def test_free_port_is_unused_and_not_a_shared_servers_port() -> None:
         sock.bind(("127.0.0.1", port))
 
 
+def test_free_port_never_hands_out_a_port_twice_before_it_is_bound() -> None:
+    # A Redis Cluster's nodes get their ports and bus ports all before the
+    # first starts: 500 draws from the 10,000 ports below the ephemeral range
+    # would almost surely repeat one if each draw only checked that nothing
+    # listens on it yet.
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
+
+
 def test_postgres_keeps_data_across_stop_and_start_on_the_same_port(tmp_path: Path) -> None:
     pg = PostgresServer(tmp_path / "pg", durable=False)
     try:

@@ -56,8 +56,16 @@ _MAX_SOCKET_PATH = 107
 MAXMEMORY_SHARE = 0.25
 
 
+# Ports this process has handed out: a port is free when drawn, but its
+# server binds it only later, so a second draw meanwhile (the nodes of a Redis
+# Cluster are given their ports and bus ports all before the first starts)
+# must not get it again.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A port nothing listens on now, on 127.0.0.1.
+    """A port nothing listens on now, on 127.0.0.1, and not handed out before
+    by this process.
 
     Drawn below the kernel's ephemeral range: a port from there (what binding
     port 0 returns) can meanwhile become the local end of an outgoing
@@ -69,7 +77,8 @@ def free_port() -> int:
     if low > 11_024:
         for _ in range(200):
             port = rng.randrange(low - 10_000, low)
-            if _port_is_free(port):
+            if port not in _handed_out and _port_is_free(port):
+                _handed_out.add(port)
                 return port
     with socket.socket() as sock:
         sock.bind((HOST, 0))
