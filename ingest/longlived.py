@@ -11,10 +11,14 @@ one when its stream ends.
 
 - After every FREEZE_EVERY new streams, a young collection (so that fresh
   garbage is not frozen) and a freeze.
-- When the streams open fall under half of those open at the last freeze,
-  ``gc.unfreeze()``: whatever died in a reference cycle meanwhile goes back to
-  the collector, which frees it at its next full collection. Frozen garbage
-  is thus bounded by the audience's peak, and given back when it leaves.
+- ``gc.unfreeze()`` when the streams open fall under half of those open at
+  the last freeze (the audience left), or once as many streams have closed
+  since the first freeze as were open at the last one (the audience turned
+  over: watchers reconnect at least every VOTEFLOW_LIVE_MAX_SECONDS):
+  whatever died in a reference cycle meanwhile goes back to the collector,
+  which frees it at its next full collection. Frozen garbage is thus bounded
+  by about one audience's worth, and the price is one full collection per
+  turnover instead of many while an audience joins.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class LongLived:
         self.every = every
         self.frozen_at = 0  # streams open at the last freeze; 0: none frozen
         self._since = 0  # streams opened since the last freeze
+        self._closed = 0  # streams closed since the first freeze
 
     def opened(self, open_now: int) -> None:
         self._since += 1
@@ -48,7 +53,11 @@ class LongLived:
             log.debug("froze %d objects, %d live streams open", gc.get_freeze_count(), open_now)
 
     def closed(self, open_now: int) -> None:
-        if self.frozen_at and open_now < self.frozen_at // 2:
+        if not self.frozen_at:
+            return
+        self._closed += 1
+        if open_now < self.frozen_at // 2 or self._closed >= self.frozen_at:
             gc.unfreeze()
             self.frozen_at = 0
             self._since = 0
+            self._closed = 0

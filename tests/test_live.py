@@ -293,3 +293,22 @@ def test_streams_objects_are_frozen_while_many_are_open_and_given_back_when_they
         assert gone() is None
     finally:
         gc.unfreeze()
+
+
+def test_frozen_streams_are_given_back_once_the_audience_has_turned_over() -> None:
+    # Watchers reconnect (each stream has a lifetime) and the count open stays
+    # high: what their old streams left in cycles must not stay frozen.
+    keeper = LongLived(every=4)
+    gc.unfreeze()
+    try:
+        for open_now in (1, 2, 3, 4):
+            keeper.opened(open_now)
+        assert gc.get_freeze_count() > 0
+        for _ in range(3):  # one closes, one comes back: 4 open throughout
+            keeper.closed(3)
+            keeper.opened(4)
+        assert gc.get_freeze_count() > 0
+        keeper.closed(3)  # the fourth close since the freeze: all four turned over
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
