@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,7 @@ class Took:
 
 
 @contextmanager
-def timed(into: Took, part: str) -> Iterator[None]:
+def timed(into: Took, part: Literal["start", "warm_up", "round"]) -> Iterator[None]:
     """Add the seconds of the block to `into`'s start or warm-up, or append a round."""
     began = time.monotonic()
     try:
