@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import RedisCluster
+from redis.exceptions import MaxConnectionsError
 
 from tests.support import InProcessWorker, create_poll, drain, edge_client, recount, results
 from tests.test_live import next_event
 from voteflow.audit import audit
 from voteflow.keys import Keys
 from voteflow.message import Vote
+from voteflow.redisconn import ClusterClient
 from voteflow.servers import RedisClusterServers
 from voteflow.settings import Settings
 
@@ -197,3 +199,24 @@ async def test_a_vote_id_reused_by_a_voter_of_another_shard_is_409(
         async with InProcessWorker(on_cluster):
             await drain(cluster_client, on_cluster)
         assert (await results(edge, poll["id"]))["total_ballots"] == 1
+
+
+async def test_a_node_with_no_connection_left_is_renewed_not_stuck(on_cluster: Settings) -> None:
+    # redis-py 5 can keep a connection it failed to write on counted as in use
+    # (redis-py issue 4110): here every connection of one node is taken and
+    # never given back, as a failover left them for a worker that then stayed
+    # stuck. The command that meets it fails; the next finds new nodes.
+    client = ClusterClient.from_url(on_cluster.redis_url, max_connections=2)
+    key = f"{on_cluster.key_prefix}:renewed"
+    try:
+        await client.set(key, "1")
+        node = client.get_node_from_key(key)
+        with pytest.raises(MaxConnectionsError):
+            while True:
+                node.acquire_connection()
+        with pytest.raises(MaxConnectionsError):
+            await client.get(key)
+        assert await client.get(key) == b"1"
+    finally:
+        await client.delete(key)
+        await client.aclose()

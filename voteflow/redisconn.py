@@ -25,7 +25,7 @@ from typing import Any, TypeAlias
 from redis.asyncio import BlockingConnectionPool, Connection, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import MaxConnectionsError, RedisError, ResponseError
 
 from voteflow.outages import REDIS_DOWN
 from voteflow.settings import Settings
@@ -59,7 +59,32 @@ class ClusterClient(RedisCluster):
     in flight on healthy nodes then fail too and drop their nodes, until no
     node is left to ask ("provide at least one reachable node") and the
     client stays broken. This one asks every node it has ever seen.
+
+    And one that renews its nodes when one has no connection left: redis-py
+    5's cluster node keeps a connection it failed to write on (a connect
+    refused by a master that just died, say) counted as in use for good
+    (redis-py issue 4110, fixed in releases that arq does not allow yet).
+    After enough of them, every command to that node raises
+    MaxConnectionsError, which, unlike a connection error, makes redis-py
+    keep its nodes and its stale slot map: a worker stayed stuck after a
+    failover until restarted. On MaxConnectionsError this client drops its
+    nodes, connections and slot map (as redis-py does on a connection
+    error), and the next command starts again from new ones.
     """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except MaxConnectionsError:
+            manager = self.nodes_manager
+            # New node objects to ask for the slot map: the old ones may be
+            # the nodes that have no connection left.
+            manager.startup_nodes = {
+                name: ClusterNode(host, port, **manager.connection_kwargs)
+                for name, (host, port) in self.__dict__.get("_seen", {}).items()
+            } or manager.startup_nodes
+            await self.aclose()
+            raise
 
     async def initialize(self) -> ClusterClient:
         self._reseed()

@@ -149,11 +149,11 @@ async def _consume(writer: Writer, shard: int, stop: asyncio.Event) -> None:
             if not isinstance(exc, (ClusterDownError, TryAgainError)):
                 raise
             # A cluster between a master's death and its replica's promotion.
-            log.warning("shard %d: read failed (%s); retrying in %.1fs", shard, exc, backoff)
+            log.warning("shard %d: read failed (%r); retrying in %.1fs", shard, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
         except REDIS_DOWN as exc:
-            log.warning("shard %d: read failed (%s); retrying in %.1fs", shard, exc, backoff)
+            log.warning("shard %d: read failed (%r); retrying in %.1fs", shard, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
             continue
