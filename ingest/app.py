@@ -29,7 +29,7 @@ from voteflow.keys import Keys
 from voteflow.outages import POSTGRES_DOWN, REDIS_DOWN, is_postgres_outage
 from voteflow.redisconn import AnyRedis, Nodes, has_sharded_pubsub, has_waitaof, open_redis
 from voteflow.settings import Settings
-from voteflow.timeutil import now_us
+from voteflow.timeutil import from_us, now_us
 
 from . import live, pages
 from .append import Appender, Limited, Overloaded, Reused, Unavailable
@@ -38,8 +38,8 @@ from .liveslots import LiveSlots
 from .metrics import EdgeMetrics
 from .openapi import get_openapi
 from .origins import Origins
-from .polls import Cursor, Poll, PollCache, close_poll, create_poll, list_open
-from .results import current_tally
+from .polls import STATES, Cursor, Poll, PollCache, close_poll, create_poll, list_polls
+from .results import current_tally, results_csv, tally_from_database
 from .serve import read_body, serve
 from .validate import (
     MAX_VOTE_BODY,
@@ -318,9 +318,12 @@ def _limited(edge: Edge, exc: Limited) -> web.Response:
     )
 
 
-async def list_polls(request: web.Request) -> web.Response:
+async def get_polls(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     limit = _limit(request.query.get("limit"))
+    state = request.query.get("state", "open")
+    if state not in STATES:
+        raise Invalid(400, "state", f"state must be one of {', '.join(STATES)}")
     token = request.query.get("cursor")
     after = None
     if token is not None:
@@ -328,11 +331,14 @@ async def list_polls(request: web.Request) -> web.Response:
             after = Cursor.decode(token)
         except ValueError:  # binascii.Error and UnicodeDecodeError among them
             raise Invalid(400, "cursor", "not a cursor this API handed out") from None
-    page = await list_open(edge.read_pool, after, limit)
+    page = await list_polls(edge.read_pool, state, after, limit)
     now = now_us()
     return json_response(
         {
-            "polls": [poll.to_json(now) for poll in page.polls],
+            "polls": [
+                {**listed.poll.to_json(now), "total_ballots": listed.total_ballots}
+                for listed in page.polls
+            ],
             "next_cursor": None if page.next is None else page.next.encode(),
         }
     )
@@ -367,6 +373,40 @@ async def get_results(request: web.Request) -> web.Response:
     poll = await _poll(edge, request)
     tally = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
     return json_response(tally.results(poll.labels))
+
+
+async def get_results_csv(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    poll = await _poll(edge, request)
+    # PostgreSQL's count, not the published snapshot: an export is a record.
+    tally = await tally_from_database(edge.pool, poll.id)
+    return web.Response(
+        text=results_csv(tally, poll.labels),
+        content_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{_export_name(poll)}.csv"'},
+    )
+
+
+async def get_results_json(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    poll = await _poll(edge, request)
+    tally = await tally_from_database(edge.pool, poll.id)
+    now = now_us()
+    return json_response(
+        {
+            **tally.results(poll.labels),
+            "question": poll.question,
+            "allow_multiple_votes": poll.allow_multiple_votes,
+            "closed": not poll.is_open(now),
+            "closed_at": poll.closed_at,
+            "exported_at": from_us(now),
+        },
+        headers={"Content-Disposition": f'attachment; filename="{_export_name(poll)}.json"'},
+    )
+
+
+def _export_name(poll: Poll) -> str:
+    return f"voteflow-poll-{poll.id}-results"
 
 
 async def get_live(request: web.Request) -> web.StreamResponse:
@@ -519,11 +559,13 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/", index_page)
     app.router.add_get("/polls/{poll_id}", poll_page)
     app.router.add_get("/static/{name}", get_asset)
-    app.router.add_get("/api/polls", list_polls)
+    app.router.add_get("/api/polls", get_polls)
     app.router.add_post("/api/polls", post_poll)
     app.router.add_get("/api/polls/{poll_id}", get_poll)
     app.router.add_post("/api/polls/{poll_id}/close", post_close)
     app.router.add_get("/api/polls/{poll_id}/results", get_results)
+    app.router.add_get("/api/polls/{poll_id}/results.csv", get_results_csv)
+    app.router.add_get("/api/polls/{poll_id}/results.json", get_results_json)
     app.router.add_get("/api/polls/{poll_id}/live", get_live)
     app.router.add_get("/api/polls/{poll_id}/ws", get_live_ws)
     app.router.add_post("/api/vote", post_vote)

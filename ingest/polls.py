@@ -162,20 +162,30 @@ class Cursor:
         return cls(int(created), uuid.UUID(poll_id))
 
 
+# Which polls a list walks: GET /api/polls?state=.
+STATES = ("open", "closed", "all")
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    poll: Poll
+    total_ballots: int  # counted ballots as PostgreSQL holds them
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
-    polls: list[Poll]
+    polls: list[Listed]
     next: Cursor | None  # None: the last page
 
 
-async def list_open(pool: asyncpg.Pool, after: Cursor | None, limit: int) -> Page:
-    """A page of the open polls, newest first."""
+async def list_polls(pool: asyncpg.Pool, state: str, after: Cursor | None, limit: int) -> Page:
+    """A page of the polls in `state` (one of STATES), newest first."""
     before = (None, None) if after is None else (from_us(after.created_us), after.poll_id)
     # One row more than asked tells whether another page follows.
-    rows = await pool.fetch("SELECT * FROM poll_list($1, $2, $3)", *before, limit + 1)
-    polls = [_poll(row) for row in rows[:limit]]
+    rows = await pool.fetch("SELECT * FROM poll_list($1, $2, $3, $4)", state, *before, limit + 1)
+    polls = [Listed(_poll(row), row["total_ballots"]) for row in rows[:limit]]
     more = len(rows) > limit
-    last = polls[-1] if polls else None
+    last = polls[-1].poll if polls else None
     cursor = Cursor(to_us(last.created_at), uuid.UUID(last.id)) if more and last else None
     return Page(polls, cursor)
 

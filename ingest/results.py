@@ -1,7 +1,10 @@
-"""Reading a poll's current tally: the workers' snapshot, else PostgreSQL."""
+"""Reading a poll's current tally (the workers' snapshot, else PostgreSQL),
+and its results as an export."""
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 
 import asyncpg
@@ -40,3 +43,27 @@ async def current_tally(redis: AnyRedis, pool: asyncpg.Pool, keys: Keys, poll_id
     if raw is not None:
         return decode(raw)
     return await tally_from_database(pool, poll_id)
+
+
+# What a spreadsheet would run as a formula at the start of a cell (OWASP's
+# "CSV injection"): such a label is exported with a leading apostrophe.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+CSV_HEADER = ("option_id", "label", "votes", "share_of_ballots")
+
+
+def results_csv(tally: Tally, labels: dict[str, str]) -> str:
+    """The poll's results as CSV (RFC 4180): a header, then an option a row.
+
+    share_of_ballots is the option's votes over the counted ballots, so on a
+    poll that allows several choices the shares can add up to more than 1.
+    """
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_HEADER)
+    for option_id, label in labels.items():
+        votes = tally.votes.get(option_id, 0)
+        share = votes / tally.total_ballots if tally.total_ballots else 0.0
+        if label.startswith(_FORMULA_STARTS):
+            label = "'" + label
+        writer.writerow((option_id, label, votes, f"{share:.4f}"))
+    return out.getvalue()

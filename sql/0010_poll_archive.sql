@@ -1,0 +1,56 @@
+-- 0010_poll_archive.sql: the poll list by state (open, closed, or all), with
+-- each poll's counted ballots, for GET /api/polls?state= and the organizer's
+-- page. Closed polls stay listed: the archive is the same keyset walk.
+--
+-- A poll is closed once its closed_at or its expires_at has passed, as
+-- Poll.is_open says on the edge. Supersedes poll_list of 0009.
+
+DROP FUNCTION poll_list(timestamptz, uuid, int);
+CREATE FUNCTION poll_list(
+    p_state text, p_before_created timestamptz, p_before_id uuid, p_limit int
+)
+RETURNS TABLE (
+    id uuid,
+    question text,
+    allow_multiple_votes boolean,
+    max_choices int,
+    expires_at timestamptz,
+    closed_at timestamptz,
+    created_at timestamptz,
+    option_ids uuid[],
+    labels text[],
+    require_voter_token boolean,
+    total_ballots bigint
+)
+LANGUAGE sql
+STABLE
+AS $$
+    SELECT p.id, p.question, p.allow_multiple_votes, p.max_choices, p.expires_at,
+           p.closed_at, p.created_at, o.option_ids, o.labels, p.require_voter_token,
+           coalesce(c.total_ballots, 0)
+    FROM (
+        SELECT q.*
+        FROM polls AS q
+        CROSS JOIN LATERAL (
+            SELECT (q.closed_at IS NULL OR q.closed_at > now())
+               AND (q.expires_at IS NULL OR q.expires_at > now()) AS is_open
+        ) AS s
+        WHERE (p_before_created IS NULL
+               OR (q.created_at, q.id) < (p_before_created, p_before_id))
+          AND CASE p_state
+                  WHEN 'open' THEN s.is_open
+                  WHEN 'closed' THEN NOT s.is_open
+                  WHEN 'all' THEN true
+              END
+        ORDER BY q.created_at DESC, q.id DESC
+        LIMIT p_limit
+    ) AS p
+    CROSS JOIN LATERAL (
+        SELECT array_agg(x.id ORDER BY x.position) AS option_ids,
+               array_agg(x.label ORDER BY x.position) AS labels
+        FROM options AS x
+        WHERE x.poll_id = p.id
+    ) AS o
+    LEFT JOIN poll_counters AS c ON c.poll_id = p.id
+    ORDER BY p.created_at DESC, p.id DESC
+$$;
