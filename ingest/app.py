@@ -347,8 +347,14 @@ async def get_polls(request: web.Request) -> web.Response:
 def _limit(raw: str | None) -> int:
     if raw is None:
         return LIST_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST_LIMIT:
-        raise Invalid(400, "limit", f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}")
+    return _whole_number(raw, "limit", MAX_LIST_LIMIT)
+
+
+def _whole_number(raw: str, field: str, most: int) -> int:
+    """A query parameter's whole number from 1 to `most`, in ASCII digits
+    (str.isdigit alone takes "²", which int() refuses)."""
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
+        raise Invalid(400, field, f"{field} must be a whole number from 1 to {most}")
     return int(raw)
 
 

@@ -97,6 +97,7 @@ async def test_a_bad_limit_or_cursor_is_a_400_naming_it(edge: Client) -> None:
         ({"limit": "101"}, "limit"),
         ({"limit": "ten"}, "limit"),
         ({"limit": "-1"}, "limit"),
+        ({"limit": "²"}, "limit"),  # a digit to str.isdigit, not to int()
         ({"cursor": "not-a-cursor"}, "cursor"),
         ({"cursor": "bm90OmE6dXVpZA"}, "cursor"),  # base64 of "not:a:uuid"
         ({"cursor": "x" * 200}, "cursor"),
