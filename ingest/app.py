@@ -34,6 +34,7 @@ from voteflow.timeutil import from_us, now_us
 from . import live, pages
 from .append import Appender, Limited, Overloaded, Reused, Unavailable
 from .clientip import Network, client_ip, limited_as, parse_networks
+from .history import MAX_STEP, History, StepTooSmall
 from .liveslots import LiveSlots
 from .metrics import EdgeMetrics
 from .openapi import get_openapi
@@ -97,6 +98,7 @@ class Edge:
     voter_tokens: VoterTokens | None
     # The live streams this process holds, per client address and in all.
     live_slots: LiveSlots
+    history: History
 
 
 EDGE = web.AppKey("edge", Edge)
@@ -381,6 +383,17 @@ async def get_results(request: web.Request) -> web.Response:
     return json_response(tally.results(poll.labels))
 
 
+async def get_history(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    raw = request.query.get("step_s")
+    step = None if raw is None else _whole_number(raw, "step_s", MAX_STEP)
+    poll = await _poll(edge, request)
+    try:
+        return json_response(await edge.history.of(poll, step))
+    except StepTooSmall as exc:
+        raise Invalid(400, "step_s", str(exc)) from None
+
+
 async def get_results_csv(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     poll = await _poll(edge, request)
@@ -530,7 +543,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     live_slots = LiveSlots(settings.live_max_per_address, settings.live_connections, metrics)
     app[EDGE] = Edge(
         settings, keys, redis, pool, read_pool, polls, appender, hub, metrics, proxies,
-        app[VOTER_TOKENS], live_slots,
+        app[VOTER_TOKENS], live_slots, History(read_pool),
     )  # fmt: skip
     try:
         yield
@@ -570,6 +583,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/api/polls/{poll_id}", get_poll)
     app.router.add_post("/api/polls/{poll_id}/close", post_close)
     app.router.add_get("/api/polls/{poll_id}/results", get_results)
+    app.router.add_get("/api/polls/{poll_id}/history", get_history)
     app.router.add_get("/api/polls/{poll_id}/results.csv", get_results_csv)
     app.router.add_get("/api/polls/{poll_id}/results.json", get_results_json)
     app.router.add_get("/api/polls/{poll_id}/live", get_live)

@@ -20,6 +20,12 @@
 -- schema_migrations stays a local table of the coordinator, where
 -- `voteflow migrate` runs.
 
+-- poll_counters carries the trigger that keeps tally_history (0011): Citus
+-- distributes a table with a trigger only with this on. The trigger is safe
+-- as Citus means it: it writes only the row of its own poll, in a co-located
+-- shard on the same node.
+SET citus.enable_unsafe_triggers = on;
+
 -- polls.id is the poll id: the distribution column of the group.
 SELECT create_distributed_table('polls', 'id', colocate_with := 'none');
 SELECT create_distributed_table('options', 'poll_id', colocate_with := 'polls');
@@ -27,3 +33,4 @@ SELECT create_distributed_table('tallies', 'poll_id', colocate_with := 'polls');
 SELECT create_distributed_table('poll_counters', 'poll_id', colocate_with := 'polls');
 SELECT create_distributed_table('votes', 'poll_id', colocate_with := 'polls');
 SELECT create_distributed_table('voter_ballots', 'poll_id', colocate_with := 'polls');
+SELECT create_distributed_table('tally_history', 'poll_id', colocate_with := 'polls');
