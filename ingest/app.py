@@ -42,6 +42,7 @@ from .origins import Origins
 from .polls import STATES, Cursor, Poll, PollCache, close_poll, create_poll, list_polls
 from .results import current_tally, results_csv, tally_from_database
 from .serve import read_body, serve
+from .share import links, poll_of_code, qr_svg
 from .validate import (
     MAX_VOTE_BODY,
     Invalid,
@@ -103,6 +104,7 @@ class Edge:
 
 EDGE = web.AppKey("edge", Edge)
 EDGE_SETTINGS = web.AppKey("settings", Settings)
+ORIGINS = web.AppKey("origins", Origins)
 VOTER_TOKENS: web.AppKey[VoterTokens | None] = web.AppKey("voter_tokens")
 METRICS = web.AppKey("metrics", EdgeMetrics)
 
@@ -162,10 +164,19 @@ async def observe(
         response = problem(
             503, "temporarily unavailable, retry later", None, RETRY_AFTER_UNAVAILABLE
         )
+    if response.status == 404 and _is_page(request):
+        response = pages.not_found()
     metrics.observe_request(
         _route_name(request), request.method, response.status, time.perf_counter() - started
     )
     return response
+
+
+def _is_page(request: web.Request) -> bool:
+    """An address a person opens in a browser: a 404 there is an HTML page."""
+    return request.method in ("GET", "HEAD") and not request.path.startswith(
+        ("/api/", "/health", "/ready", "/metrics")
+    )
 
 
 def _require_admin(request: web.Request, edge: Edge) -> None:
@@ -369,6 +380,43 @@ async def poll_page(request: web.Request) -> web.Response:
     return pages.respond(request, "poll.html", PAGE_CACHE)
 
 
+async def short_link(request: web.Request) -> web.Response:
+    poll_id = poll_of_code(request.match_info["code"])
+    if poll_id is None or await request.app[EDGE].polls.get(poll_id) is None:
+        raise Invalid(404, None, "no such poll")
+    return _redirect(302, f"/polls/{poll_id}")
+
+
+def _public_base(request: web.Request) -> str:
+    """The origin share links point at: VOTEFLOW_PUBLIC_URL, else this edge's own."""
+    return request.app[EDGE].settings.public_url.rstrip("/") or request.app[ORIGINS].own(request)
+
+
+async def get_share(request: web.Request) -> web.Response:
+    poll = await _poll(request.app[EDGE], request)
+    return json_response(links(_public_base(request), poll.id))
+
+
+async def get_qr(request: web.Request) -> web.Response:
+    poll = await _poll(request.app[EDGE], request)
+    url = links(_public_base(request), poll.id)["short_url"]
+    # Vary: the code holds the origin the request named.
+    return web.Response(
+        body=qr_svg(url), content_type="image/svg+xml",
+        headers={"Cache-Control": "no-cache", "Vary": "Host, X-Forwarded-Host"},
+    )  # fmt: skip
+
+
+async def favicon(request: web.Request) -> web.Response:
+    return _redirect(301, "/static/favicon.svg")
+
+
+def _redirect(status: int, location: str) -> web.Response:
+    # Returned, not raised: observe turns aiohttp's raised HTTP exceptions
+    # into the API's error shape.
+    return web.Response(status=status, headers={"Location": location})
+
+
 async def get_asset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name.endswith(".html") or not pages.has(name):
@@ -569,6 +617,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[observe, origins.guard])
     app.on_response_prepare.append(origins.mark)
     app[EDGE_SETTINGS] = settings
+    app[ORIGINS] = origins
     # Here, not in _resources: a key or secret it cannot use stops the start
     # before anything is opened.
     app[VOTER_TOKENS] = VoterTokens.from_settings(settings)
@@ -578,12 +627,16 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/", index_page)
     app.router.add_get("/polls/{poll_id}", poll_page)
     app.router.add_get("/static/{name}", get_asset)
+    app.router.add_get("/p/{code}", short_link)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/api/polls", get_polls)
     app.router.add_post("/api/polls", post_poll)
     app.router.add_get("/api/polls/{poll_id}", get_poll)
     app.router.add_post("/api/polls/{poll_id}/close", post_close)
     app.router.add_get("/api/polls/{poll_id}/results", get_results)
     app.router.add_get("/api/polls/{poll_id}/history", get_history)
+    app.router.add_get("/api/polls/{poll_id}/share", get_share)
+    app.router.add_get("/api/polls/{poll_id}/qr.svg", get_qr)
     app.router.add_get("/api/polls/{poll_id}/results.csv", get_results_csv)
     app.router.add_get("/api/polls/{poll_id}/results.json", get_results_json)
     app.router.add_get("/api/polls/{poll_id}/live", get_live)

@@ -1,7 +1,8 @@
-"""The edge's web pages: the open polls at ``/`` and a poll's live results at
-``/polls/{poll_id}``. Plain HTML, CSS and JavaScript from ``static/`` beside
-this module, shipped inside the package: no build step, nothing fetched from
-anywhere but this edge.
+"""The edge's web pages: the open polls at ``/``, a poll's voting page at
+``/polls/{poll_id}``, and an HTML page for any other address that names none.
+Plain HTML, CSS and JavaScript from ``static/`` beside this module, shipped
+inside the package: no build step, nothing fetched from anywhere but this
+edge (the chart library, uPlot, is kept here too, its licence in licenses/).
 
 The files are read once, at import, and served from memory with a validator
 (ETag), so a page costs no disk read and a reload mostly a 304.
@@ -21,6 +22,7 @@ TYPES: Final = {
     ".html": "text/html",
     ".css": "text/css",
     ".js": "text/javascript",
+    ".svg": "image/svg+xml",
 }
 # The pages load only this edge's own scripts, styles and API: an injected
 # script or a framing site gets nowhere.
@@ -67,3 +69,13 @@ def respond(request: web.Request, name: str, cache: str) -> web.Response:
 
 def has(name: str) -> bool:
     return name in ASSETS
+
+
+def not_found() -> web.Response:
+    """The page of an address that names no page (never cached: the poll may
+    be created a moment later)."""
+    asset = ASSETS["notfound.html"]
+    return web.Response(
+        status=404, body=asset.body, content_type=asset.content_type, charset="utf-8",
+        headers={**HEADERS, "Cache-Control": "no-store"},
+    )  # fmt: skip

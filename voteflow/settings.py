@@ -88,6 +88,9 @@ class Settings:
     # Comma-separated origins (https://app.example.com) whose pages may call the
     # API from a browser, besides the edge's own (see ingest.origins).
     allowed_origins: str = ""
+    # The origin voters open (https://vote.example.com): share links and QR
+    # codes point there. Empty: the origin the page itself was loaded from.
+    public_url: str = ""
     # Voters proven by signed tokens (ingest.voters): a shared HS256 secret, or
     # the issuing app's public key (PEM, or the path of a file holding it;
     # RS256, ES256 or EdDSA by its type). Empty: user_id is the client's word.
@@ -247,6 +250,10 @@ class Settings:
             parse_origins(self.allowed_origins)
         except ValueError as exc:
             raise SettingsError(f"{PREFIX}ALLOWED_ORIGINS: {exc}") from None
+        try:
+            need(len(parse_origins(self.public_url)) <= 1, "public_url", "must be one origin")
+        except ValueError as exc:
+            raise SettingsError(f"{PREFIX}PUBLIC_URL: {exc}") from None
         need(self.idempotency_window >= 1, "idempotency_window", "must be >= 1")
         need(self.max_backlog >= 0, "max_backlog", "must be >= 0")
         need(1 <= self.stream_shards <= 1024, "stream_shards", "must be between 1 and 1024")
