@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 from types import FrameType
 
@@ -244,8 +245,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), as pip reports it."""
+    try:
+        return metadata.version("voteflow")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="voteflow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"voteflow {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply the SQL migrations in sql/")
     edge = sub.add_parser("edge", help="run the HTTP edge")
