@@ -307,7 +307,7 @@ async def _stop(up: Up) -> None:
         await rest
 
 
-async def test_up_keeps_its_admin_token_and_demo_poll_and_tells_audit_where_it_runs(
+async def test_up_keeps_its_admin_token_and_demo_poll_and_tells_other_commands_where_it_runs(
     tmp_path: Path,
 ) -> None:
     runs = [Up(tmp_path), Up(tmp_path)]  # one data directory
@@ -322,20 +322,24 @@ async def test_up_keeps_its_admin_token_and_demo_poll_and_tells_audit_where_it_r
         assert _mode(data_dir) & 0o076 == 0
         stack = json.loads(stack_file.read_text())
         assert (stack["edge_url"], stack["admin_token"]) == (runs[0].base, token)
-        # No URL given: audit uses the stack's.
-        status, out, err = await voteflow("audit", "--data-dir", str(data_dir))
+        # No URL and no token given: the commands use the stack's.
+        where = ("--data-dir", str(data_dir))
+        status, out, err = await voteflow("poll", "list", *where)
+        assert status == 0, err
+        assert [row.split()[0] for row in out.splitlines()[1:]] == [poll_id]
+        status, out, err = await voteflow("poll", "create", "Tea?", "Yes", "No", *where)
+        assert status == 0, err
+        created = out.splitlines()[0]
+        status, out, err = await voteflow("audit", *where)
         assert status == 0, out + err
         await _stop(runs[0])
         assert not stack_file.exists()
 
         # The next run: same token, same demo poll, no second copy of it.
         assert await _started(runs[1]) == (token, poll_id)
-        async with (
-            aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session,
-            session.get(f"{runs[1].base}/api/polls") as response,
-        ):
-            polls = (await response.json())["polls"]
-        assert [poll["id"] for poll in polls] == [poll_id]
+        status, out, err = await voteflow("poll", "list", *where)
+        assert status == 0, err
+        assert [row.split()[0] for row in out.splitlines()[1:]] == [created, poll_id]
         assert json.loads(stack_file.read_text())["edge_url"] == runs[1].base
         await _stop(runs[1])
     finally:

@@ -1,4 +1,5 @@
-"""The ``voteflow`` command: migrate, edge, worker, up (the whole stack), audit, deadletters."""
+"""The ``voteflow`` command: migrate, edge, worker, up (the whole stack), audit, deadletters,
+poll."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from types import FrameType
 
 import asyncpg
 
+from . import polladmin
 from .settings import Settings, SettingsError
 from .stack import (
     Stack,
@@ -371,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dead.add_argument("--poll", metavar="ID", help="only votes for this poll")
     dead.add_argument("--reason", metavar="PREFIX", help="only reasons starting so (e.g. refused)")
     dead.add_argument("--json", action="store_true", help="print JSON")
+    polladmin.add_parser(sub, data_dir)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -385,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_audit(settings, args.data_dir, args.poll, args.json)
         if args.command == "deadletters":
             return cmd_deadletters(settings, args)
+        if args.command == "poll":
+            return polladmin.run(settings, args)
         return cmd_up(settings, args.data_dir.resolve(), args.edge_processes)
     except SettingsError as exc:
         print(f"voteflow: {exc}", file=sys.stderr)
