@@ -364,3 +364,22 @@ async def test_demo_poll_is_made_again_only_when_the_last_one_is_gone_or_closed(
     finally:
         await conn.close()
     assert (await _demo_poll(database_url, poll_id))[0] != poll_id
+
+
+def test_data_directory_is_closed_to_others_unless_it_holds_more_than_ups_files(
+    tmp_path: Path,
+) -> None:
+    from voteflow.stack import private_dir
+
+    assert _mode(private_dir(tmp_path / "new" / "data")) == 0o700
+    earlier = tmp_path / "earlier"  # as an older voteflow left it
+    (earlier / "postgres").mkdir(parents=True)
+    (earlier / "redis").mkdir()
+    earlier.chmod(0o755)
+    assert _mode(private_dir(earlier)) == 0o700
+    # `--data-dir ~`, say: who may use it is not up's to change.
+    shared = tmp_path / "shared"
+    (shared / "notes.txt").parent.mkdir()
+    (shared / "notes.txt").write_text("mine")
+    shared.chmod(0o755)
+    assert _mode(private_dir(shared)) == 0o755

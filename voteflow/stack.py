@@ -55,11 +55,26 @@ class Stack:
     pid: int
 
 
+# What `up` keeps in its data directory: its own files and its servers' data.
+_OURS = frozenset({STACK, ADMIN_TOKEN, DEMO_POLL, "postgres", "redis"})
+
+
 def private_dir(path: Path) -> Path:
-    """``path``, created if missing, closed to everyone but its owner."""
-    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    """``path``, created if missing, closed to everyone but its owner.
+
+    An existing directory is closed only when it holds nothing but what
+    ``up`` keeps there (one made by an earlier voteflow, before these files):
+    ``--data-dir ~`` or ``/tmp`` must not change who may use those. The files
+    themselves are 0600 wherever they are.
+    """
+    try:
+        path.mkdir(mode=PRIVATE_DIR, parents=True)
+        return path
+    except FileExistsError:
+        pass
     mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
+    ours = all(entry.name in _OURS or entry.name.endswith(".partial") for entry in path.iterdir())
+    if mode & 0o077 and ours:
         path.chmod(mode & ~0o077)
     return path
 
