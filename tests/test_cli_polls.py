@@ -98,7 +98,8 @@ async def test_list_shows_every_open_poll_across_pages_newest_first(edge: Client
     listed = [row.split(None, 3) for row in rows]
     open_polls = [poll for poll in reversed(polls) if poll is not polls[5]]
     assert [row[0] for row in listed] == [poll["id"] for poll in open_polls]
-    assert {(row[1], row[2]) for row in listed} == {("open", "-")}
+    # Ballots: "-" from an edge whose list does not carry them, else none cast.
+    assert {(row[1], row[2]) for row in listed} <= {("open", "-"), ("open", "0")}
     assert [row[3] for row in listed] == [poll["question"] for poll in open_polls]
     status, out, err = await voteflow("poll", "list", "--json", "--url", base_url(edge))
     assert status == 0, err
@@ -182,7 +183,7 @@ async def test_poll_commands_and_audit_find_the_stack_from_its_file(
     poll_id = out.splitlines()[0]
     status, out, err = await voteflow("poll", "list", "--data-dir", str(data_dir))
     assert status == 0, err
-    assert out.splitlines()[1].split() == [poll_id, "open", "-", "Q?"]
+    assert out.splitlines()[1].split() in ([poll_id, "open", b, "Q?"] for b in ("-", "0"))
     status, out, err = await voteflow("poll", "close", poll_id, "--data-dir", str(data_dir))
     assert status == 0, err
     assert (await get_poll(edge, poll_id))["closed"] is True
