@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -18,6 +21,7 @@ from workers.consume import WRITER, Writer
 from workers.reclaim import reclaim
 from workers.worker import SETTINGS, shutdown, startup
 
+REPO = Path(__file__).resolve().parents[1]
 # Long enough for the start-up check (VOTEFLOW_ADMIN_TOKEN, at least 24 characters).
 ADMIN_TOKEN = "test-admin-token-of-the-suite-only"
 # Admin calls are JSON, a close without a body too (415 otherwise).
@@ -38,6 +42,30 @@ def ballot(poll: dict[str, Any], voter: str = "v", option: int = 0) -> dict[str,
         "option_ids": [poll["options"][option]["id"]],
         "voter_fingerprint": voter,
     }
+
+
+def shell_env(**extra: str) -> dict[str, str]:
+    """An operator's shell: no VOTEFLOW_* but ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOTEFLOW_")}
+    return env | extra
+
+
+async def voteflow(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> tuple[int, str, str]:
+    """Run ``python -m voteflow ARGS`` from the checkout: (exit status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "voteflow", *args),
+        env=shell_env() if env is None else env,
+        cwd=REPO,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(timeout):
+        stdout, stderr = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode(), stderr.decode()
 
 
 class InProcessWorker:

@@ -13,14 +13,17 @@ import json
 import os
 import re
 import signal
+import stat
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
+from tests.support import voteflow
 from voteflow.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,3 +278,108 @@ async def test_ctrl_c_while_up_starts_stops_the_servers_it_started(up: Up) -> No
     os.killpg(up.pid, signal.SIGINT)
     assert await up.exits() == 0, up.stderr()
     assert not up.leftovers()
+
+
+async def _started(up: Up) -> tuple[str, str]:
+    """(admin token, demo poll id) that `up` printed once it was up."""
+    await up.start()
+    try:
+        async with asyncio.timeout(UP_TIMEOUT):
+            while not (curl := await up.read_line()).lstrip().startswith("curl -s -X POST"):
+                pass
+    except TimeoutError:
+        pytest.fail(f"no curl line within {UP_TIMEOUT:.0f}s:\n{''.join(up.lines)}{up.stderr()}")
+    token = re.search(r"admin token: +(\S+)", "".join(up.lines))
+    poll = re.search(r'"poll_id": "([0-9a-f-]+)"', curl)
+    assert token is not None and poll is not None, "".join(up.lines)
+    return token[1], poll[1]
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def _stop(up: Up) -> None:
+    rest = asyncio.create_task(up.read_rest())
+    os.kill(up.pid, signal.SIGTERM)
+    assert await up.exits() == 0, up.stderr()
+    async with asyncio.timeout(5):
+        await rest
+
+
+async def test_up_keeps_its_admin_token_and_demo_poll_and_tells_other_commands_where_it_runs(
+    tmp_path: Path,
+) -> None:
+    runs = [Up(tmp_path), Up(tmp_path)]  # one data directory
+    data_dir = runs[0].data_dir
+    try:
+        token, poll_id = await _started(runs[0])
+        stack_file = data_dir / "stack.json"
+        # Secrets: the token, and the URLs. As root the private PostgreSQL's
+        # user may traverse the directory (o+x), never read or list it.
+        assert _mode(stack_file) == 0o600
+        assert _mode(data_dir / "admin-token") == 0o600
+        assert _mode(data_dir) & 0o076 == 0
+        stack = json.loads(stack_file.read_text())
+        assert (stack["edge_url"], stack["admin_token"]) == (runs[0].base, token)
+        # No URL and no token given: the commands use the stack's.
+        where = ("--data-dir", str(data_dir))
+        status, out, err = await voteflow("poll", "list", *where)
+        assert status == 0, err
+        assert [row.split()[0] for row in out.splitlines()[1:]] == [poll_id]
+        status, out, err = await voteflow("poll", "create", "Tea?", "Yes", "No", *where)
+        assert status == 0, err
+        created = out.splitlines()[0]
+        status, out, err = await voteflow("audit", *where)
+        assert status == 0, out + err
+        await _stop(runs[0])
+        assert not stack_file.exists()
+
+        # The next run: same token, same demo poll, no second copy of it.
+        assert await _started(runs[1]) == (token, poll_id)
+        status, out, err = await voteflow("poll", "list", *where)
+        assert status == 0, err
+        assert [row.split()[0] for row in out.splitlines()[1:]] == [created, poll_id]
+        assert json.loads(stack_file.read_text())["edge_url"] == runs[1].base
+        await _stop(runs[1])
+    finally:
+        for run in runs:
+            await run.kill()
+
+
+async def test_demo_poll_is_made_again_only_when_the_last_one_is_gone_or_closed(
+    database_url: str,
+) -> None:
+    from voteflow.cli import _demo_poll
+
+    poll_id, option_id = await _demo_poll(database_url, None)
+    assert await _demo_poll(database_url, poll_id) == (poll_id, option_id)
+    # Another database's poll, or a file that was edited: a new demo poll.
+    for remembered in ("00000000-0000-4000-8000-000000000000", "not an id"):
+        assert (await _demo_poll(database_url, remembered))[0] not in (poll_id, remembered)
+    # A closed one takes no votes: the curl line `up` prints would be refused.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE polls SET closed_at = now() WHERE id = $1", poll_id)
+    finally:
+        await conn.close()
+    assert (await _demo_poll(database_url, poll_id))[0] != poll_id
+
+
+def test_data_directory_is_closed_to_others_unless_it_holds_more_than_ups_files(
+    tmp_path: Path,
+) -> None:
+    from voteflow.stack import private_dir
+
+    assert _mode(private_dir(tmp_path / "new" / "data")) == 0o700
+    earlier = tmp_path / "earlier"  # as an older voteflow left it
+    (earlier / "postgres").mkdir(parents=True)
+    (earlier / "redis").mkdir()
+    earlier.chmod(0o755)
+    assert _mode(private_dir(earlier)) == 0o700
+    # `--data-dir ~`, say: who may use it is not up's to change.
+    shared = tmp_path / "shared"
+    (shared / "notes.txt").parent.mkdir()
+    (shared / "notes.txt").write_text("mine")
+    shared.chmod(0o755)
+    assert _mode(private_dir(shared)) == 0o755

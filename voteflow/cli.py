@@ -1,4 +1,5 @@
-"""The ``voteflow`` command: migrate, edge, worker, up (the whole stack), audit, deadletters."""
+"""The ``voteflow`` command: migrate, edge, worker, up (the whole stack), audit, deadletters,
+poll."""
 
 from __future__ import annotations
 
@@ -7,19 +8,31 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 from types import FrameType
 
 import asyncpg
 
+from . import polladmin
 from .settings import Settings, SettingsError
+from .stack import (
+    Stack,
+    admin_token,
+    private_dir,
+    read_stack,
+    remember_demo_poll,
+    remembered_demo_poll,
+    remove_stack,
+    write_stack,
+)
 
 log = logging.getLogger("voteflow")
 
@@ -64,9 +77,11 @@ def cmd_worker(settings: Settings) -> int:
     return 0
 
 
-def cmd_audit(settings: Settings, poll_id: str | None, as_json: bool) -> int:
+def cmd_audit(settings: Settings, data_dir: Path, poll_id: str | None, as_json: bool) -> int:
     from .audit import run
 
+    if not (settings.database_url and settings.redis_url):
+        settings = settings.with_stack(read_stack(data_dir))
     return asyncio.run(run(settings, poll_id=poll_id, as_json=as_json))
 
 
@@ -97,20 +112,37 @@ async def _prepare_database(server_url: str, database: str) -> str:
     return server_url.rsplit("/", 1)[0] + "/" + database
 
 
-async def _demo_poll(database_url: str) -> str:
+def _uuid(text: str | None) -> uuid.UUID | None:
+    try:
+        return None if text is None else uuid.UUID(text)
+    except ValueError:
+        return None
+
+
+async def _demo_poll(database_url: str, remembered: str | None) -> tuple[str, str]:
+    """(poll id, first option id) of the demo poll: the one an earlier run
+    created while it is still open in this database, else a new one."""
     conn = await asyncpg.connect(database_url)
     try:
-        poll_id = await conn.fetchval(
-            "SELECT create_poll($1, $2, false, 1, NULL)",
-            "Which colour should the new logo be?",
-            ["Blue", "Green", "Orange"],
-        )
+        poll_id = None
+        if (earlier := _uuid(remembered)) is not None:
+            poll_id = await conn.fetchval(
+                "SELECT id FROM polls WHERE id = $1 AND closed_at IS NULL "
+                "AND (expires_at IS NULL OR expires_at > now())",
+                earlier,
+            )
+        if poll_id is None:
+            poll_id = await conn.fetchval(
+                "SELECT create_poll($1, $2, false, 1, NULL)",
+                "Which colour should the new logo be?",
+                ["Blue", "Green", "Orange"],
+            )
         option_id = await conn.fetchval(
             "SELECT id FROM options WHERE poll_id = $1 ORDER BY position LIMIT 1", poll_id
         )
     finally:
         await conn.close()
-    return f"{poll_id} {option_id}"
+    return str(poll_id), str(option_id)
 
 
 def _wait_healthy(url: str, procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
@@ -168,6 +200,9 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
     env = dict(os.environ)
     try:
         with contextlib.ExitStack() as stack:
+            private_dir(data_dir)
+            # Generated once and kept, so that the token printed last time still works.
+            token = settings.admin_token or admin_token(data_dir)
             database_url, redis_url = settings.database_url, settings.redis_url
             if not database_url:
                 pg = stack.enter_context(PostgresServer(data_dir / "postgres"))
@@ -183,14 +218,16 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
                     f"private Redis: {redis_url} (data in {data_dir / 'redis'}, "
                     f"maxmemory {redis.maxmemory >> 20} MiB)"
                 )
-            admin_token = settings.admin_token or secrets.token_urlsafe(24)
             env.update(
                 VOTEFLOW_DATABASE_URL=database_url,
                 VOTEFLOW_REDIS_URL=redis_url,
-                VOTEFLOW_ADMIN_TOKEN=admin_token,
+                VOTEFLOW_ADMIN_TOKEN=token,
             )
             asyncio.run(migrate(database_url, vote_partitions=settings.vote_partitions))
-            poll_id, option_id = asyncio.run(_demo_poll(database_url)).split()
+            poll_id, option_id = asyncio.run(
+                _demo_poll(database_url, remembered_demo_poll(data_dir))
+            )
+            remember_demo_poll(data_dir, poll_id)
             private = (not settings.database_url) + (not settings.redis_url)
             processes = processes or edge_processes(private)
             procs = stack.enter_context(_children(env))
@@ -201,8 +238,24 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
                 subprocess.Popen([*command, name, *extra], env=env)
                 for name, extra in zip(names, arguments, strict=True)
             )
-            base = f"http://{settings.host}:{settings.port}"
+            base = settings.local_url
             _wait_healthy(f"{base}/health", procs, timeout=60)
+            # For `voteflow poll` and `voteflow audit` run beside it; removed
+            # first on the way out.
+            write_stack(
+                data_dir,
+                Stack(
+                    edge_url=base,
+                    database_url=database_url,
+                    redis_url=redis_url,
+                    admin_token=token,
+                    redis_cluster=settings.redis_cluster,
+                    key_prefix=settings.key_prefix,
+                    stream_shards=settings.stream_shards,
+                    pid=os.getpid(),
+                ),
+            )
+            stack.callback(remove_stack, data_dir, os.getpid())
             print(
                 f"\nvoteflow is up at {base} ({processes} edge process"
                 f"{'es' if processes > 1 else ''}, 1 worker)\n"
@@ -212,7 +265,7 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
                 f"  results:       {base}/api/polls/{poll_id}/results\n"
                 f"  live (SSE):    curl -N {base}/api/polls/{poll_id}/live\n"
                 f"  metrics:       {base}/metrics\n"
-                f"  admin token:   {admin_token}\n"
+                f"  admin token:   {token}\n"
                 f"  cast a vote:\n"
                 f"    curl -s -X POST {base}/api/vote -H 'Content-Type: application/json' "
                 f'-d \'{{"poll_id": "{poll_id}", "option_ids": ["{option_id}"], '
@@ -244,8 +297,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), as pip reports it."""
+    try:
+        return metadata.version("voteflow")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="voteflow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"voteflow {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply the SQL migrations in sql/")
     edge = sub.add_parser("edge", help="run the HTTP edge")
@@ -273,8 +335,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="edge processes (default: a core each, once the worker and each private server "
         "have had one; at least 1)",
     )
+    # Where `voteflow up` keeps its data, and the file saying where its stack runs.
+    data_dir = argparse.ArgumentParser(add_help=False)
+    data_dir.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".voteflow"),
+        help="the data directory of the `voteflow up` whose stack to use when no URL is set "
+        "(default: .voteflow)",
+    )
     audit = sub.add_parser(
         "audit",
+        parents=[data_dir],
         help="check a live deployment's tallies, snapshots and streams (read-only)",
         description="Check, read-only, that every poll's tallies equal a recount from the "
         "votes table (and, in single-vote polls, agree with voter_ballots), that no published "
@@ -301,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dead.add_argument("--poll", metavar="ID", help="only votes for this poll")
     dead.add_argument("--reason", metavar="PREFIX", help="only reasons starting so (e.g. refused)")
     dead.add_argument("--json", action="store_true", help="print JSON")
+    polladmin.add_parser(sub, data_dir)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -312,9 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "worker":
             return cmd_worker(settings)
         if args.command == "audit":
-            return cmd_audit(settings, args.poll, args.json)
+            return cmd_audit(settings, args.data_dir, args.poll, args.json)
         if args.command == "deadletters":
             return cmd_deadletters(settings, args)
+        if args.command == "poll":
+            return polladmin.run(settings, args)
         return cmd_up(settings, args.data_dir.resolve(), args.edge_processes)
     except SettingsError as exc:
         print(f"voteflow: {exc}", file=sys.stderr)

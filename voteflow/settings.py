@@ -13,7 +13,10 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .stack import Stack
 
 PREFIX = "VOTEFLOW_"
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -299,6 +302,32 @@ class Settings:
     def live_connections(self) -> int:
         """Live streams an edge process may hold open in all."""
         return self.live_max_connections or self.max_connections // 2
+
+    @property
+    def local_url(self) -> str:
+        """The base URL of an edge listening where these settings say, from this machine."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def with_stack(self, stack: Stack | None) -> Settings:
+        """These settings, with the URLs of the stack ``voteflow up`` runs for
+        the ones not set: a command run beside ``up`` (``voteflow audit``)
+        needs no ``VOTEFLOW_*_URL``. The Redis URL comes with the settings that
+        name the keys in it."""
+        if stack is None:
+            return self
+        settings = self
+        if not settings.database_url:
+            settings = dataclasses.replace(settings, database_url=stack.database_url)
+        if not settings.redis_url:
+            settings = dataclasses.replace(
+                settings,
+                redis_url=stack.redis_url,
+                redis_cluster=stack.redis_cluster,
+                key_prefix=stack.key_prefix,
+                stream_shards=stack.stream_shards,
+            )
+        return settings
 
     def require_urls(self) -> None:
         """The edge and the workers cannot start without both servers."""
