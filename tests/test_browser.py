@@ -124,10 +124,18 @@ async def test_poll_page_follows_the_tally_live_and_casts_a_vote(
             await expect(page.locator("#voted")).to_have_text("You voted Green.")
             await expect(page.get_by_label("Green")).to_be_checked()
 
-            # The list at / links to the open polls only.
+            # The list at / links to the open polls only; the closed ones, with
+            # their ballots, are a tab away.
             other = await create_poll(edge, question="Tea or coffee?")
             await page.goto(f"{base}/")
+            await expect(page.get_by_role("link", name="Tea or coffee?")).to_be_visible()
             await expect(page.get_by_role("link", name="Best colour?")).to_have_count(0)
+            await page.get_by_role("link", name="Closed", exact=True).click()
+            await expect(page.locator("h1")).to_have_text("Closed polls")
+            closed = page.locator("ul.polls li").filter(has_text="Best colour?")
+            await expect(closed.locator(".meta")).to_contain_text("4 ballots")
+            await expect(page.get_by_role("link", name="Tea or coffee?")).to_have_count(0)
+            await page.get_by_role("link", name="Open", exact=True).click()
             await page.get_by_role("link", name="Tea or coffee?").click()
             await expect(page).to_have_url(f"{base}/polls/{other['id']}")
             await expect(page.locator("#total")).to_have_text("0 ballots")
