@@ -24,6 +24,25 @@ pytestmark = needs_chromium
 Client = TestClient[Any, Any]
 
 
+async def test_admin_page_is_served_without_a_token_under_the_strict_policy(
+    edge: Client,
+) -> None:
+    for path, kind in (
+        ("/admin", "text/html"),
+        ("/static/admin.js", "text/javascript"),
+        ("/static/admin.css", "text/css"),
+    ):
+        response = await edge.get(path)
+        assert response.status == 200, path
+        assert response.content_type == kind, path
+        assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+        again = await edge.get(path, headers={"If-None-Match": response.headers["ETag"]})
+        assert again.status == 304, path
+    page = await (await edge.get("/admin")).text()
+    assert '<script src="/static/admin.js" defer></script>' in page
+    assert "<script>" not in page and "style=" not in page
+
+
 def _base(edge: Client) -> str:
     return str(edge.make_url("")).rstrip("/")
 
@@ -95,6 +114,21 @@ async def test_organizer_creates_lists_closes_and_shares_polls(
         assert stored == [1, 0]
         assert ADMIN_TOKEN not in page.url
 
+        # Options can be added up to the API's 64, and removed down to two.
+        await page.evaluate(
+            "() => { const add = document.getElementById('add-option');"
+            " for (let i = 0; i < 100 && !add.hidden; i++) add.click(); }"
+        )
+        await expect(page.locator("#options input")).to_have_count(64)
+        await expect(page.get_by_role("button", name="Add option")).to_be_hidden()
+        await page.evaluate(
+            "() => { for (let i = 0; i < 100; i++) {"
+            " const removes = document.querySelectorAll('#options button:not([hidden])');"
+            " if (!removes.length) break; removes[removes.length - 1].click(); } }"
+        )
+        await expect(page.locator("#options input")).to_have_count(2)
+        await expect(page.get_by_role("button", name="Remove option 1")).to_be_hidden()
+
         # One option only: the API's 422 is shown beside the options.
         await page.get_by_label("Question").fill("Only one?")
         await _fill_options(page, ["Alone"])
@@ -127,6 +161,9 @@ async def test_organizer_creates_lists_closes_and_shares_polls(
         # A multiple-choice one with a closing time, in the browser's time zone.
         await page.get_by_label("Question").fill("Which talks did you like?")
         await _fill_options(page, ["Keynote", "Storage", "Streams", "Closing"])
+        await page.get_by_role("button", name="Add option").click()
+        await page.get_by_role("button", name="Remove option 5").click()
+        await expect(page.locator("#options input")).to_have_count(4)
         await page.get_by_label("Several: every vote counts").check()
         await page.get_by_label("Most options one vote may pick").fill("2")
         await page.get_by_label("At a date and time").check()

@@ -143,6 +143,7 @@ function renumber() {
 }
 
 function addOption() {
+  if ($("options").children.length >= MAX_OPTIONS) return optionInputs().pop();
   const li = document.createElement("li");
   const input = document.createElement("input");
   input.type = "text";
