@@ -345,3 +345,23 @@ async def test_admin_page_fits_phone_and_projector_and_is_accessible(
                 await screenshot(page, "admin-projector-dark")
             assert errors == [], (name, theme)
             await page.close()
+
+
+async def test_admin_page_lists_more_polls_a_page_at_a_time(edge: Client) -> None:
+    for n in range(22):
+        await create_poll(edge, question=f"Poll number {n}", options=["Yes", "No"])
+    async with chromium() as browser:
+        page = await browser.new_page()
+        errors = _page_errors(page)
+        await page.goto(f"{_base(edge)}/admin")
+        await _sign_in(page)
+        await expect(page.locator("li.admin-poll")).to_have_count(20)
+        await expect(page.locator("li.admin-poll h3").first).to_have_text("Poll number 21")
+        await page.get_by_role("button", name="More").click()
+        await expect(page.locator("li.admin-poll")).to_have_count(22)
+        await expect(page.locator("li.admin-poll h3").last).to_have_text("Poll number 0")
+        await expect(page.get_by_role("button", name="More")).to_be_hidden()
+        # Refresh starts again from the newest.
+        await page.get_by_role("button", name="Refresh").click()
+        await expect(page.locator("li.admin-poll")).to_have_count(20)
+        assert errors == []
