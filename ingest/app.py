@@ -375,6 +375,12 @@ async def index_page(request: web.Request) -> web.Response:
     return pages.respond(request, "index.html", PAGE_CACHE)
 
 
+async def admin_page(request: web.Request) -> web.Response:
+    # The page itself is public: it asks for the token, and every admin call
+    # it makes carries it.
+    return pages.respond(request, "admin.html", PAGE_CACHE)
+
+
 async def poll_page(request: web.Request) -> web.Response:
     await _poll(request.app[EDGE], request)  # 404 for no such poll, as the API
     return pages.respond(request, "poll.html", PAGE_CACHE)
@@ -625,6 +631,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_end_live_streams)
     app.router.add_get("/", index_page)
+    app.router.add_get("/admin", admin_page)
     app.router.add_get("/polls/{poll_id}", poll_page)
     app.router.add_get("/static/{name}", get_asset)
     app.router.add_get("/p/{code}", short_link)
