@@ -26,6 +26,7 @@ from ingest.app import create_app
 from voteflow.servers import free_port
 from voteflow.settings import Settings
 
+from . import browser
 from .support import (
     ADMIN,
     InProcessWorker,
@@ -88,6 +89,8 @@ async def test_poll_page_follows_the_tally_live_and_casts_a_vote(
             await page.get_by_label("Green").check()
             await page.get_by_role("button", name="Vote").click()
             await expect(page.locator("#vote-result")).to_contain_text("Vote received")
+            await expect(page.locator("#voted")).to_have_text("You voted Green.")
+            await expect(page.locator("#cast")).to_have_text("Change my vote")
             await expect(_count(page, poll, 1)).to_have_text("1 · 25%", timeout=LIVE_TIMEOUT)
             await expect(page.locator("#total")).to_have_text("4 ballots")
             red_bar = page.locator(f'li[data-option-id="{poll["options"][0]["id"]}"] .bar-fill')
@@ -100,20 +103,39 @@ async def test_poll_page_follows_the_tally_live_and_casts_a_vote(
             await expect(page.locator("#vote-result")).to_contain_text("Not counted: ")
             await expect(page.locator("#total")).to_have_text("4 ballots")
 
-            # The votes-per-second line has been drawn (the canvas is not blank).
+            # The page learned from the refusal that the poll is closed.
+            await expect(page.locator("#status")).to_have_text("Closed · final results")
+            await expect(page.locator("#cast")).to_be_disabled()
+
+            # The ballots curve has been drawn from the history and the live
+            # tallies: uPlot's canvas is there and not blank.
+            await expect(page.locator("#chart")).not_to_have_attribute("data-points", "0")
             await page.wait_for_function(
-                "() => { const c = document.getElementById('rate');"
-                " return c.getContext('2d').getImageData(0, 0, c.width, c.height)"
+                "() => { const c = document.querySelector('#chart canvas');"
+                " return c && c.getContext('2d').getImageData(0, 0, c.width, c.height)"
                 ".data.some((v) => v !== 0); }",
                 timeout=LIVE_TIMEOUT,
             )
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "poll-page.png"), full_page=True)
 
-            # The list at / links to the open polls only.
+            # After a reload the page still says what this browser voted.
+            await page.reload()
+            await expect(page.locator("#voted")).to_have_text("You voted Green.")
+            await expect(page.get_by_label("Green")).to_be_checked()
+
+            # The list at / links to the open polls only; the closed ones, with
+            # their ballots, are a tab away.
             other = await create_poll(edge, question="Tea or coffee?")
             await page.goto(f"{base}/")
+            await expect(page.get_by_role("link", name="Tea or coffee?")).to_be_visible()
             await expect(page.get_by_role("link", name="Best colour?")).to_have_count(0)
+            await page.get_by_role("link", name="Closed", exact=True).click()
+            await expect(page.locator("h1")).to_have_text("Closed polls")
+            closed = page.locator("ul.polls li").filter(has_text="Best colour?")
+            await expect(closed.locator(".meta")).to_contain_text("4 ballots")
+            await expect(page.get_by_role("link", name="Tea or coffee?")).to_have_count(0)
+            await page.get_by_role("link", name="Open", exact=True).click()
             await page.get_by_role("link", name="Tea or coffee?").click()
             await expect(page).to_have_url(f"{base}/polls/{other['id']}")
             await expect(page.locator("#total")).to_have_text("0 ballots")
@@ -349,3 +371,48 @@ async def test_poll_page_refused_a_live_stream_opens_one_itself_once_there_is_ro
                 await expect(_count(second, poll, 0)).to_have_text("1 · 100%", timeout=LIVE_TIMEOUT)
             finally:
                 await browser.close()
+
+
+async def test_voting_page_fits_a_phone_and_a_projector_in_both_themes_and_passes_axe(
+    edge: TestClient[Any, Any], worker: InProcessWorker
+) -> None:
+    poll = await create_poll(
+        edge, question="Which talks should run long?", options=["Streams", "Locks", "Tallies"],
+        allow_multiple_votes=True, max_choices=2,
+    )  # fmt: skip
+    for voter, options in (("ann", [0, 1]), ("bob", [0]), ("cat", [2])):
+        body = {
+            "poll_id": poll["id"],
+            "option_ids": [poll["options"][n]["id"] for n in options],
+            "voter_fingerprint": voter,
+        }
+        assert (await edge.post("/api/vote", json=body)).status == 202
+    url = f"{str(edge.make_url('')).rstrip('/')}/polls/{poll['id']}"
+    problems: list[str] = []
+    async with browser.chromium() as chromium:
+        for device, size in ((browser.PHONE, "phone"), (browser.PROJECTOR, "1920")):
+            for theme in ("light", "dark"):
+                context = await chromium.new_context(**device, color_scheme=theme)
+                page = await context.new_page()
+                page.on("pageerror", lambda error: problems.append(str(error)))
+                await page.goto(url)
+                await expect(page.locator("html")).to_have_attribute("data-theme", theme)
+                await expect(page.locator("#total")).to_have_text("3 ballots", timeout=LIVE_TIMEOUT)
+                # Shares of ballots, and the page says so: 2 of 3 ballots name Streams.
+                await expect(_count(page, poll, 0)).to_have_text("2 · 67%")
+                await expect(page.locator("#shares")).to_contain_text("more than 100%")
+                # The vote button is on the first screen, and nothing scrolls sideways.
+                box = await page.locator("#cast").bounding_box()
+                viewport = device["viewport"]
+                assert box is not None and box["y"] + box["height"] <= viewport["height"]
+                assert await page.evaluate(
+                    "document.documentElement.scrollWidth <= window.innerWidth"
+                )
+                # Touch targets of 48 px at least.
+                choice = await page.locator(".choice").first.bounding_box()
+                assert choice is not None and choice["height"] >= 48
+                assert await browser.accessibility_problems(page) == [], (size, theme)
+                await expect(page.locator("#chart canvas")).to_have_count(1)
+                await browser.screenshot(page, f"vote-{size}-{theme}", full_page=True)
+                assert problems == [], (size, theme)
+                await context.close()

@@ -17,7 +17,16 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.support import ADMIN, ADMIN_TOKEN, create_poll, shell_env, voteflow
+from tests.support import (
+    ADMIN,
+    ADMIN_TOKEN,
+    InProcessWorker,
+    ballot,
+    create_poll,
+    drain,
+    shell_env,
+    voteflow,
+)
 from voteflow.servers import free_port
 from voteflow.settings import Settings
 from voteflow.stack import Stack, write_stack
@@ -98,12 +107,55 @@ async def test_list_shows_every_open_poll_across_pages_newest_first(edge: Client
     listed = [row.split(None, 3) for row in rows]
     open_polls = [poll for poll in reversed(polls) if poll is not polls[5]]
     assert [row[0] for row in listed] == [poll["id"] for poll in open_polls]
-    # Ballots: "-" from an edge whose list does not carry them, else none cast.
-    assert {(row[1], row[2]) for row in listed} <= {("open", "-"), ("open", "0")}
+    assert {(row[1], row[2]) for row in listed} == {("open", "0")}
     assert [row[3] for row in listed] == [poll["question"] for poll in open_polls]
     status, out, err = await voteflow("poll", "list", "--json", "--url", base_url(edge))
     assert status == 0, err
     assert [poll["id"] for poll in orjson.loads(out)] == [poll["id"] for poll in open_polls]
+
+
+async def test_list_by_state_shows_closed_polls_with_their_ballots(
+    edge: Client, worker: InProcessWorker, settings: Settings, redis_client: Any
+) -> None:
+    kept = await create_poll(edge, question="Kept open?")
+    ended = await create_poll(edge, question="Ended?", options=["Yes", "No"])
+    assert (await edge.post("/api/vote", json=ballot(ended, "ann", 1))).status == 202
+    await drain(redis_client, settings)
+    assert (await edge.post(f"/api/polls/{ended['id']}/close", headers=ADMIN)).status == 200
+    base = base_url(edge)
+    rows = {}
+    for state in ("open", "closed", "all"):
+        status, out, err = await voteflow("poll", "list", "--state", state, "--url", base)
+        assert status == 0, err
+        rows[state] = [row.split(None, 3) for row in out.splitlines()[1:]]
+    assert rows["open"] == [[kept["id"], "open", "0", "Kept open?"]]
+    assert rows["closed"] == [[ended["id"], "closed", "1", "Ended?"]]
+    assert rows["all"] == rows["closed"] + rows["open"]
+
+
+async def test_export_writes_the_results_as_csv_or_json(
+    edge: Client, worker: InProcessWorker, settings: Settings, redis_client: Any, tmp_path: Path
+) -> None:
+    poll = await create_poll(edge, question="Lunch?", options=["Soup", "Salad"])
+    assert (await edge.post("/api/vote", json=ballot(poll, "ann", 1))).status == 202
+    await drain(redis_client, settings)
+    base = base_url(edge)
+    status, out, err = await voteflow("poll", "export", poll["id"], "--url", base)
+    assert status == 0, err
+    soup, salad = (option["id"] for option in poll["options"])
+    assert out.splitlines() == [
+        "option_id,label,votes,share_of_ballots",
+        f"{soup},Soup,0,0.0000",
+        f"{salad},Salad,1,1.0000",
+    ]
+    target = tmp_path / "lunch.json"
+    status, out, err = await voteflow(
+        "poll", "export", poll["id"], "--format", "json", "--output", str(target), "--url", base
+    )
+    assert status == 0, err
+    exported = orjson.loads(target.read_bytes())
+    assert exported["question"] == "Lunch?" and exported["total_ballots"] == 1
+    assert [(o["label"], o["votes"]) for o in exported["options"]] == [("Soup", 0), ("Salad", 1)]
 
 
 async def test_list_of_an_edge_without_open_polls_says_so(edge: Client) -> None:

@@ -79,17 +79,20 @@ window.voteflow = (() => {
   }
 
   // The ballots counted over time, from the server's history then live: a
-  // uPlot chart of cumulative ballots, one point per second.
+  // uPlot chart of cumulative ballots, one point per second. Live tallies may
+  // arrive before the history: points are kept by second and drawn in order.
   class BallotsChart {
     constructor(element, label) {
       this.element = element;
-      this.times = [];
-      this.ballots = [];
+      this.points = new Map(); // second -> ballots
       this.plot = null;
       this.label = label;
     }
 
-    async load(pollId) {
+    // `since`: the poll's created_at, where the curve starts from nothing
+    // (a second before, so that votes of its first second are a point apart).
+    async load(pollId, since) {
+      if (since) this.add(Date.parse(since) / 1000 - 1, 0, false);
       const history = await getJson(api(pollId, "history"));
       for (const point of history.points) {
         this.add(Date.parse(point.t) / 1000, point.total_ballots, false);
@@ -98,14 +101,8 @@ window.voteflow = (() => {
     }
 
     add(seconds, ballots, redraw = true) {
-      const last = this.times.length - 1;
       const second = Math.floor(seconds);
-      if (last >= 0 && second <= this.times[last]) {
-        this.ballots[last] = Math.max(this.ballots[last], ballots);
-      } else {
-        this.times.push(second);
-        this.ballots.push(ballots);
-      }
+      this.points.set(second, Math.max(this.points.get(second) || 0, ballots));
       if (redraw) this.draw();
     }
 
@@ -113,8 +110,9 @@ window.voteflow = (() => {
       if (typeof uPlot === "undefined") return;
       // Until there are two points, a line has nothing to join: the chart
       // says so instead of drawing an empty frame.
-      this.element.dataset.points = String(this.times.length);
-      const data = [this.times, this.ballots];
+      const times = [...this.points.keys()].sort((a, b) => a - b);
+      this.element.dataset.points = String(times.length);
+      const data = [times, times.map((t) => this.points.get(t))];
       const width = this.element.clientWidth || 600;
       const height = Math.max(120, Math.round(width / 4));
       if (this.plot) {
@@ -124,7 +122,12 @@ window.voteflow = (() => {
       }
       const ink = getComputedStyle(document.documentElement).getPropertyValue("--ink").trim();
       const line = getComputedStyle(document.documentElement).getPropertyValue("--line").trim();
-      const axis = { stroke: ink, grid: { stroke: line }, ticks: { stroke: line } };
+      const font = "14px system-ui, sans-serif";
+      const axis = { stroke: ink, font, grid: { stroke: line }, ticks: { stroke: line } };
+      // Whole seconds and up: the points are a second apart at the finest.
+      // Whole ballots.
+      const counts = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 1e6, 1e7];
+      const steps = [1, 5, 10, 15, 30, 60, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400];
       this.plot = new uPlot(
         {
           width,
@@ -132,7 +135,7 @@ window.voteflow = (() => {
           legend: { show: false },
           cursor: { show: false },
           scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max)] } },
-          axes: [axis, { ...axis, size: 60 }],
+          axes: [{ ...axis, incrs: steps }, { ...axis, size: 70, incrs: counts }],
           series: [{}, { label: this.label, stroke: colour(0), width: 3, fill: null }],
         },
         data,

@@ -1,37 +1,44 @@
-// A poll's page: its tallies, live from the SSE stream, and a form to vote.
-//
-// The stream sends the whole current tally on connect and after every commit;
-// after a drop, or the end of a stream's lifetime, the page reconnects and the
-// first event is the current snapshot again, so nothing is replayed or lost.
+// A poll's voting page, phone first: the form to vote, what this browser
+// voted, and the results, live from the SSE stream, with their history.
 "use strict";
 
+const { api, applyTheme, colour, getJson, listen, share, BallotsChart } = window.voteflow;
 const pollId = decodeURIComponent(location.pathname.split("/").pop());
 const $ = (id) => document.getElementById(id);
-const RATE_WINDOW = 300; // seconds shown by the votes-per-second line
+applyTheme();
 
-let version = -1;
+let poll = null;
 let total = 0;
-const rows = new Map(); // option id -> {fill, count}
-const perSecond = []; // ballots counted in each of the last RATE_WINDOW seconds
-let lastTotal = null;
+let open = true;
+let liveState = "connecting";
+const rows = new Map(); // option id -> {li, fill, count}
+const chart = new BallotsChart($("chart"), "Ballots");
 
-function setStatus(state, text) {
-  $("status").dataset.state = state;
-  $("status").textContent = text;
+function setStatus() {
+  const status = $("status");
+  if (!open) {
+    status.dataset.state = "closed";
+    status.textContent = "Closed · final results";
+  } else if (liveState === "live") {
+    status.dataset.state = "live";
+    status.textContent = "Live";
+  } else if (liveState === "down") {
+    status.dataset.state = "down";
+    status.textContent = "Disconnected, reconnecting…";
+  }
 }
 
-function renderPoll(poll) {
+function renderPoll() {
   document.title = poll.question + " · voteflow";
-  $("question").textContent = poll.question;
-  const bars = $("bars");
-  const choices = $("choices");
+  $("question").textContent = poll.question; // text, never markup: it is an admin's input
   const multiple = poll.max_choices > 1;
   $("vote-legend").textContent = multiple
     ? "Your vote (up to " + poll.max_choices + " options)"
     : "Your vote";
-  for (const option of poll.options) {
+  poll.options.forEach((option, index) => {
     const li = document.createElement("li");
     li.dataset.optionId = option.id;
+    li.dataset.votes = "0";
     const label = document.createElement("div");
     label.className = "bar-label";
     const name = document.createElement("span");
@@ -44,98 +51,81 @@ function renderPoll(poll) {
     track.className = "bar-track";
     const fill = document.createElement("div");
     fill.className = "bar-fill";
+    fill.style.background = colour(index);
     track.append(fill);
     li.append(label, track);
-    bars.append(li);
-    rows.set(option.id, { fill, count });
+    $("bars").append(li);
+    rows.set(option.id, { li, fill, count });
 
     const choice = document.createElement("label");
+    choice.className = "choice";
     const input = document.createElement("input");
     input.type = multiple ? "checkbox" : "radio";
     input.name = "option";
     input.value = option.id;
-    choice.append(input, " ", option.label);
-    choices.append(choice);
-  }
-  if (poll.closed) {
-    $("vote-result").textContent = "This poll is closed.";
-    $("cast").disabled = true;
-  }
+    const text = document.createElement("span");
+    text.textContent = option.label;
+    choice.append(input, text);
+    $("choices").append(choice);
+  });
+  $("shares").textContent = multiple
+    ? "Percentages are shares of ballots: a ballot may name up to " + poll.max_choices +
+      " options, so they can add up to more than 100%."
+    : "Percentages are shares of ballots.";
   $("vote").hidden = false;
-  $("vote").addEventListener("submit", (event) => vote(event, poll));
+  $("vote").addEventListener("submit", vote);
+  if (poll.closed) close();
+  else if (poll.expires_at) {
+    const left = Date.parse(poll.expires_at) - Date.now();
+    // setTimeout holds at most about 24.8 days.
+    if (left < 2 ** 31) setTimeout(close, Math.max(0, left));
+  }
+  showVoted();
+}
+
+function close() {
+  open = false;
+  $("vote-legend").textContent = "Voting has ended";
+  $("cast").disabled = true;
+  for (const input of document.querySelectorAll("input[name=option]")) input.disabled = true;
+  if (!$("vote-result").textContent) $("vote-result").textContent = "This poll is closed.";
+  setStatus();
 }
 
 function renderTally(tally) {
-  if (tally.version <= version) return; // an older tally, after a newer one
-  version = tally.version;
   total = tally.total_ballots;
-  let counted = 0;
-  for (const option of tally.options) counted += option.votes;
   for (const option of tally.options) {
     const row = rows.get(option.id);
     if (!row) continue;
-    const share = counted ? (100 * option.votes) / counted : 0;
-    row.fill.style.width = share.toFixed(1) + "%";
-    row.count.textContent = option.votes.toLocaleString() + " · " + share.toFixed(0) + "%";
+    const percent = share(option.votes, total);
+    row.li.dataset.votes = String(option.votes);
+    row.fill.style.width = Math.min(100, percent) + "%";
+    row.count.textContent = option.votes.toLocaleString() + " · " + percent + "%";
   }
-  $("total").textContent =
-    total.toLocaleString() + (total === 1 ? " ballot" : " ballots");
+  $("total").textContent = total.toLocaleString() + (total === 1 ? " ballot" : " ballots");
+  chart.add(Date.parse(tally.as_of) / 1000, total);
 }
 
-function drawRate() {
-  const canvas = $("rate");
-  const context = canvas.getContext("2d");
-  const { width, height } = canvas;
-  context.clearRect(0, 0, width, height);
-  const top = Math.max(1, ...perSecond);
-  context.strokeStyle = getComputedStyle(document.documentElement).getPropertyValue("--bar");
-  context.lineWidth = 3;
-  context.beginPath();
-  perSecond.forEach((n, i) => {
-    const x = width - (perSecond.length - 1 - i) * (width / (RATE_WINDOW - 1));
-    const y = height - 4 - (n / top) * (height - 8);
-    if (i === 0) context.moveTo(x, y);
-    else context.lineTo(x, y);
-  });
-  context.stroke();
-  context.fillStyle = getComputedStyle(document.documentElement).getPropertyValue("--muted");
-  context.font = "24px system-ui, sans-serif";
-  context.fillText("peak " + top.toLocaleString() + "/s", 8, 28);
-}
+// What this browser voted on this poll, kept in this browser only: "You
+// voted X" after a reload too, and the form starts from it.
+const votedKey = "voteflow.voted." + pollId;
 
-function tick() {
-  if (lastTotal !== null) perSecond.push(Math.max(0, total - lastTotal));
-  lastTotal = total;
-  if (perSecond.length > RATE_WINDOW) perSecond.shift();
-  drawRate();
-}
-
-// EventSource reconnects by itself when a stream ends (the edge ends each one
-// after VOTEFLOW_LIVE_MAX_SECONDS) or drops, but gives up for good on an answer
-// other than 200: a 429 (this address holds its most live streams) or a 503
-// (the edge holds all it may). The page then opens a new one itself, after a
-// wait that doubles up to a minute, with jitter so that a crowd spreads out.
-const RELISTEN_FIRST = 5; // seconds
-const RELISTEN_MAX = 60;
-let relistenWait = RELISTEN_FIRST;
-
-function listen() {
-  const source = new EventSource("/api/polls/" + encodeURIComponent(pollId) + "/live");
-  source.addEventListener("open", () => setStatus("live", "Live"));
-  source.addEventListener("tally", (event) => {
-    relistenWait = RELISTEN_FIRST;
-    setStatus("live", "Live");
-    renderTally(JSON.parse(event.data));
-  });
-  source.addEventListener("error", () => {
-    // EventSource retries by itself while the edge is away; say so meanwhile.
-    setStatus("down", "Disconnected, reconnecting…");
-    if (source.readyState === EventSource.CLOSED) {
-      const wait = relistenWait * (0.5 + Math.random() / 2);
-      relistenWait = Math.min(RELISTEN_MAX, relistenWait * 2);
-      setTimeout(listen, wait * 1000);
-    }
-  });
+function showVoted() {
+  const kept = JSON.parse(localStorage.getItem(votedKey) || "null");
+  if (!kept || !poll) return;
+  const labels = poll.options.filter((o) => kept.option_ids.includes(o.id)).map((o) => o.label);
+  if (!labels.length) return;
+  $("voted").hidden = false;
+  $("voted").textContent = "You voted " + labels.join(", ") + ".";
+  for (const input of document.querySelectorAll("input[name=option]")) {
+    input.checked = kept.option_ids.includes(input.value);
+  }
+  // In a single-vote poll a later ballot replaces the earlier one; in a
+  // multiple-vote poll every ballot counts.
+  $("cast").textContent = poll.allow_multiple_votes ? "Vote again" : "Change my vote";
+  if (open) {
+    $("vote-legend").textContent = poll.allow_multiple_votes ? "Another vote" : "Change your vote";
+  }
 }
 
 function uuid4() {
@@ -220,7 +210,7 @@ async function send(ballot, result) {
   return { response, error };
 }
 
-async function vote(event, poll) {
+async function vote(event) {
   event.preventDefault();
   const result = $("vote-result");
   const chosen = Array.from(document.querySelectorAll("input[name=option]:checked"), (i) => i.value);
@@ -242,11 +232,16 @@ async function vote(event, poll) {
       pending = null; // a definite answer: the next ballot is a new one
       const body = await response.json().catch(() => ({}));
       if (response.status === 202) {
+        localStorage.setItem(votedKey, JSON.stringify({ option_ids: chosen, at: Date.now() }));
+        showVoted();
         result.dataset.state = "good";
         result.textContent = "Vote received. It shows in the results in a moment.";
       } else {
         result.dataset.state = "bad";
         result.textContent = "Not counted: " + (body.error || "HTTP " + response.status) + ".";
+        // Closed meanwhile? Then the page says so, not only this answer.
+        const now = await getJson(api(pollId)).catch(() => null);
+        if (now && now.closed) close();
       }
     } else {
       // Still not known whether it was queued: Vote sends the same ballot again.
@@ -256,20 +251,29 @@ async function vote(event, poll) {
         "Press Vote to try again: it is counted once however often it is sent.";
     }
   } finally {
-    $("cast").disabled = poll.closed;
+    $("cast").disabled = !open;
   }
 }
 
 async function main() {
-  const response = await fetch("/api/polls/" + encodeURIComponent(pollId));
-  if (!response.ok) {
-    $("question").textContent = response.status === 404 ? "No such poll" : "The poll could not be loaded";
-    setStatus("down", "");
+  try {
+    poll = await getJson(api(pollId));
+  } catch (error) {
+    $("question").textContent = error.status === 404 ? "No such poll" : "The poll could not be loaded";
+    $("status").textContent = "";
     return;
   }
-  renderPoll(await response.json());
-  listen();
-  setInterval(tick, 1000);
+  renderPoll();
+  setStatus();
+  listen(
+    pollId,
+    renderTally,
+    (state) => {
+      liveState = state;
+      setStatus();
+    },
+  );
+  chart.load(pollId, poll.created_at).catch(() => chart.draw());
 }
 
 main();
