@@ -193,6 +193,7 @@ async def test_presenter_view_counts_down_then_says_closed_without_a_reload(
         countdown = page.locator("#countdown")
         await expect(countdown).to_have_text(re.compile(r"^Closes in 0:0[1-4]$"))
         shown = await countdown.text_content()
+        await screenshot(page, "present-countdown")
         await expect(countdown).not_to_have_text(shown or "")  # it ticks
         await expect(page.locator("#status")).to_have_text("Closed", timeout=6_000)
         await expect(countdown).to_be_hidden()

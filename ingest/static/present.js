@@ -240,18 +240,14 @@
     // Registered before the chart's own: the chart's box is resized first.
     addEventListener("resize", fitChart);
     fitChart();
-    const ballots = new vf.BallotsChart($("chart"), "Ballots");
-    // The curve starts at zero when the poll was created.
-    ballots.add(Date.parse(poll.created_at) / 1000, 0, false);
-    try {
-      await ballots.load(pollId);
-    } catch {
-      ballots.draw(); // the history is away: the curve starts with live tallies
-    }
-    // Live tallies go on the chart once its history is in (they come after it).
-    chart = ballots;
+    chart = new vf.BallotsChart($("chart"), "Ballots");
     if (latest && latest.total_ballots > 0) {
-      chart.add(Date.parse(latest.as_of) / 1000, latest.total_ballots);
+      chart.add(Date.parse(latest.as_of) / 1000, latest.total_ballots, false);
+    }
+    try {
+      await chart.load(pollId, poll.created_at); // the curve starts from nothing then
+    } catch {
+      chart.draw(); // the history is away: the curve starts with live tallies
     }
   }
 
