@@ -164,6 +164,9 @@ async def test_qr_code_read_off_the_screen_opens_the_voting_page(edge: Client) -
         short = share["short_url"].removeprefix("http://")
         await expect(page.locator("#short-url")).to_have_text(short)
         png = await screenshot(page, "present-qr")
+        await page.get_by_role("button", name="Full screen").click()
+        await expect(page.get_by_role("button", name="Exit full screen")).to_be_visible()
+        assert await page.evaluate("() => document.fullscreenElement === document.documentElement")
 
     assert ZBARIMG is not None
     zbar = await asyncio.create_subprocess_exec(
