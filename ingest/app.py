@@ -386,6 +386,11 @@ async def poll_page(request: web.Request) -> web.Response:
     return pages.respond(request, "poll.html", PAGE_CACHE)
 
 
+async def present_page(request: web.Request) -> web.Response:
+    await _poll(request.app[EDGE], request)  # 404 for no such poll, as the API
+    return pages.respond(request, "present.html", PAGE_CACHE)
+
+
 async def short_link(request: web.Request) -> web.Response:
     poll_id = poll_of_code(request.match_info["code"])
     if poll_id is None or await request.app[EDGE].polls.get(poll_id) is None:
@@ -633,6 +638,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/", index_page)
     app.router.add_get("/admin", admin_page)
     app.router.add_get("/polls/{poll_id}", poll_page)
+    app.router.add_get("/polls/{poll_id}/present", present_page)
     app.router.add_get("/static/{name}", get_asset)
     app.router.add_get("/p/{code}", short_link)
     app.router.add_get("/favicon.ico", favicon)

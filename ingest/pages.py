@@ -1,5 +1,7 @@
 """The edge's web pages: the open polls at ``/``, a poll's voting page at
-``/polls/{poll_id}``, and an HTML page for any other address that names none.
+``/polls/{poll_id}``, its presenter view for a projector at
+``/polls/{poll_id}/present``, and an HTML page for any other address that
+names none.
 Plain HTML, CSS and JavaScript from ``static/`` beside this module, shipped
 inside the package: no build step, nothing fetched from anywhere but this
 edge (the chart library, uPlot, is kept here too, its licence in licenses/).
