@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format migrate bench loadtest clean
+.PHONY: run test lint format migrate bench loadtest screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ run: $(STAMP)
 test: lint $(STAMP)
 	@tmp=$$(mktemp -d /tmp/voteflow-test.XXXXXX) && chmod 755 $$tmp; \
 	$(BIN)/pytest -q -rs --basetemp=$$tmp/run; status=$$?; rm -rf $$tmp; exit $$status
+
+## screenshots: the README's pictures of the pages, taken by their browser tests (needs chromium)
+screenshots: $(STAMP)
+	$(BIN)/pytest -q tests/test_admin_page.py tests/test_present.py tests/test_browser.py
+	cp build/test-artifacts/admin-light.png docs/images/organizer.png
+	cp build/test-artifacts/present-dark.png docs/images/presenter.png
+	cp build/test-artifacts/vote-phone-light.png docs/images/voting-phone.png
 
 ## lint: ruff (lint and format check) and mypy
 lint: $(STAMP)
