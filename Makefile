@@ -23,7 +23,8 @@ run: $(STAMP)
 # (another checkout's) still has its private servers' data in it.
 test: lint $(STAMP)
 	@tmp=$$(mktemp -d /tmp/voteflow-test.XXXXXX) && chmod 755 $$tmp; \
-	$(BIN)/pytest -q -rs --basetemp=$$tmp/run; status=$$?; rm -rf $$tmp; exit $$status
+	$(BIN)/pytest -q -rs -n auto --maxprocesses 4 --dist worksteal --basetemp=$$tmp/run; \
+	status=$$?; rm -rf $$tmp; exit $$status
 
 ## screenshots: the README's pictures of the pages, taken by their browser tests (needs chromium)
 screenshots: $(STAMP)

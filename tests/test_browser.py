@@ -416,3 +416,43 @@ async def test_voting_page_fits_a_phone_and_a_projector_in_both_themes_and_passe
                 await browser.screenshot(page, f"vote-{size}-{theme}", full_page=True)
                 assert problems == [], (size, theme)
                 await context.close()
+
+
+async def test_every_page_fits_a_phone_and_a_projector_in_both_themes_and_passes_axe(
+    edge: TestClient[Any, Any], worker: InProcessWorker
+) -> None:
+    """The pages the other tests drive in depth, and the rest (the lists at /,
+    the page of an address that names none, the presenter view on a phone),
+    as a person first sees them."""
+    poll = await create_poll(edge, question="Which room?", options=["North", "South"])
+    ended = await create_poll(edge, question="Which day?", options=["Monday", "Friday"])
+    assert (await edge.post("/api/vote", json=ballot(ended, "ann", 1))).status == 202
+    assert (await edge.post(f"/api/polls/{ended['id']}/close", headers=ADMIN)).status == 200
+    base = str(edge.make_url("")).rstrip("/")
+    pages = {
+        "list-open": ("/", "Which room?"),
+        "list-closed": ("/?state=closed", "Which day?"),
+        "not-found": ("/polls/not-a-poll", "Nothing here"),
+        "voting": (f"/polls/{poll['id']}", "Which room?"),
+        "presenter": (f"/polls/{poll['id']}/present", "Which room?"),
+        "organizer": ("/admin", "Organizer"),
+    }
+    problems: list[str] = []
+    async with browser.chromium() as chromium:
+        for device, size in ((browser.PHONE, "phone"), (browser.PROJECTOR, "1920")):
+            for theme in ("light", "dark"):
+                context = await chromium.new_context(**device, color_scheme=theme)
+                page = await context.new_page()
+                page.on("pageerror", lambda error: problems.append(str(error)))
+                for name, (path, text) in pages.items():
+                    await page.goto(base + path + ("&" if "?" in path else "?") + f"theme={theme}")
+                    await expect(page.locator("body")).to_contain_text(text)
+                    if name in ("voting", "presenter"):  # the live tally is in
+                        await expect(page.locator("#status")).to_have_text("Live")
+                    where = (name, size, theme)
+                    assert await page.evaluate(
+                        "document.documentElement.scrollWidth <= window.innerWidth"
+                    ), where
+                    assert await browser.accessibility_problems(page) == [], where
+                await context.close()
+    assert problems == []
