@@ -49,6 +49,7 @@ from .validate import (
     admit_ballot,
     parse_ballot,
     parse_new_poll,
+    require_voter,
     voter_of,
 )
 from .voters import TokenError, VoterTokens
@@ -278,6 +279,7 @@ async def post_vote(request: web.Request) -> web.Response:
     try:
         ballot = parse_ballot(body)
         token_user = _token_user(request, edge)
+        require_voter(ballot, token_user)
         # An address its limiter refused a moment ago for votes for no poll
         # is refused again before the poll is looked up (no PostgreSQL read).
         edge.appender.check_refused(address)

@@ -147,6 +147,7 @@ def voter_of(ballot: Ballot, poll: Poll, verifying: bool, token_user: str | None
     fingerprint ballot for a poll that requires a token. Otherwise the body's
     user_id is taken on the client's word (the README says so).
     """
+    require_voter(ballot, token_user)  # the edge checked it first; never "f:None"
     if token_user is not None:
         if ballot.user_id is not None and ballot.user_id != token_user:
             raise Invalid(403, "user_id", "user_id must be the voter token's subject")
@@ -155,9 +156,18 @@ def voter_of(ballot: Ballot, poll: Poll, verifying: bool, token_user: str | None
         raise Invalid(401, None, "this poll takes only ballots with a voter token")
     if verifying and ballot.user_id is not None:
         raise Invalid(401, "user_id", "a user_id needs a voter token proving it")
-    if ballot.user_id is None and ballot.fingerprint is None:
-        raise Invalid(422, "voter_fingerprint", "user_id or voter_fingerprint is required")
     return voter_key(ballot.user_id, ballot.fingerprint)
+
+
+def require_voter(ballot: Ballot, token_user: str | None) -> None:
+    """A ballot names its voter: by a voter token, user_id or voter_fingerprint.
+
+    A field on its own, checked before the poll is looked up (README, "A vote
+    is refused": the fields first, then the poll), so a ballot that names no
+    voter is a 422 whether or not its poll exists.
+    """
+    if token_user is None and ballot.user_id is None and ballot.fingerprint is None:
+        raise Invalid(422, "voter_fingerprint", "user_id or voter_fingerprint is required")
 
 
 def admit_ballot(ballot: Ballot, poll: Poll, voter: str, received_us: int) -> Vote:

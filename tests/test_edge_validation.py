@@ -87,6 +87,17 @@ async def test_malformed_ballot_is_422_naming_the_field_and_appends_nothing(
     assert await queued(redis_client, settings) == 0
 
 
+async def test_a_ballot_naming_no_voter_is_422_whether_or_not_its_poll_exists(
+    edge: Client, poll: dict[str, Any]
+) -> None:
+    # The fields on their own first, then the poll (README, "A vote is refused").
+    option = poll["options"][0]["id"]
+    for poll_id in (poll["id"], str(uuid.uuid4())):
+        response = await edge.post("/api/vote", json={"poll_id": poll_id, "option_ids": [option]})
+        assert response.status == 422, poll_id
+        assert (await response.json())["field"] == "voter_fingerprint"
+
+
 async def test_duplicate_options_are_422(edge: Client, poll: dict[str, Any]) -> None:
     option = poll["options"][0]["id"]
     status, body = await vote(edge, ballot(poll, option_ids=[option, option]))
