@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,30 @@ async def chromium() -> AsyncIterator[Browser]:
             yield browser
         finally:
             await browser.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Look:
+    """One way a person sees the pages: a device and a colour scheme."""
+
+    page: Page
+    size: str  # "phone" or "1920"
+    theme: str  # "light" or "dark"
+    height: int  # of the viewport: what shows without scrolling
+
+
+async def looks(browser: Browser, errors: list[str]) -> AsyncIterator[Look]:
+    """A fresh page for a phone and a 1920x1080 screen, each light and dark,
+    one after the other; the pages' script errors are added to `errors`."""
+    for device, size in ((PHONE, "phone"), (PROJECTOR, "1920")):
+        for theme in ("light", "dark"):
+            context = await browser.new_context(**device, color_scheme=theme)
+            try:
+                page = await context.new_page()
+                page.on("pageerror", lambda error: errors.append(str(error)))
+                yield Look(page, size, theme, device["viewport"]["height"])
+            finally:
+                await context.close()
 
 
 async def accessibility_problems(page: Page) -> list[str]:

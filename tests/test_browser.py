@@ -390,32 +390,25 @@ async def test_voting_page_fits_a_phone_and_a_projector_in_both_themes_and_passe
     url = f"{str(edge.make_url('')).rstrip('/')}/polls/{poll['id']}"
     problems: list[str] = []
     async with browser.chromium() as chromium:
-        for device, size in ((browser.PHONE, "phone"), (browser.PROJECTOR, "1920")):
-            for theme in ("light", "dark"):
-                context = await chromium.new_context(**device, color_scheme=theme)
-                page = await context.new_page()
-                page.on("pageerror", lambda error: problems.append(str(error)))
-                await page.goto(url)
-                await expect(page.locator("html")).to_have_attribute("data-theme", theme)
-                await expect(page.locator("#total")).to_have_text("3 ballots", timeout=LIVE_TIMEOUT)
-                # Shares of ballots, and the page says so: 2 of 3 ballots name Streams.
-                await expect(_count(page, poll, 0)).to_have_text("2 · 67%")
-                await expect(page.locator("#shares")).to_contain_text("more than 100%")
-                # The vote button is on the first screen, and nothing scrolls sideways.
-                box = await page.locator("#cast").bounding_box()
-                viewport = device["viewport"]
-                assert box is not None and box["y"] + box["height"] <= viewport["height"]
-                assert await page.evaluate(
-                    "document.documentElement.scrollWidth <= window.innerWidth"
-                )
-                # Touch targets of 48 px at least.
-                choice = await page.locator(".choice").first.bounding_box()
-                assert choice is not None and choice["height"] >= 48
-                assert await browser.accessibility_problems(page) == [], (size, theme)
-                await expect(page.locator("#chart canvas")).to_have_count(1)
-                await browser.screenshot(page, f"vote-{size}-{theme}", full_page=True)
-                assert problems == [], (size, theme)
-                await context.close()
+        async for look in browser.looks(chromium, problems):
+            page, size, theme = look.page, look.size, look.theme
+            await page.goto(url)
+            await expect(page.locator("html")).to_have_attribute("data-theme", theme)
+            await expect(page.locator("#total")).to_have_text("3 ballots", timeout=LIVE_TIMEOUT)
+            # Shares of ballots, and the page says so: 2 of 3 ballots name Streams.
+            await expect(_count(page, poll, 0)).to_have_text("2 · 67%")
+            await expect(page.locator("#shares")).to_contain_text("more than 100%")
+            # The vote button is on the first screen, and nothing scrolls sideways.
+            box = await page.locator("#cast").bounding_box()
+            assert box is not None and box["y"] + box["height"] <= look.height
+            assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            # Touch targets of 48 px at least.
+            choice = await page.locator(".choice").first.bounding_box()
+            assert choice is not None and choice["height"] >= 48
+            assert await browser.accessibility_problems(page) == [], (size, theme)
+            await expect(page.locator("#chart canvas")).to_have_count(1)
+            await browser.screenshot(page, f"vote-{size}-{theme}", full_page=True)
+            assert problems == [], (size, theme)
 
 
 async def test_every_page_fits_a_phone_and_a_projector_in_both_themes_and_passes_axe(
@@ -439,20 +432,16 @@ async def test_every_page_fits_a_phone_and_a_projector_in_both_themes_and_passes
     }
     problems: list[str] = []
     async with browser.chromium() as chromium:
-        for device, size in ((browser.PHONE, "phone"), (browser.PROJECTOR, "1920")):
-            for theme in ("light", "dark"):
-                context = await chromium.new_context(**device, color_scheme=theme)
-                page = await context.new_page()
-                page.on("pageerror", lambda error: problems.append(str(error)))
-                for name, (path, text) in pages.items():
-                    await page.goto(base + path + ("&" if "?" in path else "?") + f"theme={theme}")
-                    await expect(page.locator("body")).to_contain_text(text)
-                    if name in ("voting", "presenter"):  # the live tally is in
-                        await expect(page.locator("#status")).to_have_text("Live")
-                    where = (name, size, theme)
-                    assert await page.evaluate(
-                        "document.documentElement.scrollWidth <= window.innerWidth"
-                    ), where
-                    assert await browser.accessibility_problems(page) == [], where
-                await context.close()
+        async for look in browser.looks(chromium, problems):
+            page, size, theme = look.page, look.size, look.theme
+            for name, (path, text) in pages.items():
+                await page.goto(base + path + ("&" if "?" in path else "?") + f"theme={theme}")
+                await expect(page.locator("body")).to_contain_text(text)
+                if name in ("voting", "presenter"):  # the live tally is in
+                    await expect(page.locator("#status")).to_have_text("Live")
+                where = (name, size, theme)
+                assert await page.evaluate(
+                    "document.documentElement.scrollWidth <= window.innerWidth"
+                ), where
+                assert await browser.accessibility_problems(page) == [], where
     assert problems == []
