@@ -18,14 +18,15 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
 # Only what the wheel is built from (.dockerignore keeps the rest out of the context).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY sql ./sql
 COPY voteflow ./voteflow
 COPY ingest ./ingest
 COPY workers ./workers
-# voteflow itself, not its dev or loadtest extras. Every dependency ships a
-# manylinux wheel, so no compiler is needed here either.
-RUN pip install . \
+# voteflow itself, not its dev or loadtest extras, at the versions the suite
+# passed with (requirements.lock). Every dependency ships a manylinux wheel, so
+# no compiler is needed here either.
+RUN pip install -c requirements.lock . \
     && voteflow --help >/dev/null
 
 # -- runtime: the virtualenv alone, run by an unprivileged user ---------------

@@ -5,12 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format migrate bench loadtest screenshots clean
+.PHONY: run test lint format migrate bench loadtest screenshots lock clean
 
-$(STAMP): pyproject.toml
+# The versions installed are requirements.lock's (pip's own too): those the
+# suite last passed with; make lock refreshes it.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,loadtest]'
+	$(BIN)/pip install --quiet -c requirements.lock pip
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev,loadtest]'
 	touch $(STAMP)
 
 ## run: the whole stack (private PostgreSQL and Redis unless VOTEFLOW_*_URL are set)
@@ -32,6 +34,13 @@ screenshots: $(STAMP)
 	cp build/test-artifacts/admin-light.png docs/images/organizer.png
 	cp build/test-artifacts/present-dark.png docs/images/presenter.png
 	cp build/test-artifacts/vote-phone-light.png docs/images/voting-phone.png
+
+## lock: requirements.lock anew, each dependency at its newest version that fits pyproject.toml; run make test after
+lock: $(STAMP)
+	$(BIN)/pip-compile --quiet --upgrade --allow-unsafe --extra dev --extra loadtest \
+		--strip-extras --no-emit-index-url --no-emit-find-links --output-file requirements.lock \
+		pyproject.toml
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev,loadtest]'
 
 ## lint: ruff (lint and format check) and mypy
 lint: $(STAMP)
