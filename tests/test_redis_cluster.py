@@ -7,7 +7,11 @@ processes and replicas, is in test_redis_failover.py.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import re
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -17,7 +21,15 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import RedisCluster
 from redis.exceptions import MaxConnectionsError
 
-from tests.support import InProcessWorker, create_poll, drain, edge_client, recount, results
+from tests.support import (
+    InProcessWorker,
+    create_poll,
+    drain,
+    edge_client,
+    recount,
+    results,
+    shell_env,
+)
 from tests.test_live import next_event
 from voteflow.audit import audit
 from voteflow.keys import Keys
@@ -220,3 +232,52 @@ async def test_a_node_with_no_connection_left_is_renewed_not_stuck(on_cluster: S
     finally:
         await client.delete(key)
         await client.aclose()
+
+
+async def test_arq_s_own_entry_point_runs_a_worker_on_a_cluster(
+    on_cluster: Settings, cluster_client: RedisCluster
+) -> None:
+    """`arq workers.WorkerSettings` is a voteflow worker as `voteflow worker`
+    is: arq's job-finishing transaction (the reclaim job, run at start-up) keeps
+    to one slot, and the votes are written."""
+    env = shell_env(
+        VOTEFLOW_DATABASE_URL=on_cluster.database_url,
+        VOTEFLOW_REDIS_URL=on_cluster.redis_url,
+        VOTEFLOW_REDIS_CLUSTER="true",
+        VOTEFLOW_STREAM_SHARDS=str(on_cluster.stream_shards),
+        VOTEFLOW_KEY_PREFIX=on_cluster.key_prefix,
+        VOTEFLOW_WORKER_METRICS_PORT="0",
+    )
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "arq", "workers.WorkerSettings",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert worker.stdout is not None
+    lines: list[str] = []
+
+    async def read(stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            lines.append(line.decode())
+
+    reader = asyncio.create_task(read(worker.stdout))
+    try:
+        async with edge_client(on_cluster) as edge:
+            poll = await create_poll(edge)
+            for voter in ("ann", "bob", "cat"):
+                assert (await _vote(edge, poll, voter, 1)).status == 202
+            # The worker may still be starting (no consumer group yet): wait
+            # for the count itself, and for the start-up run of the reclaim job
+            # to finish (arq logs "← <job> ●" when it finished, a cross when it failed).
+            async with asyncio.timeout(30):
+                while (await results(edge, poll["id"]))["total_ballots"] < 3 or not any(
+                    re.search(r"← \S*reclaim [●x\u00d7]", line) for line in lines
+                ):
+                    await asyncio.sleep(0.1)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(worker.wait(), 30)
+        await reader
+    output = "".join(lines)
+    assert re.search(r"← \S*reclaim ●", output), output
+    assert "CROSSSLOT" not in output and "Traceback" not in output, output
+    assert worker.returncode == 0, output

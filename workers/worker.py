@@ -181,9 +181,11 @@ def _arq_on_cluster(settings: Settings, keys: Keys) -> tuple[ArqRedis, SlotOwner
 
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
-    """arq's settings for a voteflow worker."""
+    """arq's settings for a voteflow worker, whichever way it is started
+    (``voteflow worker`` or ``arq workers.WorkerSettings``)."""
     settings.require_urls()
     keys = Keys(settings.key_prefix, settings.stream_shards, settings.redis_cluster)
+    _abort_set_in_tag(keys)
     ctx: dict[str, Any] = {SETTINGS: settings}
     connection: dict[str, Any]
     if settings.redis_cluster:
@@ -221,16 +223,20 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _abort_set_in_tag(keys: Keys) -> None:
+    """arq names its set of aborted jobs with a constant ("arq:abort") and
+    touches it in the transaction that finishes a job; on a Redis Cluster
+    every key of a transaction must share a slot. A process runs one voteflow
+    worker, so its arq uses a set inside voteflow's arq tag."""
+    import arq.worker
+
+    arq.worker.abort_jobs_ss = keys.arq_aborted()  # type: ignore[attr-defined]
+
+
 def run(settings: Settings) -> None:
     import uvloop
 
     asyncio.set_event_loop(uvloop.new_event_loop())
     import arq.worker
 
-    # arq names its set of aborted jobs with a constant ("arq:abort") and
-    # touches it in the transactions that finish a job; on a Redis Cluster
-    # every key of a transaction must share a slot. This process runs one
-    # voteflow worker, so its arq uses a set inside voteflow's arq tag.
-    keys = Keys(settings.key_prefix, settings.stream_shards, settings.redis_cluster)
-    arq.worker.abort_jobs_ss = keys.arq_aborted()  # type: ignore[attr-defined]
     arq.worker.run_worker(worker_settings(settings))
