@@ -118,7 +118,13 @@ class Up:
         assert self.proc is not None
         return self.proc.pid
 
-    async def start(self, *options: str) -> None:
+    async def start(self, *options: str, sigint_ignored: bool = False) -> None:
+        """`sigint_ignored`: as from a script's `cmd &` or `nohup`, which start
+        the command with SIGINT ignored (and exec keeps it so)."""
+
+        def ignore_sigint() -> None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
         with self.stderr_path.open("wb") as stderr:
             self.proc = await asyncio.create_subprocess_exec(
                 *(sys.executable, "-m", "voteflow", "up", "--data-dir", str(self.data_dir)),
@@ -129,6 +135,7 @@ class Up:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=stderr,
                 start_new_session=True,
+                preexec_fn=ignore_sigint if sigint_ignored else None,
             )
 
     def stderr(self) -> str:
@@ -264,6 +271,20 @@ async def test_up_serves_and_counts_a_vote_then_stops_leaving_no_process(
     # Nothing holds its output open any more either.
     async with asyncio.timeout(5):
         await rest
+    assert "stopped" in up.stderr()
+
+
+async def test_up_started_with_sigint_ignored_still_stops_on_ctrl_c(up: Up) -> None:
+    await up.start(sigint_ignored=True)
+    try:
+        async with asyncio.timeout(UP_TIMEOUT):
+            while not (await up.read_line()).lstrip().startswith("curl -s -X POST"):
+                pass
+    except TimeoutError:
+        pytest.fail(f"no curl line within {UP_TIMEOUT:.0f}s:\n{''.join(up.lines)}{up.stderr()}")
+    os.killpg(up.pid, signal.SIGINT)
+    assert await up.exits() == 0, up.stderr()
+    assert not up.leftovers()
     assert "stopped" in up.stderr()
 
 

@@ -197,6 +197,9 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
     from .servers import PostgresServer, RedisServer
 
     signal.signal(signal.SIGTERM, _raise_stop)
+    # Started from a script (`voteflow up &`, nohup), the process begins with
+    # SIGINT ignored, and Python then leaves it so: Ctrl-C would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     env = dict(os.environ)
     try:
         with contextlib.ExitStack() as stack:
