@@ -1,7 +1,8 @@
 """Turning request bodies into votes and polls, or into a clear 4xx.
 
 Every failure is a :class:`Invalid` value naming the offending field; the
-routes turn it into a response with :func:`ingest.errors.problem`. Nothing here
+edge's ``observe`` middleware turns it into a response with
+:func:`ingest.app.problem`, the API's one error shape. Nothing here
 touches Redis or PostgreSQL: a ballot is checked against a cached poll.
 """
 
