@@ -1,4 +1,5 @@
-"""The bench's child processes, and the CPU time they use, read from /proc (Linux).
+"""The bench's child processes, and the CPU time and memory they use (psutil;
+the peak resident set from /proc, which psutil does not read).
 
 Every child runs in a session of its own, so a Ctrl-C in the terminal reaches
 only the bench, which then stops its children in order; and the kernel
@@ -19,9 +20,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+import psutil
+
 from voteflow.servers import die_with_parent
 
-_TICKS = os.sysconf("SC_CLK_TCK")
 # Seconds a child gets to stop after SIGTERM before it is killed; the edge
 # needs about one (it closes its pools).
 STOP_TIMEOUT = 15.0
@@ -114,36 +116,21 @@ class Child:
         self.stop()
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields 3 onwards of /proc/<pid>/stat (see proc_pid_stat(5)); None if gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()
-
-
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds of a live process, all its threads."""
-    fields = _stat(pid)
-    if fields is None:
-        raise RuntimeError(f"process {pid} is gone")
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        raise RuntimeError(f"process {pid} is gone") from None
+    return float(times.user + times.system)
 
 
 def tree_pids(root: int) -> set[int]:
     """`root` and every live process below it (PostgreSQL's backends)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
-            parents[int(entry.name)] = int(fields[1])
-    tree = {root}
-    grew = True
-    while grew:
-        below = {pid for pid, parent in parents.items() if parent in tree} - tree
-        tree |= below
-        grew = bool(below)
-    return tree
+    try:
+        return {root, *(child.pid for child in psutil.Process(root).children(recursive=True))}
+    except psutil.Error:
+        return {root}
 
 
 def tree_cpu(root: int) -> dict[int, float]:
@@ -161,26 +148,25 @@ def tree_cpu_used(before: Mapping[int, float], after: Mapping[int, float]) -> fl
     return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
-def _status_kib(pid: int, path: str, field: str) -> int:
-    """A "<field>: <n> kB" line of /proc/<pid>/<path>, in KiB; 0 if gone or absent."""
-    try:
-        text = Path(f"/proc/{pid}/{path}").read_text()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def rss(pid: int) -> int:
-    """Bytes: the process's resident set now (VmRSS); 0 if gone."""
-    return 1024 * _status_kib(pid, "status", "VmRSS")
+    """Bytes: the process's resident set now; 0 if gone."""
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
 
 
 def peak_rss(pid: int) -> int:
-    """Bytes: the largest resident set the process has had (VmHWM); 0 if gone."""
-    return 1024 * _status_kib(pid, "status", "VmHWM")
+    """Bytes: the largest resident set the process has had (VmHWM of
+    /proc/<pid>/status); 0 if gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            return 1024 * int(line.split()[1])
+    return 0
 
 
 def reset_peak_rss(pid: int) -> None:
@@ -197,4 +183,8 @@ def tree_pss(root: int) -> int:
     PostgreSQL's processes share its buffers; summing their resident sets would
     count those once per process, summing PSS counts each page once.
     """
-    return 1024 * sum(_status_kib(pid, "smaps_rollup", "Pss") for pid in tree_pids(root))
+    total = 0
+    for pid in tree_pids(root):
+        with suppress(psutil.Error):
+            total += int(psutil.Process(pid).memory_full_info().pss)
+    return total
