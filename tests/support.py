@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any
 
 import asyncpg
+import psutil
 from aiohttp.test_utils import TestClient, TestServer
 
 from ingest.app import create_app
@@ -152,3 +153,20 @@ async def recount(database_url: str, poll_id: str) -> dict[str, int]:
 
 def votes_by_option(result: dict[str, Any]) -> dict[str, int]:
     return {option["id"]: option["votes"] for option in result["options"]}
+
+
+def processes_with_env(name: str, value: str) -> list[str]:
+    """Live processes (not zombies) other than this one whose environment holds
+    NAME=value, as "pid: command line": what a run that marked its children
+    so left behind."""
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get(name) != value or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            found.append(f"{proc.pid}: {' '.join(proc.cmdline())}")
+        except psutil.Error:
+            continue
+    return found

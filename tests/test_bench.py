@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from loadtest.bench import cli
+from tests.support import processes_with_env
 
 REPO = Path(__file__).resolve().parents[1]
 # Private servers, three apps, three 1 s warm-ups and three 2 s runs: ~20 s.
@@ -27,25 +28,6 @@ SMOKE_TIMEOUT = 100.0
 # Not a voteflow setting (the bench passes no VOTEFLOW_* variable on): only to
 # find the processes of the run, which all inherit it.
 MARK = "BENCH_SMOKE_MARK"
-
-
-def _processes_marked(entry: str) -> list[str]:
-    """Live processes whose environment holds `entry` ("NAME=value"): every
-    process the bench started inherits it (the servers, the edge, the apps, wrk)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if entry.encode() not in (proc / "environ").read_bytes().split(b"\0"):
-                continue
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if state not in ("Z", "X"):
-            found.append(f"{proc.name}: {command}")
-    return found
 
 
 def run_bench(
@@ -59,7 +41,7 @@ def run_bench(
     env = {**os.environ, MARK: token}
     argv = [sys.executable, "-m", "loadtest.bench", *options, "--results-dir", str(tmp_path)]
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert _processes_marked(f"{MARK}={token}") == []
+    assert processes_with_env(MARK, token) == []
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -170,7 +152,7 @@ def test_bench_drain_stage_with_a_small_backlog(tmp_path: Path) -> None:
     done = subprocess.run(
         argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT
     )
-    assert _processes_marked(f"{MARK}={token}") == []
+    assert processes_with_env(MARK, token) == []
     assert done.returncode == 0, done.stdout + done.stderr
     assert "4 drain" in done.stdout
     assert "total_ballots_minus_distinct_voters 0" in done.stdout, done.stdout
@@ -289,7 +271,7 @@ def test_an_interrupted_bench_keeps_what_it_measured(tmp_path: Path) -> None:
     finally:
         bench.kill()
     assert bench.returncode == 130, err
-    assert _processes_marked(f"{MARK}={token}") == []
+    assert processes_with_env(MARK, token) == []
     (written,) = tmp_path.glob("*.json")
     assert str(written) in err, err
     document = json.loads(written.read_text())

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient
 
 from loadtest.profile import Ledger, Profile, Thresholds
 from loadtest.verdict import check
-from tests.support import InProcessWorker, ballot, create_poll, drain
+from tests.support import InProcessWorker, ballot, create_poll, drain, processes_with_env
 from voteflow.keys import Keys
 from voteflow.settings import Settings
 
@@ -180,20 +180,5 @@ def test_short_scaled_run_passes_thresholds_and_verdict(tmp_path: Path) -> None:
     assert "POST /api/vote" in stats and "GET /api/polls/[id]/live" in stats
     assert list((run_dir / "ledger").glob("*.jsonl"))
 
-    assert not _processes_with_env("TMPDIR", str(scratch)), "processes left behind"
+    assert not processes_with_env("TMPDIR", str(scratch)), "processes left behind"
     assert elapsed < 130, f"the short run took {elapsed:.0f}s"
-
-
-def _processes_with_env(name: str, value: str) -> list[int]:
-    wanted = f"{name}={value}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if wanted in environ.split(b"\0"):
-            found.append(int(entry.name))
-    return found
