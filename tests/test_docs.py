@@ -40,3 +40,16 @@ def test_every_section_the_readme_points_to_is_there() -> None:
         if not any(" ".join(words[:n]) in sections for n in range(len(words), 0, -1)):
             unknown.add(" ".join(words))
     assert unknown == set(), f"sections the README names but does not have: {sorted(unknown)}"
+
+
+def test_every_bench_stage_is_described_in_the_readme() -> None:
+    from loadtest.bench.cli import STAGES
+
+    text = README.read_text()
+    benchmarks = text[
+        text.index("## Benchmarks") : text.index("\n## ", text.index("## Benchmarks") + 3)
+    ]
+    undescribed = [
+        f"{n} {stage.name}" for n, stage in STAGES.items() if f"**{stage.name}**" not in benchmarks
+    ]
+    assert undescribed == [], "stages make bench runs that README's Benchmarks does not describe"
