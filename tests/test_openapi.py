@@ -397,3 +397,26 @@ async def test_405_names_the_allowed_methods(served: Client) -> None:
     assert response.status == 405
     component_validator("Error").validate(await response.json())
     assert response.headers.get("Allow") == "POST"
+
+
+def test_the_document_s_limits_are_the_edge_s() -> None:
+    """The limits are declared in ingest/validate.py; the document states the
+    same numbers (and the README's API table names them), so none drifts."""
+    from ingest import validate
+
+    schemas = DOCUMENT["components"]["schemas"]
+    voter, label = schemas["VoterId"], schemas["Label"]
+    new_poll, ballot = schemas["NewPoll"]["properties"], schemas["Ballot"]["properties"]
+    assert (voter["minLength"], voter["maxLength"]) == (1, validate.MAX_VOTER_ID)
+    assert (label["minLength"], label["maxLength"]) == (1, validate.MAX_LABEL)
+    assert new_poll["question"]["maxLength"] == validate.MAX_QUESTION
+    options = new_poll["options"]
+    assert (options["minItems"], options["maxItems"]) == (
+        validate.MIN_OPTIONS,
+        validate.MAX_OPTIONS,
+    )
+    assert new_poll["max_choices"]["maximum"] == validate.MAX_OPTIONS
+    assert ballot["option_ids"]["maxItems"] == validate.MAX_OPTIONS
+    readme = (PATH.parents[1] / "README.md").read_text()
+    assert f"[{validate.MIN_OPTIONS}..{validate.MAX_OPTIONS} labels]" in readme
+    assert f"a string of 1 to {validate.MAX_VOTER_ID} characters" in readme
