@@ -134,6 +134,17 @@ async def create_poll(client: TestClient[Any, Any], **fields: Any) -> dict[str, 
     return poll
 
 
+async def expire(database_url: str, poll_id: str) -> None:
+    """Make a poll one that expired a moment ago (the API takes no past expires_at)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE polls SET expires_at = now() - interval '1 second' WHERE id = $1", poll_id
+        )
+    finally:
+        await conn.close()
+
+
 async def results(client: TestClient[Any, Any], poll_id: str) -> dict[str, Any]:
     response = await client.get(f"/api/polls/{poll_id}/results")
     assert response.status == 200, await response.text()

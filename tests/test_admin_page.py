@@ -9,7 +9,6 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Locator, Page, expect
@@ -17,7 +16,7 @@ from playwright.async_api import Locator, Page, expect
 from voteflow.settings import Settings
 
 from .browser import PHONE, PROJECTOR, accessibility_problems, chromium, needs_chromium, screenshot
-from .support import ADMIN, ADMIN_TOKEN, InProcessWorker, ballot, create_poll, drain
+from .support import ADMIN, ADMIN_TOKEN, InProcessWorker, ballot, create_poll, drain, expire
 
 pytestmark = needs_chromium
 
@@ -298,14 +297,7 @@ async def test_admin_page_fits_phone_and_projector_and_is_accessible(
         allow_multiple_votes=True, max_choices=2, expires_at=later,
     )  # fmt: skip
     expired = await create_poll(edge, question="Expired already?", options=["Yes", "No"])
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute(
-            "UPDATE polls SET expires_at = now() - interval '1 minute' WHERE id = $1",
-            expired["id"],
-        )
-    finally:
-        await conn.close()
+    await expire(settings.database_url, expired["id"])
     async with chromium() as browser:
         for name, device in (("phone", PHONE), ("projector", PROJECTOR)):
             page = await browser.new_page(**device)

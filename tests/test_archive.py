@@ -7,13 +7,12 @@ import csv
 import io
 from typing import Any
 
-import asyncpg
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from voteflow.settings import Settings
 
-from .support import ADMIN, InProcessWorker, create_poll, drain, recount
+from .support import ADMIN, InProcessWorker, create_poll, drain, expire, recount
 
 Client = TestClient[Any, Any]
 
@@ -55,14 +54,7 @@ async def test_closed_and_expired_polls_are_listed_as_closed_with_their_ballots(
     await _drained(settings)
     response = await edge.post(f"/api/polls/{closed['id']}/close", headers=ADMIN)
     assert response.status == 200
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute(
-            "UPDATE polls SET expires_at = now() - interval '1 second' WHERE id = $1",
-            expired["id"],
-        )
-    finally:
-        await conn.close()
+    await expire(settings.database_url, expired["id"])
 
     assert await _listed(edge, None) == [("open", 1)]
     assert await _listed(edge, "open") == [("open", 1)]

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 from aiohttp.test_utils import TestClient
 
-from .support import ADMIN, create_poll
+from .support import ADMIN, create_poll, expire
 
 Client = TestClient[Any, Any]
 
@@ -37,14 +37,7 @@ async def test_list_pages_open_polls_newest_first_by_cursor(
     response = await edge.post(f"/api/polls/{closed['id']}/close", headers=ADMIN)
     assert response.status == 200
     expired = await create_poll(edge, question="expired one")
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(
-            "UPDATE polls SET expires_at = now() - interval '1 second' WHERE id = $1",
-            expired["id"],
-        )
-    finally:
-        await conn.close()
+    await expire(database_url, expired["id"])
     later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     await create_poll(edge, question="expires later", expires_at=later)
 
