@@ -56,7 +56,7 @@ from typing import NoReturn
 
 from aiohttp import web
 
-from voteflow.servers import die_with_parent
+from voteflow.children import die_with_parent
 from voteflow.settings import Settings
 
 from .serve import BACKLOG, SHUTDOWN_TIMEOUT, serve

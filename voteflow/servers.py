@@ -17,7 +17,6 @@ main thread, or an event loop's thread), not from a short-lived worker thread.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import glob
 import hashlib
@@ -30,7 +29,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from contextlib import suppress
@@ -40,11 +38,12 @@ from typing import Any, Self, cast
 
 import redis
 
+from .children import die_with_parent
+
 HOST = "127.0.0.1"
 # PostgreSQL refuses to run as root; as root we run it as this system user.
 SERVICE_USER = "voteflow"
 _USERADD = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER]
-_PR_SET_PDEATHSIG = 1
 # Milliseconds after which a cluster's unanswering master is failed over.
 CLUSTER_NODE_TIMEOUT_MS = 1000
 # sun_path holds 108 bytes including the terminating NUL.
@@ -545,25 +544,6 @@ def _run_as_kwargs(
         # extra_groups=[] drops root's supplementary groups too.
         kwargs |= {"user": run_as.pw_uid, "group": run_as.pw_gid, "extra_groups": []}
     return kwargs
-
-
-def die_with_parent(death_signal: signal.Signals) -> Callable[[], None] | None:
-    """A preexec_fn asking the kernel to signal the child when we die (Linux only).
-
-    subprocess calls it after switching to `user=`/`group=`, which matters: a
-    credential change clears the setting.
-    """
-    if sys.platform != "linux":
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(death_signal), 0, 0, 0)
-        if os.getppid() != parent:  # we died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

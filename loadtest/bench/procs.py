@@ -22,7 +22,7 @@ from typing import IO, Self
 
 import psutil
 
-from voteflow.servers import die_with_parent
+from voteflow.children import die_with_parent
 
 # Seconds a child gets to stop after SIGTERM before it is killed; the edge
 # needs about one (it closes its pools).
