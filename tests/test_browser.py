@@ -439,6 +439,18 @@ async def test_every_page_fits_a_phone_and_a_projector_in_both_themes_and_passes
                 await expect(page.locator("body")).to_contain_text(text)
                 if name in ("voting", "presenter"):  # the live tally is in
                     await expect(page.locator("#status")).to_have_text("Live")
+                if name == "presenter":
+                    # The bars take most of the width (not squeezed by the QR
+                    # panel), which stands beside or under them, not on them.
+                    bars = await page.locator("section.results").bounding_box()
+                    join = await page.locator("aside.join").bounding_box()
+                    assert bars is not None and join is not None
+                    width = await page.evaluate("window.innerWidth")
+                    assert bars["width"] >= 0.55 * width, (size, theme, bars)
+                    assert (
+                        join["x"] >= bars["x"] + bars["width"]
+                        or join["y"] >= bars["y"] + bars["height"]
+                    ), (size, theme, bars, join)
                 where = (name, size, theme)
                 assert await page.evaluate(
                     "document.documentElement.scrollWidth <= window.innerWidth"
