@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from tests.cluster import (
     tally_of,
     until,
 )
-from tests.support import drain, recount, votes_by_option
+from tests.support import drain, recount, shell_env, votes_by_option
 from voteflow.settings import Settings
 
 # -- many voters at once ------------------------------------------------------
@@ -229,3 +231,32 @@ async def test_resent_vote_id_queued_behind_a_later_ballot_does_not_replace_it(
         result = await get_results(session, edge, poll["id"])
         assert await recount(settings.database_url, poll["id"]) == votes_by_option(result)
         assert votes_by_option(result) == {a: 0, b: 1}
+
+
+async def test_a_second_worker_on_a_taken_metrics_port_stops_with_one_line_naming_the_setting(
+    settings: Settings,
+) -> None:
+    # Another worker (here: a listening socket) holds the port.
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    env = shell_env(
+        VOTEFLOW_DATABASE_URL=settings.database_url,
+        VOTEFLOW_REDIS_URL=settings.redis_url,
+        VOTEFLOW_KEY_PREFIX=settings.key_prefix,
+        VOTEFLOW_WORKER_METRICS_PORT=str(port),
+    )
+    try:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "voteflow", "worker",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(worker.communicate(), 60)
+    finally:
+        holder.close()
+    assert worker.returncode == 2, err.decode()
+    last = err.decode().strip().splitlines()[-1]
+    assert last.startswith(f"voteflow worker: the worker's metrics port {port} is taken"), last
+    assert "VOTEFLOW_WORKER_METRICS_PORT" in last
+    assert "Traceback" not in err.decode(), err.decode()

@@ -71,9 +71,14 @@ def cmd_edge(settings: Settings, processes: int) -> int:
 
 
 def cmd_worker(settings: Settings) -> int:
-    from workers.worker import run
+    from workers.worker import MetricsPortTaken, run
 
-    run(settings)
+    try:
+        run(settings)
+    except MetricsPortTaken as exc:
+        # A setting to change, not a crash: one line, no traceback.
+        print(f"voteflow worker: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -133,6 +133,10 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx[SLOT_OWNER].close()
 
 
+class MetricsPortTaken(RuntimeError):
+    """Another process (another worker on this host, say) holds the metrics port."""
+
+
 async def _serve_metrics(metrics: WorkerMetrics, host: str, port: int) -> web.AppRunner:
     async def get_metrics(request: web.Request) -> web.Response:
         body = generate_latest(metrics.registry)
@@ -150,7 +154,7 @@ async def _serve_metrics(metrics: WorkerMetrics, host: str, port: int) -> web.Ap
     except OSError as exc:
         await runner.cleanup()
         # Each worker process serves its own counts: two on one host need two ports.
-        raise RuntimeError(
+        raise MetricsPortTaken(
             f"the worker's metrics port {port} is taken ({exc.strerror}): give each worker "
             "on this host its own VOTEFLOW_WORKER_METRICS_PORT, or 0 for a free one"
         ) from exc
