@@ -10,6 +10,7 @@ checks the files as Prometheus will load them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import re
@@ -27,9 +28,9 @@ import yaml
 
 from ingest.metrics import EdgeMetrics
 from tests.support import InProcessWorker
-from voteflow.settings import Settings
+from voteflow.settings import WORKER_METRICS_PORTS, Settings
 from workers.metrics import WorkerMetrics
-from workers.worker import METRICS_RUNNER, SETTINGS, shutdown, startup
+from workers.worker import METRICS_RUNNER, SETTINGS, MetricsPortTaken, shutdown, startup
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 CONFIG = INFRA / "prometheus" / "prometheus.yml"
@@ -179,7 +180,8 @@ def test_scrape_config_has_every_job_on_its_default_port() -> None:
     defaults = Settings()
     ports = {
         "voteflow-edge": defaults.port,
-        "voteflow-worker": defaults.worker_metrics_port,
+        # One worker per host (container) in these deployments: the range's first.
+        "voteflow-worker": WORKER_METRICS_PORTS[0],
         "redis": REDIS_EXPORTER_PORT,
     }
     for name, job in jobs.items():
@@ -349,6 +351,60 @@ async def test_a_second_worker_on_a_taken_metrics_port_says_which_setting_to_cha
                 await startup(ctx)
         finally:
             await shutdown(ctx)
+
+
+async def test_workers_on_one_host_with_the_default_port_each_serve_their_own_metrics(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The range's first port held by another process (an earlier worker, here
+    # a socket) when it is free; whoever else holds ports of it, each worker
+    # must still take a free one of its own and say which.
+    holders = []
+    with contextlib.suppress(OSError):
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", WORKER_METRICS_PORTS[0]))
+        holder.listen()
+        holders.append(holder)
+    unset = dataclasses.replace(settings, worker_metrics_port=None)
+    contexts: list[dict[str, Any]] = [{SETTINGS: unset}, {SETTINGS: unset}]
+    caplog.set_level("INFO", logger="workers.worker")
+    try:
+        for ctx in contexts:
+            await startup(ctx)
+        ports = [ctx[METRICS_RUNNER].addresses[0][1] for ctx in contexts]
+        assert len(set(ports)) == 2, ports
+        assert all(p in WORKER_METRICS_PORTS and p != WORKER_METRICS_PORTS[0] for p in ports)
+        for port in ports:
+            assert await _answers("127.0.0.1", port)
+            assert f"worker metrics on 127.0.0.1 port {port}" in caplog.text
+    finally:
+        for ctx in contexts:
+            await shutdown(ctx)
+        for holder in holders:
+            holder.close()
+
+
+async def test_a_worker_finding_every_default_metrics_port_taken_says_what_to_set(
+    settings: Settings,
+) -> None:
+    holders = []
+    for port in WORKER_METRICS_PORTS:
+        holder = socket.socket()
+        try:
+            holder.bind(("127.0.0.1", port))
+        except OSError:  # held already, as the test wants
+            holder.close()
+            continue
+        holder.listen()
+        holders.append(holder)
+    ctx: dict[str, Any] = {SETTINGS: dataclasses.replace(settings, worker_metrics_port=None)}
+    try:
+        with pytest.raises(MetricsPortTaken, match="9464-9479 are all taken: set VOTEFLOW_"):
+            await startup(ctx)
+    finally:
+        await shutdown(ctx)
+        for holder in holders:
+            holder.close()
 
 
 async def _answers(address: str, port: int) -> bool:

@@ -32,6 +32,11 @@ _ORIGIN = re.compile(r"https?://[a-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9a-f:.]+
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
 
+# Where workers on one host serve /metrics when VOTEFLOW_WORKER_METRICS_PORT is
+# unset: each takes the first free port, so Prometheus scrapes this range.
+WORKER_METRICS_PORTS = range(9464, 9480)
+
+
 class SettingsError(ValueError):
     """A ``VOTEFLOW_*`` variable has a value voteflow cannot use."""
 
@@ -142,7 +147,11 @@ class Settings:
     # Seconds an edge trusts its cached copy of a poll (closing invalidates it at once).
     poll_cache_ttl: float = 5.0
     vote_partitions: int = 16
-    worker_metrics_port: int = 9464
+    # A worker's /metrics port. Unset: the first free one of
+    # WORKER_METRICS_PORTS (9464 for a host's first worker, 9465 for its
+    # second...), named in the worker's first log line. Set: that port only,
+    # and a taken one stops the worker at start; 0: any free port.
+    worker_metrics_port: int | None = None
     # The address a worker's /metrics listens on: loopback unless a Prometheus
     # in another container or pod must reach it (0.0.0.0 or the pod's address).
     worker_metrics_host: str = "127.0.0.1"
@@ -184,7 +193,7 @@ class Settings:
             if name not in env:
                 continue
             raw = env[name].strip()
-            if field.type == "int":
+            if field.type in ("int", "int | None"):
                 try:
                     values[field.name] = int(raw)
                 except ValueError:
@@ -267,7 +276,11 @@ class Settings:
         need(self.max_deliveries >= 1, "max_deliveries", "must be >= 1")
         need(self.poll_cache_ttl >= 0, "poll_cache_ttl", "must be >= 0")
         need(1 <= self.vote_partitions <= 1024, "vote_partitions", "must be between 1 and 1024")
-        need(0 <= self.worker_metrics_port < 65536, "worker_metrics_port", "must be a port or 0")
+        need(
+            self.worker_metrics_port is None or 0 <= self.worker_metrics_port < 65536,
+            "worker_metrics_port",
+            "must be a port or 0",
+        )
         try:
             ipaddress.ip_address(self.worker_metrics_host)
         except ValueError:

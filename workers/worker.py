@@ -10,8 +10,10 @@ then acknowledge) and the process exits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import errno
+import ipaddress
 import logging
+import socket
 from dataclasses import replace
 from typing import Any
 
@@ -35,7 +37,7 @@ from voteflow.redisconn import (
     has_sharded_pubsub,
     open_redis,
 )
-from voteflow.settings import Settings
+from voteflow.settings import WORKER_METRICS_PORTS, Settings
 
 from .ack import Acknowledger
 from .consume import WRITER, Writer, consume, consumer_name, ensure_groups, watch_backlog
@@ -65,6 +67,11 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx[SETTINGS]
     keys = Keys(settings.key_prefix, settings.stream_shards, settings.redis_cluster)
     metrics = WorkerMetrics()
+    # First, so that its port is the first line a worker logs and a taken one
+    # stops it before it connects to anything.
+    ctx[METRICS_RUNNER] = await _serve_metrics(
+        metrics, settings.worker_metrics_host, settings.worker_metrics_port
+    )
     redis = open_redis(
         settings, socket_connect_timeout=2, health_check_interval=15,
         # Every shard's consumer holds a connection in a blocking read.
@@ -90,9 +97,6 @@ async def startup(ctx: dict[str, Any]) -> None:
         settings, keys, redis, nodes, pool, publisher, acknowledger, metrics, consumer_name()
     )
     ctx[WRITER] = writer
-    ctx[METRICS_RUNNER] = await _serve_metrics(
-        metrics, settings.worker_metrics_host, settings.worker_metrics_port
-    )
     stop = ctx[STOP] = asyncio.Event()
     ctx[CONSUMERS] = [
         *(
@@ -134,33 +138,58 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 class MetricsPortTaken(RuntimeError):
-    """Another process (another worker on this host, say) holds the metrics port."""
+    """Other processes (other workers on this host, say) hold the metrics port."""
 
 
-async def _serve_metrics(metrics: WorkerMetrics, host: str, port: int) -> web.AppRunner:
+def _metrics_socket(host: str, port: int | None) -> socket.socket:
+    """A socket bound for the worker's /metrics: on ``port``, or (None) on the
+    first free port of WORKER_METRICS_PORTS, so that several workers started
+    on one host with the defaults each get their own."""
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    candidates = WORKER_METRICS_PORTS if port is None else (port,)
+    for candidate in candidates:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        # As asyncio's own servers do: a restarted worker rebinds at once.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, candidate))
+        except OSError as exc:
+            sock.close()
+            if port is None and exc.errno == errno.EADDRINUSE:
+                continue
+            raise MetricsPortTaken(
+                f"the worker's metrics port {candidate} is taken ({exc.strerror}): give each "
+                "worker on this host its own VOTEFLOW_WORKER_METRICS_PORT, or 0 for a free one, "
+                "or leave it unset"
+            ) from exc
+        return sock
+    first, last = WORKER_METRICS_PORTS[0], WORKER_METRICS_PORTS[-1]
+    raise MetricsPortTaken(
+        f"the worker's metrics ports {first}-{last} are all taken: set "
+        "VOTEFLOW_WORKER_METRICS_PORT to a free port, or 0 for any free one"
+    )
+
+
+async def _serve_metrics(metrics: WorkerMetrics, host: str, port: int | None) -> web.AppRunner:
     async def get_metrics(request: web.Request) -> web.Response:
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    # Loopback by default (VOTEFLOW_WORKER_METRICS_HOST): the counts are for
+    # the operator's Prometheus, not for anyone who can reach the host.
+    sock = _metrics_socket(host, port)
     app = web.Application()
     app.router.add_get("/metrics", get_metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    # Loopback by default (VOTEFLOW_WORKER_METRICS_HOST): the counts are for
-    # the operator's Prometheus, not for anyone who can reach the host.
-    site = web.TCPSite(runner, host, port)
     try:
-        await site.start()
-    except OSError as exc:
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        sock.close()
         await runner.cleanup()
-        # Each worker process serves its own counts: two on one host need two ports.
-        raise MetricsPortTaken(
-            f"the worker's metrics port {port} is taken ({exc.strerror}): give each worker "
-            "on this host its own VOTEFLOW_WORKER_METRICS_PORT, or 0 for a free one"
-        ) from exc
-    with contextlib.suppress(Exception):
-        bound = runner.addresses[0][1]
-        log.info("worker metrics on %s port %s", host, bound)
+        raise
+    # Prometheus (or an operator) finds this worker by this line.
+    log.info("worker metrics on %s port %s", host, sock.getsockname()[1])
     return runner
 
 
