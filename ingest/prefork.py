@@ -31,6 +31,15 @@ processes. This is a pre-fork supervisor, the way gunicorn runs its workers:
   describes a live process); those of its counters and histograms stay, so
   that sums never go back.
 
+Why not gunicorn with aiohttp's GunicornUVLoopWebWorker: that worker makes
+its own sites from ``runner.server``, so the connection cap and the deadline
+for a first request head (ingest.serve: the edge's defence against floods and
+slowloris) would sit nowhere, short of overriding the worker's private
+``_run`` or replacing the runner's server; it respawns a failing process at
+once rather than after a growing delay; and it would add a dependency to the
+edge for what the module below does in some 250 lines. Signals, the shared
+socket and the metrics directory work the same way in both.
+
 The supervisor waits for signals with sigtimedwait, all three blocked: it
 needs no event loop, and no signal handler of its own can run in a child
 between the fork and the child's own set-up.
