@@ -42,11 +42,12 @@ lock: $(STAMP)
 		pyproject.toml
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev,loadtest]'
 
-## lint: ruff (lint and format check) and mypy
+## lint: ruff (lint and format check), mypy, and the direction of imports (lint-imports)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 ## format: apply ruff's fixes and formatting
 format: $(STAMP)
