@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format migrate bench loadtest screenshots lock clean
+.PHONY: run test test-fast lint format migrate bench loadtest screenshots lock clean
 
 # The versions installed are requirements.lock's (pip's own too): those the
 # suite last passed with; make lock refreshes it.
@@ -19,18 +19,25 @@ $(STAMP): pyproject.toml requirements.lock
 run: $(STAMP)
 	$(BIN)/voteflow up
 
-## test: lint, type-check, then the whole test suite against real servers
-# A temporary directory of the run's own: pytest removes the oldest of the
-# directories it numbers under /tmp/pytest-of-<user>, even while another run
-# (another checkout's) still has its private servers' data in it.
+## test: lint, type-check, then every layer of tests (unit, integration, system) against real servers
 test: lint $(STAMP)
-	@tmp=$$(mktemp -d /tmp/voteflow-test.XXXXXX) && chmod 755 $$tmp; \
-	$(BIN)/pytest -q -rs -n auto --maxprocesses 4 --dist worksteal --basetemp=$$tmp/run; \
+	@$(call PYTEST,tests)
+
+## test-fast: the unit and integration layers only (no processes, faults, proxies, cluster or browser)
+test-fast: $(STAMP)
+	@$(call PYTEST,tests/unit tests/integration)
+
+# On up to 4 cores, saying why each skipped test skipped. A temporary directory
+# of the run's own: pytest removes the oldest of the directories it numbers
+# under /tmp/pytest-of-<user>, even while another run (another checkout's)
+# still has its private servers' data in it.
+PYTEST = tmp=$$(mktemp -d /tmp/voteflow-test.XXXXXX) && chmod 755 $$tmp; \
+	$(BIN)/pytest -q -rs -n auto --maxprocesses 4 --dist worksteal --basetemp=$$tmp/run $(PYTEST_ARGS) $(1); \
 	status=$$?; rm -rf $$tmp; exit $$status
 
 ## screenshots: the README's pictures of the pages, taken by their browser tests (needs chromium)
 screenshots: $(STAMP)
-	$(BIN)/pytest -q tests/test_admin_page.py tests/test_present.py tests/test_browser.py
+	$(BIN)/pytest -q tests/system/test_admin_page.py tests/system/test_present.py tests/system/test_browser.py
 	cp build/test-artifacts/admin-light.png docs/images/organizer.png
 	cp build/test-artifacts/present-dark.png docs/images/presenter.png
 	cp build/test-artifacts/vote-phone-light.png docs/images/voting-phone.png

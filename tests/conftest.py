@@ -11,6 +11,7 @@ anything else on a server it shares.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import secrets
@@ -25,17 +26,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tests.cluster import Cluster
+from tests.databases import Databases, with_database
 from tests.support import ADMIN_TOKEN, InProcessWorker, edge_client
 from voteflow.migrate import migrate
-from voteflow.servers import PostgresServer, RedisServer
+from voteflow.servers import PostgresServer, RedisClusterServers, RedisServer
 from voteflow.settings import Settings
 
 RUN_ID = secrets.token_hex(4)
 _counter = itertools.count()
-
-
-def _with_database(server_url: str, database: str) -> str:
-    return server_url.rsplit("/", 1)[0] + "/" + database
 
 
 @pytest.fixture(scope="session")
@@ -76,58 +74,58 @@ async def _admin(server_url: str, *statements: str) -> None:
 def template_database(pg_server_url: str) -> Iterator[str]:
     """A migrated database that every test's database is cloned from."""
     name = f"vftest_{RUN_ID}_template"
-    created: list[str] = []
 
     async def setup() -> None:
         await _admin(pg_server_url, f'CREATE DATABASE "{name}"')
-        await migrate(_with_database(pg_server_url, name))
+        await migrate(with_database(pg_server_url, name))
 
     asyncio.run(setup())
     yield name
-    # Tests' databases are dropped as they finish; this catches leftovers.
 
+    # Tests' databases are dropped at the end of the run; this one as well.
     async def teardown() -> None:
         conn = await asyncpg.connect(pg_server_url)
         try:
             rows = await conn.fetch(
                 "SELECT datname FROM pg_database WHERE datname LIKE $1", f"vftest_{RUN_ID}_%"
             )
-            created.extend(row["datname"] for row in rows)
-            for db in created:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            for row in rows:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{row[0]}" WITH (FORCE)')
         finally:
             await conn.close()
 
     asyncio.run(teardown())
 
 
-async def _new_database(pg_server_url: str, template: str) -> str:
-    name = f"vftest_{RUN_ID}_{next(_counter)}"
-    await _admin(pg_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    return name
+@pytest.fixture(scope="session")
+def databases(pg_server_url: str, template_database: str) -> Databases:
+    pool = Databases(pg_server_url, template_database, f"vftest_{RUN_ID}")
+    asyncio.run(pool.prepare())
+    return pool
 
 
 @pytest.fixture
-async def database_url(pg_server_url: str, template_database: str) -> AsyncIterator[str]:
-    """A brand-new, migrated database for this test."""
-    name = await _new_database(pg_server_url, template_database)
-    yield _with_database(pg_server_url, name)
-    await _admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+async def database_url(pg_server_url: str, databases: Databases) -> AsyncIterator[str]:
+    """A migrated database of this test's own, with no polls or votes in it."""
+    name = await databases.take()
+    yield with_database(pg_server_url, name)
+    await databases.give_back(name)
 
 
 @pytest.fixture
-async def other_database_url(pg_server_url: str, template_database: str) -> AsyncIterator[str]:
+async def other_database_url(pg_server_url: str, databases: Databases) -> AsyncIterator[str]:
     """A second migrated database, for a test that needs two (a read replica)."""
-    name = await _new_database(pg_server_url, template_database)
-    yield _with_database(pg_server_url, name)
-    await _admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    name = await databases.take()
+    yield with_database(pg_server_url, name)
+    await databases.give_back(name)
 
 
 @pytest.fixture
 async def empty_database_url(pg_server_url: str, template_database: str) -> AsyncIterator[str]:
     """A brand-new database with nothing in it."""
-    name = await _new_database(pg_server_url, "template0")
-    yield _with_database(pg_server_url, name)
+    name = f"vftest_{RUN_ID}_empty_{next(_counter)}"
+    await _admin(pg_server_url, f'CREATE DATABASE "{name}" TEMPLATE template0')
+    yield with_database(pg_server_url, name)
     await _admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -198,3 +196,18 @@ async def worker(settings: Settings) -> AsyncIterator[InProcessWorker]:
     """A worker's consumers, running in the test's event loop."""
     async with InProcessWorker(settings) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def three_masters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    with RedisClusterServers(
+        tmp_path_factory.mktemp("redis-cluster"), masters=3, appendonly=False
+    ) as servers:
+        yield servers
+
+
+@pytest.fixture
+def on_cluster(settings: Settings, three_masters: RedisClusterServers) -> Settings:
+    return dataclasses.replace(
+        settings, redis_url=three_masters.url, redis_cluster=True, stream_shards=8
+    )

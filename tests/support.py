@@ -12,7 +12,9 @@ from types import TracebackType
 from typing import Any
 
 import asyncpg
+import orjson
 import psutil
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from ingest.app import create_app
@@ -181,3 +183,25 @@ def processes_with_env(name: str, value: str) -> list[str]:
         except psutil.Error:
             continue
     return found
+
+
+async def next_event(response: ClientResponse, timeout: float = 10.0) -> dict[str, Any]:
+    """The next `tally` event of an SSE stream (heartbeat comments skipped)."""
+    event: dict[str, str] = {}
+    async with asyncio.timeout(timeout):
+        while True:
+            raw = await response.content.readline()
+            if not raw:
+                raise AssertionError("the stream ended")
+            line = raw.decode().rstrip("\n")
+            if line == "":
+                if "data" in event:
+                    assert event["event"] == "tally"
+                    data: dict[str, Any] = orjson.loads(event["data"])
+                    assert int(event["id"]) == data["version"]
+                    return data
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(": ")
+            event[name] = value

@@ -11,9 +11,8 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from ingest.history import MAX_POINTS
+from tests.support import InProcessWorker, create_poll, drain, edge_client, results, votes_by_option
 from voteflow.settings import Settings
-
-from .support import InProcessWorker, create_poll, drain, edge_client, results, votes_by_option
 
 Client = TestClient[Any, Any]
 

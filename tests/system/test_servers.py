@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 import redis
 
+from tests.support import REPO
 from voteflow.servers import (
     MAXMEMORY_SHARE,
     PostgresServer,
@@ -25,8 +26,6 @@ from voteflow.servers import (
     free_port,
     memory_limit,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def sql(url: str, query: str, *args: Any) -> Any:

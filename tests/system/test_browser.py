@@ -11,7 +11,6 @@ import re
 import shutil
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -23,11 +22,9 @@ from aiohttp.test_utils import TestClient
 from playwright.async_api import Page, async_playwright, expect
 
 from ingest.app import create_app
-from voteflow.servers import free_port
-from voteflow.settings import Settings
-
-from . import browser
-from .support import (
+from tests import browser
+from tests.browser import screenshot
+from tests.support import (
     ADMIN,
     InProcessWorker,
     ballot,
@@ -37,9 +34,10 @@ from .support import (
     results,
     votes_by_option,
 )
+from voteflow.servers import free_port
+from voteflow.settings import Settings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "build" / "test-artifacts"
 # Milliseconds a page may take to show what a commit changed.
 LIVE_TIMEOUT = 15_000
 
@@ -116,8 +114,7 @@ async def test_poll_page_follows_the_tally_live_and_casts_a_vote(
                 ".data.some((v) => v !== 0); }",
                 timeout=LIVE_TIMEOUT,
             )
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            await page.screenshot(path=str(ARTIFACTS / "poll-page.png"), full_page=True)
+            await screenshot(page, "poll-page", full_page=True)
 
             # After a reload the page still says what this browser voted.
             await page.reload()
@@ -217,8 +214,7 @@ async def test_poll_page_resends_a_ballot_with_its_vote_id_after_a_503(
                     await page.get_by_role("button", name="Vote").click()
                 assert (await first.value).status == 503
                 await expect(page.locator("#vote-result")).to_contain_text("sending it again")
-                ARTIFACTS.mkdir(parents=True, exist_ok=True)
-                await page.screenshot(path=str(ARTIFACTS / "poll-page-retrying.png"))
+                await screenshot(page, "poll-page-retrying")
 
                 async with InProcessWorker(full):  # drains the shard: the retry fits
                     await expect(page.locator("#vote-result")).to_contain_text(

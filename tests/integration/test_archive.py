@@ -10,9 +10,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
+from tests.support import ADMIN, InProcessWorker, create_poll, drain, expire, recount
 from voteflow.settings import Settings
-
-from .support import ADMIN, InProcessWorker, create_poll, drain, expire, recount
 
 Client = TestClient[Any, Any]
 

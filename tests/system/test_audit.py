@@ -7,7 +7,6 @@ import io
 import os
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -15,7 +14,7 @@ import orjson
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from tests.support import InProcessWorker, create_poll, drain, pause
+from tests.support import REPO, InProcessWorker, create_poll, drain, pause
 from voteflow import audit
 from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD
@@ -24,7 +23,6 @@ from voteflow.settings import Settings
 from voteflow.tally import SNAPSHOT_TALLY, SNAPSHOT_VERSION, Tally, decode
 
 Client = TestClient[Any, Any]
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass

@@ -11,9 +11,8 @@ from aiohttp.test_utils import TestClient
 
 from ingest.pages import STATIC
 from ingest.share import poll_of_code, short_code
+from tests.support import create_poll, edge_client
 from voteflow.settings import Settings
-
-from .support import create_poll, edge_client
 
 Client = TestClient[Any, Any]
 

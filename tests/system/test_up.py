@@ -23,10 +23,9 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tests.support import voteflow
+from tests.support import REPO, voteflow
 from voteflow.servers import free_port
 
-REPO = Path(__file__).resolve().parents[1]
 # initdb, both servers, the migrations, then an edge and a worker.
 UP_TIMEOUT = 90.0
 # `up` gives its edge and worker 30 s each and its servers 15 s each; a clean

@@ -20,9 +20,8 @@ from typing import Any
 import pytest
 
 from loadtest.bench import cli
-from tests.support import processes_with_env
+from tests.support import REPO, processes_with_env
 
-REPO = Path(__file__).resolve().parents[1]
 # Private servers, three apps, three 1 s warm-ups and three 2 s runs: ~20 s.
 SMOKE_TIMEOUT = 100.0
 # Not a voteflow setting (the bench passes no VOTEFLOW_* variable on): only to

@@ -15,13 +15,10 @@ from aiohttp.test_utils import TestClient
 
 from ingest.app import EDGE
 from tests.support import ballot, create_poll, edge_client
-from tests.test_redis_cluster import on_cluster, three_masters
 from voteflow.servers import RedisServer
 from voteflow.settings import Settings
 
 Client = TestClient[Any, Any]
-# Fixtures of test_redis_cluster, used here by name: a 3-master cluster.
-__all__ = ["on_cluster", "three_masters"]
 FLOODER = "203.0.113.7"
 VOTER = "198.51.100.20"
 

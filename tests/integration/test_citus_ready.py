@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.test_cast_vote_atomic import SECOND, T0, Poll, Vote, create_poll
+from tests.integration.test_cast_vote_atomic import SECOND, T0, Poll, Vote, create_poll
 from voteflow.migrate import sql_dir
 
 CITUS_FILES = sorted((sql_dir() / "citus").glob("*.sql"))

