@@ -2,7 +2,8 @@
 its file, and its #anchor a heading there (as GitHub makes anchors of
 headings); every "see <Section>" names a section of its own page (a heading,
 or a paragraph's bold title such as **Why the cache must be 0.**); every
-stage of make bench is described in docs/benchmarks.md."""
+stage of make bench is described in docs/benchmarks.md; the settings table of
+docs/operations.md is the one voteflow/settings.py makes."""
 
 from __future__ import annotations
 
@@ -90,3 +91,24 @@ def test_every_bench_stage_is_described_in_docs_benchmarks() -> None:
         f"{n} {stage.name}" for n, stage in STAGES.items() if f"**{stage.name}**" not in text
     ]
     assert undescribed == [], "stages make bench runs that docs/benchmarks.md does not describe"
+
+
+def test_the_settings_table_is_the_one_settings_py_makes() -> None:
+    from voteflow import settingsdoc
+
+    page = (REPO / "docs" / "operations.md").read_text()
+    assert settingsdoc.rewrite(page) == page, (
+        "docs/operations.md's settings table differs from voteflow/settings.py's "
+        "declarations: run make docs"
+    )
+
+
+def test_every_setting_says_what_it_means() -> None:
+    import dataclasses
+
+    from voteflow import settingsdoc
+    from voteflow.settings import Settings
+
+    meanings = settingsdoc.meanings()
+    assert [f.name for f in dataclasses.fields(Settings)] == list(meanings)
+    assert all(meanings.values())
