@@ -2,7 +2,7 @@
 #   docker run IMAGE            -> voteflow edge (the default CMD)
 #   docker run IMAGE worker     -> voteflow worker
 #   docker run IMAGE migrate    -> voteflow migrate (a one-shot, before edges and workers)
-# Settings come from VOTEFLOW_* environment variables (README, "Settings").
+# Settings come from VOTEFLOW_* environment variables (docs/operations.md, "Settings").
 #
 # Build: docker build -t voteflow .   (tests/test_infra_deploy.py checks what
 # this file promises: two stages, a slim final image without compilers, a

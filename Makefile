@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint format migrate bench loadtest screenshots lock clean
+.PHONY: run test test-fast lint format docs migrate bench loadtest screenshots lock clean
 
 # The versions installed are requirements.lock's (pip's own too): those the
 # suite last passed with; make lock refreshes it.
@@ -34,6 +34,10 @@ test-fast: $(STAMP)
 PYTEST = tmp=$$(mktemp -d /tmp/voteflow-test.XXXXXX) && chmod 755 $$tmp; \
 	$(BIN)/pytest -q -rs -n auto --maxprocesses 4 --dist worksteal --basetemp=$$tmp/run $(PYTEST_ARGS) $(1); \
 	status=$$?; rm -rf $$tmp; exit $$status
+
+## docs: the settings table of docs/operations.md, written anew from voteflow/settings.py
+docs: $(STAMP)
+	$(BIN)/python -m voteflow.settingsdoc docs/operations.md
 
 ## screenshots: the README's pictures of the pages, taken by their browser tests (needs chromium)
 screenshots: $(STAMP)

@@ -4,7 +4,7 @@ Each live stream holds a few dozen objects for as long as it is open (its
 request, response, transport, protocol, task, sink). A full collection walks
 every tracked object of the process, so with thousands of watchers it stops
 the edge for hundreds of milliseconds, and every vote in flight waits (the
-figures are in README "Live streams"). Those objects are not garbage:
+figures are in docs/api.md, "Live streams"). Those objects are not garbage:
 ``gc.freeze()`` moves every object tracked so far into a permanent
 generation that collections skip, while reference counting still frees each
 one when its stream ends.

@@ -146,7 +146,7 @@ def voter_of(ballot: Ballot, poll: Poll, verifying: bool, token_user: str | None
     a user id is only ever a token's: a body user_id must be the token's
     (403) or left out, and one with no token is refused (401), as is a
     fingerprint ballot for a poll that requires a token. Otherwise the body's
-    user_id is taken on the client's word (the README says so).
+    user_id is taken on the client's word (docs/api.md says so).
     """
     require_voter(ballot, token_user)  # the edge checked it first; never "f:None"
     if token_user is not None:
@@ -163,7 +163,7 @@ def voter_of(ballot: Ballot, poll: Poll, verifying: bool, token_user: str | None
 def require_voter(ballot: Ballot, token_user: str | None) -> None:
     """A ballot names its voter: by a voter token, user_id or voter_fingerprint.
 
-    A field on its own, checked before the poll is looked up (README, "A vote
+    A field on its own, checked before the poll is looked up (docs/api.md, "A vote
     is refused": the fields first, then the poll), so a ballot that names no
     voter is a 422 whether or not its poll exists.
     """

@@ -185,7 +185,7 @@ def edge_processes(private_servers: int) -> int:
     worker and each private server it started have had one.
 
     One edge process uses at most one core (its event loop is one thread) and
-    is bound by it (README, Measured: 86% of its core at 7,601 votes/s), and
+    is bound by it (docs/benchmarks.md, Measured: 86% of its core at 7,601 votes/s), and
     the edges are what a spike meets: the streams hold what the worker has not
     written yet. The worker is one process, and so is each private server's
     hot path (Redis runs commands on one thread; PostgreSQL's backends are

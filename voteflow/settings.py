@@ -69,120 +69,155 @@ def parse_origins(spec: str) -> frozenset[str]:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    # Empty means "none configured": `voteflow up` then starts private servers.
+    # Each field's docstring is its meaning in the settings table of
+    # docs/operations.md (Markdown, links relative to docs/), which `make docs`
+    # writes from here (voteflow/settingsdoc.py): one place for each setting.
     database_url: str = ""
+    """PostgreSQL URL. Unset: `voteflow up` starts a private server."""
     redis_url: str = ""
-    # Where reads that need not be fresh (the poll list) go, a streaming
-    # replica say; empty: the primary, database_url.
+    """Redis URL. Unset: `voteflow up` starts a private server."""
     database_read_url: str = ""
-    # Prepared statements asyncpg keeps per connection. 0 when PgBouncer pools
-    # by transaction (a statement prepared on one server connection is not
-    # there on the next).
+    """Where reads that need not be fresh (the poll list) go, a streaming
+    replica say. Unset: the primary."""
     database_statement_cache_size: int = 100
-    # The database is Citus (docs/scaling.md): workers write a batch with one
-    # cast_poll_votes call per poll, which Citus runs on the node holding it.
+    """Prepared statements asyncpg keeps per PostgreSQL connection; 0 behind
+    PgBouncer in transaction pooling mode (a statement prepared on one server
+    connection is not there on the next: [why](deploying.md#why-the-cache-must-be-0))."""
     database_citus: bool = False
-    # redis_url names one node of a Redis Cluster; the edges and workers find
-    # the rest, and follow failovers by themselves.
+    """`true`: the database is Citus; workers write each poll of a batch with
+    its own `cast_poll_votes` call, which Citus runs on the node that holds
+    the poll (see [scaling.md](scaling.md))."""
     redis_cluster: bool = False
-    # Replicas that must hold a vote before the edge answers 202 (WAIT, or
-    # WAITAOF where the server has it). 0: the master's own append suffices.
+    """`true`: `VOTEFLOW_REDIS_URL` names one node of a Redis Cluster; the
+    edges and workers find the rest, and follow failovers by themselves."""
     redis_min_replicas: int = 0
+    """Replicas that must hold a vote before it is answered 202 (WAIT, or
+    WAITAOF where the server has it); 0: the master's own append suffices
+    (see [On a Redis Cluster](guarantees.md#on-a-redis-cluster))."""
     host: str = "127.0.0.1"
+    """Address the edge listens on."""
     port: int = 8080
-    # Empty disables the admin routes (poll creation and closing answer 401).
-    # Set, it must be at least MIN_ADMIN_TOKEN characters and no placeholder.
+    """Port the edge listens on."""
     admin_token: str = ""
-    # Comma-separated origins (https://app.example.com) whose pages may call the
-    # API from a browser, besides the edge's own (see ingest.origins).
+    """Bearer token of the admin routes; empty: they are off (creating and
+    closing polls answer 401). At least 24 printable ASCII characters
+    (`MIN_ADMIN_TOKEN`), and no placeholder (`change-me`, `changeme`,
+    `secret`, `admin`, ...): otherwise the process stops at start naming the
+    variable. `voteflow up` generates one when unset."""
     allowed_origins: str = ""
-    # The origin voters open (https://vote.example.com): share links and QR
-    # codes point there. Empty: the origin the page itself was loaded from.
+    """Origins (comma-separated, like `https://app.example.com`) whose web
+    pages may call the API from a browser, besides the edge's own (see
+    [Browsers and other origins](api.md#browsers-and-other-origins);
+    `ingest.origins`)."""
     public_url: str = ""
-    # Voters proven by signed tokens (ingest.voters): a shared HS256 secret, or
-    # the issuing app's public key (PEM, or the path of a file holding it;
-    # RS256, ES256 or EdDSA by its type). Empty: user_id is the client's word.
+    """The origin voters open (like `https://vote.example.com`): share links
+    and QR codes point there; without it, the origin the page was loaded
+    from (behind a proxy listed in `VOTEFLOW_TRUSTED_PROXIES`, its
+    `X-Forwarded-Proto` and `X-Forwarded-Host`)."""
     voter_token_secret: str = dataclasses.field(default="", repr=False)
+    """HS256 secret shared with the app that issues voter tokens, 32 bytes at
+    least; empty, and no public key: a `user_id` is the client's word (see
+    [voter-tokens.md](voter-tokens.md); `ingest.voters`)."""
     voter_token_public_key: str = ""
-    # When set, a token's iss / aud must be these.
+    """Or: that app's public key (PEM, or a file's path): RS256, ES256 or
+    EdDSA by its type."""
     voter_token_issuer: str = ""
+    """When set, a voter token's `iss` must be this."""
     voter_token_audience: str = ""
-    # Requests per minute; 0 turns the limit off. A client may spend the whole
-    # minute's allowance at once (burst), then refills evenly.
+    """When set, a voter token's `aud` must name this."""
     rate_limit_per_ip: int = 600
+    """Votes per minute per client address (the whole minute may be spent at
+    once, then it refills evenly), votes for poll ids that name no poll
+    included; 0 turns it off."""
     rate_limit_per_voter: int = 60
-    # An IPv6 client counts against the per-IP limit by its network of this
-    # many bits, not by its address: a subscriber gets a whole /64 (or /56,
-    # /48) and can vote from any of its addresses. 128: per address.
+    """Votes per minute per voter; 0 turns it off."""
     rate_limit_ipv6_prefix: int = 64
-    # Comma-separated addresses or networks of the proxies in front of the
-    # edges; only from these is X-Forwarded-For believed (see ingest.clientip).
+    """An IPv6 client counts against `VOTEFLOW_RATE_LIMIT_PER_IP` by its
+    network of this many bits (its /64), since a subscriber can vote from any
+    address of it; 1 to 128 (128: per address). An IPv4-mapped address
+    (`::ffff:192.0.2.1`) counts as its IPv4 address."""
     trusted_proxies: str = ""
-    # Namespace of every Redis key voteflow uses (see voteflow.keys).
+    """Addresses or networks (comma-separated) of proxies in front of the
+    edges; only from these is `X-Forwarded-For` believed for per-IP limits
+    (`ingest.clientip`). The Kubernetes base ships a placeholder that stops
+    the start until it is set."""
     key_prefix: str = "voteflow"
-    # Seconds the edges remember a queued vote_id, so that a retry is answered
-    # 202 without being queued again (164 bytes of Redis per vote: README,
-    # "Redis memory").
+    """Prefix of every Redis key (`voteflow.keys`)."""
     idempotency_window: int = 3600
+    """Seconds the edges remember a queued `vote_id`, so that a retry is
+    answered 202 without being queued again (its bytes of Redis per vote:
+    [Redis memory](guarantees.md#redis-memory))."""
     stream_shards: int = 8
-    # Entries a stream shard may hold (not yet written by the workers) before
-    # the edges answer its votes 503: the spike is queued, but Redis memory
-    # stays bounded (405 bytes per queued vote: README, "Redis memory"). 0: no limit.
+    """Stream shards; every edge and worker of a deployment must agree."""
     max_backlog: int = 100_000
+    """Votes a shard may hold, not yet written, before its votes are answered
+    503: the spike is queued, but Redis memory stays bounded (its bytes per
+    queued vote: [Redis memory](guarantees.md#redis-memory)); 0: no limit."""
     batch_size: int = 500
-    # Milliseconds a stream consumer waits after a batch smaller than
-    # batch_size before it reads again, so that the next batch gathers more
-    # votes: one cast_vote_atomic call for many costs PostgreSQL far less per
-    # vote than many calls for few. It delays a vote's commit by as much at
-    # most, and never while a backlog fills whole batches. 0: read at once.
+    """Most votes a consumer commits in one `cast_vote_atomic` call."""
     batch_linger_ms: int = 50
-    # Stream consumers per worker process: each reads a batch and commits it
-    # with one cast_vote_atomic call, so this is also the PostgreSQL pool size.
+    """After a batch smaller than `VOTEFLOW_BATCH_SIZE`, how long a consumer
+    waits before reading again, so that the next batch gathers more votes:
+    one call for many costs PostgreSQL far less per vote than many calls for
+    few. It delays a vote's commit by as much at most: a vote on a quiet
+    stream is read at once, a backlog without waiting; 0: read at once
+    (measured: [Measured](benchmarks.md#measured))."""
     consumers: int = 4
-    # A pending message idle this long belongs to a dead consumer and is claimed.
+    """Stream consumers per worker process, and so its PostgreSQL
+    connections: each reads a batch and commits it with one call."""
     claim_idle_ms: int = 30_000
-    # Workers that may die holding a message before it goes to the dead letters
-    # (a PostgreSQL outage never counts a delivery; see workers.reclaim).
+    """A message pending this long belongs to a dead consumer and is claimed."""
     max_deliveries: int = 5
-    # Seconds an edge trusts its cached copy of a poll (closing invalidates it at once).
+    """Workers that may die holding a vote before it goes to the dead letters
+    (a PostgreSQL outage never counts a delivery; `workers.reclaim`)."""
     poll_cache_ttl: float = 5.0
+    """Seconds an edge trusts its cached copy of a poll (closing invalidates
+    it at once), and remembers that an id names no poll (in a cache of their
+    own, 10,000 ids, so that made-up ids evict no real poll)."""
     vote_partitions: int = 16
-    # A worker's /metrics port. Unset: the first free one of
-    # WORKER_METRICS_PORTS (9464 for a host's first worker, 9465 for its
-    # second...), named in the worker's first log line. Set: that port only,
-    # and a taken one stops the worker at start; 0: any free port.
+    """Hash partitions of the votes tables, applied by the first migration."""
     worker_metrics_port: int | None = None
-    # The address a worker's /metrics listens on: loopback unless a Prometheus
-    # in another container or pod must reach it (0.0.0.0 or the pod's address).
+    """A worker's `/metrics` port. Unset: the first free one of 9464-9479
+    (`WORKER_METRICS_PORTS`: 9464 for a host's first worker, 9465 for its
+    second...), named in the worker's first log line. Set: that port only, and
+    a taken one stops the worker at start with one line naming this setting
+    (exit status 2); 0: any free port (logged)."""
     worker_metrics_host: str = "127.0.0.1"
-    # Seconds between SSE heartbeats (WebSocket pings), so proxies keep idle
-    # streams open.
+    """The IP address a worker's `/metrics` listens on; loopback keeps the
+    counts off the network. Set `0.0.0.0` (as `infra/k8s` and
+    `infra/compose` do) where Prometheus scrapes from another pod or
+    container."""
     sse_heartbeat: float = 15.0
-    # Live updates one client gets per second at most, per poll; the last one
-    # is always the latest tally.
+    """Seconds between SSE keep-alive comments (WebSocket pings), so proxies
+    keep idle streams open."""
     live_updates_per_second: float = 4.0
-    # Seconds a live client may leave one update unread before it is dropped
-    # (its socket buffer is full): the edge never queues for it.
+    """Live updates a watcher gets per second at most, per poll; the last is
+    always the latest tally."""
     live_write_timeout: float = 10.0
-    # Live streams (SSE and WebSocket) one client address may hold open at once
-    # per edge process, counted as the per-IP limit counts it (an IPv6 /64).
-    # A room's phones often share one NAT address: as nginx's limit_conn (100),
-    # far below the live budget, so that one address can never take it all.
+    """Seconds a live watcher may leave an update unread (its socket buffer
+    full) before it is dropped: the edge never queues for it."""
     live_max_per_address: int = 100
-    # Seconds a live stream lasts at most; then the edge ends it and the client
-    # reconnects, resuming from the latest tally.
+    """Live streams (SSE and WebSocket) one client address (an IPv6 /64) may
+    hold open per edge process; one more answers 429 (see [Live
+    streams](api.md#live-streams)). A room's phones often share one NAT
+    address: as nginx's `limit_conn` (100), far below the live budget."""
     live_max_seconds: float = 3600.0
-    # Connections per edge process live streams may take in all, so that
-    # watchers never take the ones voters need; 0: half of max_connections.
+    """Seconds a live stream lasts at most (up to a tenth less, at random);
+    then the edge ends it and the client reconnects to the current tally."""
     live_max_connections: int = 0
-    # Slow or stuck clients: most open connections per edge process, and the
-    # seconds a client has to send its request headers, then its body.
+    """Live streams per edge process in all, below
+    `VOTEFLOW_MAX_CONNECTIONS`, so that watchers never take the connections
+    voters need; one more answers 503. 0: half of `VOTEFLOW_MAX_CONNECTIONS`."""
     max_connections: int = 10_000
+    """Open connections per edge process; one more is closed at once."""
     header_timeout: float = 10.0
+    """Seconds a new connection has to send its first request head."""
     body_timeout: float = 10.0
-    # Seconds an idle keep-alive connection stays open.
+    """Seconds a request has to send its body (408 after)."""
     keepalive_timeout: float = 75.0
+    """Seconds an idle keep-alive connection stays open."""
     log_level: str = "INFO"
+    """`DEBUG`, `INFO`, `WARNING` or `ERROR`."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

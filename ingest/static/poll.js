@@ -163,7 +163,7 @@ function voterToken() {
 }
 const token = voterToken();
 
-// The retry contract (README, API): a ballot keeps its vote_id until the edge
+// The retry contract (docs/api.md, Retrying a vote): a ballot keeps its vote_id until the edge
 // gives a definite answer (2xx or 4xx), and is sent again with it after a 503,
 // another 5xx or a network error, so that a retry is never counted twice. A
 // different choice is a new ballot with a new vote_id.

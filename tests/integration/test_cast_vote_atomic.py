@@ -166,7 +166,7 @@ async def recorded(conn: asyncpg.Connection, poll: Poll) -> dict[str, bool]:
 
 
 def predict(votes: Iterable[Vote], *, single: bool, options: list[str]) -> tuple[list[int], int]:
-    """The tallies (in option order) and total ballots the README's rules give.
+    """The tallies (in option order) and total ballots the vote rules of docs/guarantees.md give.
 
     Independent of the SQL: the first copy of each vote_id stands (rule 3); in
     a single-vote poll only each voter's greatest (received_at, vote_id)

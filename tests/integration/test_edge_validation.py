@@ -90,7 +90,7 @@ async def test_malformed_ballot_is_422_naming_the_field_and_appends_nothing(
 async def test_a_ballot_naming_no_voter_is_422_whether_or_not_its_poll_exists(
     edge: Client, poll: dict[str, Any]
 ) -> None:
-    # The fields on their own first, then the poll (README, "A vote is refused").
+    # The fields on their own first, then the poll (docs/api.md, "When a vote is refused").
     option = poll["options"][0]["id"]
     for poll_id in (poll["id"], str(uuid.uuid4())):
         response = await edge.post("/api/vote", json={"poll_id": poll_id, "option_ids": [option]})

@@ -417,6 +417,6 @@ def test_the_document_s_limits_are_the_edge_s() -> None:
     )
     assert new_poll["max_choices"]["maximum"] == validate.MAX_OPTIONS
     assert ballot["option_ids"]["maxItems"] == validate.MAX_OPTIONS
-    readme = (PATH.parents[1] / "README.md").read_text()
+    readme = (PATH.parents[1] / "docs" / "api.md").read_text()
     assert f"[{validate.MIN_OPTIONS}..{validate.MAX_OPTIONS} labels]" in readme
     assert f"a string of 1 to {validate.MAX_VOTER_ID} characters" in readme

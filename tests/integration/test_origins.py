@@ -1,6 +1,6 @@
 """A web page elsewhere cannot make its visitors vote or call the admin routes.
 
-README, "Browsers and other origins": every POST under /api/ is JSON (415
+docs/api.md, "Browsers and other origins": every POST under /api/ is JSON (415
 otherwise), a browser's Origin must be the edge's own or one of
 VOTEFLOW_ALLOWED_ORIGINS (403 otherwise), preflights are answered for those
 alone, and clients without an Origin are unaffected. An Authorization header

@@ -1,4 +1,4 @@
-"""The README's vote rules, each proven through the whole path (HTTP to tallies)."""
+"""The vote rules of docs/guarantees.md, each proven through the whole path (HTTP to tallies)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ killed in the middle and the reclaim job keeps claiming them.
 Each test runs an edge and two workers as OS processes, with
 VOTEFLOW_MAX_DELIVERIES=2 so that a single delivery counted for the outage
 would show, sends votes at a steady pace, makes PostgreSQL refuse for
-``VOTEFLOW_TEST_OUTAGE_SECONDS`` (5 by default; the README's fault table ran
+``VOTEFLOW_TEST_OUTAGE_SECONDS`` (5 by default; the fault table of docs/guarantees.md ran
 them longer), SIGKILLs a worker that holds votes and starts another in its
 place, and then checks the count. Each prints one row of that table.
 """

@@ -164,9 +164,9 @@ async def test_a_worker_started_while_redis_is_full_drains_it_and_refused_votes_
         await redis.aclose()
 
 
-# What the README's Redis sizing rests on: rerun with -s to print the figures.
+# What the Redis sizing of docs/guarantees.md rests on: rerun with -s to print the figures.
 MEASURED_VOTES = 20_000
-# Bounds on the measurement (Valkey 8.1, 64-bit), so the README's figures
+# Bounds on the measurement (Valkey 8.1, 64-bit), so the figures in the docs
 # cannot drift far unnoticed.
 MOST_BYTES_PER_QUEUED_VOTE = 600
 MOST_BYTES_PER_REMEMBERED_VOTE = 250

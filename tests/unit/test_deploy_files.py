@@ -52,7 +52,7 @@ from workers.worker import SHUTDOWN_GRACE
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 # The Kubernetes release whose schemas the manifests are validated against
-# (kubernetes-validate ships them; README, "Deploying").
+# (kubernetes-validate ships them; docs/deploying.md).
 KUBERNETES_VERSION = "1.34"
 # Kinds that KEDA adds to a cluster, which Kubernetes' own schemas do not know.
 KEDA_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication")}
