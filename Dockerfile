@@ -4,7 +4,7 @@
 #   docker run IMAGE migrate    -> voteflow migrate (a one-shot, before edges and workers)
 # Settings come from VOTEFLOW_* environment variables (docs/operations.md, "Settings").
 #
-# Build: docker build -t voteflow .   (tests/test_infra_deploy.py checks what
+# Build: docker build -t voteflow .   (tests/unit/test_deploy_files.py checks what
 # this file promises: two stages, a slim final image without compilers, a
 # non-root numeric user, the console script as the entrypoint.)
 

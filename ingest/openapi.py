@@ -1,7 +1,7 @@
 """The API's OpenAPI document (``openapi.json`` beside this module), served as is.
 
 The document is hand-written: docs/api.md is the contract and
-``tests/test_openapi.py`` holds the edge to it. It is read and checked once,
+``tests/integration/test_openapi.py`` holds the edge to it. It is read and checked once,
 when the edge imports this module, so a broken document stops the edge at
 start-up instead of failing requests, and each request sends the same bytes.
 """

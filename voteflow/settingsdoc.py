@@ -3,7 +3,7 @@
 Each setting is declared once, in ``voteflow/settings.py``: its name (and so
 its ``VOTEFLOW_*`` variable), its default, and its meaning, the docstring under
 the field. ``make docs`` (``python -m voteflow.settingsdoc docs/operations.md``)
-rewrites the table between the two markers below; ``tests/test_docs.py`` fails
+rewrites the table between the two markers below; ``tests/unit/test_docs.py`` fails
 when the file's table is not the one made here. Development code: neither the
 edge nor the workers import it (``make lint`` holds them to that).
 """

@@ -1,6 +1,6 @@
 """A vote_id names one ballot: a retry of it is answered 202 and counted once;
 reused for another ballot it is refused 409, whichever voter or shard, and
-nothing is queued. (On a Redis Cluster: tests/test_redis_cluster.py.)"""
+nothing is queued. (On a Redis Cluster: tests/system/test_redis_cluster.py.)"""
 
 from __future__ import annotations
 
