@@ -42,7 +42,7 @@ from redis.exceptions import (
 from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, MessageError, Vote, decode
 from voteflow.outages import REDIS_DOWN, is_bad_data, is_postgres_outage, sqlstate
-from voteflow.redisconn import AnyRedis, Nodes
+from voteflow.redisconn import AnyRedis, Nodes, RoutedPipeline
 from voteflow.settings import Settings
 from voteflow.tally import Tally
 from voteflow.timeutil import now_us
@@ -84,6 +84,34 @@ class Writer:
     acknowledger: Acknowledger
     metrics: WorkerMetrics
     consumer: str
+
+    def queue_ack(
+        self,
+        batch: RoutedPipeline,
+        shard: int,
+        entry_ids: Sequence[bytes],
+        dead: Sequence[Dead],
+        release: Sequence[str],
+    ) -> None:
+        """Queue in ``batch`` the acknowledgement of a shard's entries (``dead``
+        ones moved to its dead letters) and the release of ``release``'s vote_ids."""
+        self.acknowledger.queue(
+            batch,
+            self.keys.stream(shard),
+            self.keys.dead_letters(shard),
+            entry_ids,
+            dead,
+            [self.keys.vote_seen(shard, vote_id) for vote_id in release],
+        )
+
+    def queue_claim_release(self, batch: RoutedPipeline, release: Sequence[str]) -> None:
+        """On a cluster, a vote_id's claim lives in its own slot: queue its
+        release beside the acknowledgement (ack.lua releases the shard's key
+        atomically)."""
+        if self.keys.cluster:
+            for vote_id in release:
+                claim = self.keys.vote_claim(vote_id)
+                batch.for_key(claim).delete(claim)
 
 
 def consumer_name() -> str:
@@ -370,20 +398,8 @@ async def _acknowledge(
     # or the reverse, is harmless (versions decide; a redelivery is counted once).
     batch = writer.nodes.pipeline()
     if entry_ids:
-        writer.acknowledger.queue(
-            batch,
-            writer.keys.stream(shard),
-            writer.keys.dead_letters(shard),
-            entry_ids,
-            dead,
-            [writer.keys.vote_seen(shard, vote_id) for vote_id in release],
-        )
-    if writer.keys.cluster:
-        # A vote_id's claim lives in its own slot: released beside the
-        # acknowledgement (ack.lua releases the shard's key atomically).
-        for vote_id in release:
-            claim = writer.keys.vote_claim(vote_id)
-            batch.for_key(claim).delete(claim)
+        writer.queue_ack(batch, shard, entry_ids, dead, release)
+    writer.queue_claim_release(batch, release)
     for tally in tallies:
         writer.publisher.queue(batch, tally)
     replies = await batch.execute()
@@ -393,14 +409,7 @@ async def _acknowledge(
         # are back.
         await writer.acknowledger.load()
         retry = writer.nodes.pipeline()
-        writer.acknowledger.queue(
-            retry,
-            writer.keys.stream(shard),
-            writer.keys.dead_letters(shard),
-            entry_ids,
-            dead,
-            [writer.keys.vote_seen(shard, vote_id) for vote_id in release],
-        )
+        writer.queue_ack(retry, shard, entry_ids, dead, release)
         (acked,) = await retry.execute()
         if isinstance(acked, BaseException):
             raise acked

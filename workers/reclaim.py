@@ -126,18 +126,8 @@ async def _dead_letter(writer: Writer, shard: int, entries: list[Any]) -> None:
             continue
         release.append(vote.vote_id)
     batch = writer.nodes.pipeline()
-    writer.acknowledger.queue(
-        batch,
-        writer.keys.stream(shard),
-        writer.keys.dead_letters(shard),
-        [entry_id for entry_id, _ in entries],
-        dead,
-        [writer.keys.vote_seen(shard, vote_id) for vote_id in release],
-    )
-    if writer.keys.cluster:
-        for vote_id in release:
-            claim = writer.keys.vote_claim(vote_id)
-            batch.for_key(claim).delete(claim)
+    writer.queue_ack(batch, shard, [entry_id for entry_id, _ in entries], dead, release)
+    writer.queue_claim_release(batch, release)
     (acked, *_) = await batch.execute()
     if isinstance(acked, BaseException):
         raise acked
