@@ -163,6 +163,14 @@ def settings(database_url: str, redis_server_url: str, key_prefix: str) -> Setti
 
 
 @pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to this test's database, closed after the test."""
+    conn = await asyncpg.connect(settings.database_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
 async def redis_client(redis_server_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_server_url)
     yield client

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -125,43 +125,36 @@ async def _positive(value: Awaitable[int]) -> bool:
     return await value > 0
 
 
-@pytest.fixture
-async def admin(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(settings.database_url)
-    yield conn
-    await conn.close()
-
-
 async def test_read_only_postgres_dead_letters_nothing(
-    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path, admin: asyncpg.Connection
+    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path, db: asyncpg.Connection
 ) -> None:
     """SQLSTATE 25006: a failover landing on a standby, or an operator's
     default_transaction_read_only."""
-    database = await admin.fetchval("SELECT current_database()")
+    database = await db.fetchval("SELECT current_database()")
 
     async def begin() -> None:
-        await admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
-        await _terminate_others(admin, [])
+        await db.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        await _terminate_others(db, [])
 
     async def end() -> None:
-        await admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
-        await _terminate_others(admin, [])
+        await db.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        await _terminate_others(db, [])
 
     await ride_out("PostgreSQL read-only", settings, redis_client, tmp_path, begin, end)
 
 
 async def test_statement_timeout_on_every_batch_dead_letters_nothing(
-    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path, admin: asyncpg.Connection
+    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path, db: asyncpg.Connection
 ) -> None:
     """SQLSTATE 57014: every batch waits on a lock past statement_timeout."""
-    database = await admin.fetchval("SELECT current_database()")
+    database = await db.fetchval("SELECT current_database()")
     locker = await asyncpg.connect(settings.database_url)
     locking: asyncpg.transaction.Transaction | None = None
 
     async def begin() -> None:
         nonlocal locking
-        await admin.execute(f'ALTER DATABASE "{database}" SET statement_timeout = 200')
-        await _terminate_others(admin, [await locker.fetchval("SELECT pg_backend_pid()")])
+        await db.execute(f'ALTER DATABASE "{database}" SET statement_timeout = 200')
+        await _terminate_others(db, [await locker.fetchval("SELECT pg_backend_pid()")])
         locking = locker.transaction()
         await locking.start()
         # Every batch updates the poll's counters row: each waits, then times out.
@@ -170,8 +163,8 @@ async def test_statement_timeout_on_every_batch_dead_letters_nothing(
     async def end() -> None:
         assert locking is not None
         await locking.rollback()
-        await admin.execute(f'ALTER DATABASE "{database}" RESET statement_timeout')
-        await _terminate_others(admin, [await locker.fetchval("SELECT pg_backend_pid()")])
+        await db.execute(f'ALTER DATABASE "{database}" RESET statement_timeout')
+        await _terminate_others(db, [await locker.fetchval("SELECT pg_backend_pid()")])
 
     try:
         await ride_out(
@@ -182,17 +175,17 @@ async def test_statement_timeout_on_every_batch_dead_letters_nothing(
 
 
 async def test_a_missing_function_dead_letters_nothing(
-    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path, admin: asyncpg.Connection
+    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path, db: asyncpg.Connection
 ) -> None:
     """SQLSTATE 42883, a class no list of outages names: a botched migration
     leaves cast_vote_atomic missing. It refuses every vote alike, so it is an
     outage, not the votes' fault."""
 
     async def begin() -> None:
-        await admin.execute("ALTER FUNCTION cast_vote_atomic(vote_in[]) RENAME TO cast_vote_away")
+        await db.execute("ALTER FUNCTION cast_vote_atomic(vote_in[]) RENAME TO cast_vote_away")
 
     async def end() -> None:
-        await admin.execute("ALTER FUNCTION cast_vote_away(vote_in[]) RENAME TO cast_vote_atomic")
+        await db.execute("ALTER FUNCTION cast_vote_away(vote_in[]) RENAME TO cast_vote_atomic")
 
     await ride_out("cast_vote_atomic missing", settings, redis_client, tmp_path, begin, end)
 
@@ -220,21 +213,21 @@ async def test_postgres_down_dead_letters_nothing(
 
 
 async def test_admin_calls_on_a_read_only_postgres_are_503_not_500(
-    edge: TestClient[Any, Any], admin: asyncpg.Connection
+    edge: TestClient[Any, Any], db: asyncpg.Connection
 ) -> None:
     """The edge classifies by SQLSTATE class too: a read-only standby is
     'away for now' (503, Retry-After), not a bug of ours (500)."""
     poll = await create_poll_in(edge)
-    database = await admin.fetchval("SELECT current_database()")
-    await admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
-    await _terminate_others(admin, [])
+    database = await db.fetchval("SELECT current_database()")
+    await db.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+    await _terminate_others(db, [])
     body = {"question": "Q?", "options": ["a", "b"]}
     for path, sent in (("/api/polls", body), (f"/api/polls/{poll['id']}/close", None)):
         response = await edge.post(path, json=sent, headers=ADMIN)
         assert response.status == 503, await response.text()
         assert response.headers["Retry-After"] == "1"
-    await admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
-    await _terminate_others(admin, [])
+    await db.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+    await _terminate_others(db, [])
     # As a client does: retried after a 503 (a pooled connection the server
     # ended answers once more so), created once the primary takes writes.
     statuses = []
