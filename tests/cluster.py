@@ -22,6 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.support import ADMIN, ADMIN_TOKEN, recount, votes_by_option
+from voteflow.children import die_with_parent
 from voteflow.keys import GROUP, Keys
 from voteflow.servers import free_port
 from voteflow.settings import Settings
@@ -113,6 +114,9 @@ class Cluster:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                # A run interrupted before its teardown (Ctrl-C under
+                # pytest-xdist) must not leave edges and workers behind.
+                preexec_fn=die_with_parent(signal.SIGKILL),
             )
         url = f"http://127.0.0.1:{port}" if role == "edge" else ""
         process = Process(role, popen, log_path, url)

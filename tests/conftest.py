@@ -15,8 +15,10 @@ import dataclasses
 import itertools
 import os
 import secrets
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import FrameType
 
 import asyncpg
 import pytest
@@ -34,6 +36,19 @@ from voteflow.settings import Settings
 
 RUN_ID = secrets.token_hex(4)
 _counter = itertools.count()
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Started from a script (`make test &`, nohup), pytest begins with SIGINT
+    # ignored, and Python leaves it so: Ctrl-C would not stop the run. SIGTERM
+    # interrupts it the same way, so that the run's private servers are
+    # stopped and its databases dropped on the way out.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(scope="session")
