@@ -178,9 +178,9 @@ def settings(database_url: str, redis_server_url: str, key_prefix: str) -> Setti
 
 
 @pytest.fixture
-async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to this test's database, closed after the test."""
-    conn = await asyncpg.connect(settings.database_url)
+    conn = await asyncpg.connect(database_url)
     yield conn
     await conn.close()
 
