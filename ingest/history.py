@@ -1,4 +1,4 @@
-"""A poll's tally over time, as the writers recorded it (sql/0011_tally_history.sql).
+"""A poll's tally over time, as the writers recorded it (sql/functions/tally_history.sql).
 
 GET /api/polls/{id}/history?step_s=N: one point per step of N seconds in which
 the tally changed, cumulative, so that a page opened late (or after a restart)

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ingest.app import create_app
 from voteflow.keys import GROUP
+from voteflow.migrate import function_files, migration_files
 from voteflow.settings import Settings
 from workers.consume import WRITER, Writer
 from workers.reclaim import reclaim
@@ -205,3 +206,9 @@ async def next_event(response: ClientResponse, timeout: float = 10.0) -> dict[st
                 continue
             name, _, value = line.partition(": ")
             event[name] = value
+
+
+def migration_names() -> list[str]:
+    """What voteflow.migrate reports applying to a new database, in order."""
+    numbered = [path.name for _, path in migration_files()]
+    return numbered + [f"functions/{path.name}" for path in function_files()]

@@ -8,7 +8,7 @@ What it checks:
   ``voter_ballots`` (so at most one counts per voter) and every current ballot
   is counted. ``cast_vote_atomic`` changes all of these in one transaction, so
   they hold at every commit: the streams need not be drained. One query over
-  all polls (``audit_polls`` in ``sql/0004_audit.sql``).
+  all polls (``audit_polls`` in ``sql/functions/audit_polls.sql``).
 - Every poll's published snapshot (what ``results`` serves): at PostgreSQL's
   version it must carry PostgreSQL's tallies, and it is never newer. An older
   one is *stale*: a warning, not a failure, since a worker may be between its

@@ -1,8 +1,23 @@
-"""Schema migrations: the numbered ``sql/NNNN_*.sql`` files, applied in order.
+"""Schema migrations: the numbered ``sql/NNNN_*.sql`` files, applied in order,
+then the functions of ``sql/functions/*.sql``.
+
+Numbered files hold tables, types, indexes and data changes; each is applied
+once, and never edited once it has landed. Functions are not in them: each
+function has one file in ``sql/functions/`` holding its body in force, written
+with CREATE OR REPLACE (Flyway calls such files repeatable migrations). A run
+applies a function file when its text differs from the one it last applied
+(``schema_functions`` keeps a SHA-256 per file), and every function file after
+it applied any numbered file, whose DROP FUNCTION (to change a function's
+result columns, which CREATE OR REPLACE cannot) the function files then
+undo. So a numbered file must not call a function: on a new database the
+functions come after every numbered file. Function files apply in name
+order; a LANGUAGE sql function is checked against what exists when it is
+created, so it must sort after the files of the functions it calls.
 
 A run applies the files not applied yet in one transaction, recording each in
-``schema_migrations`` in that same transaction: a run applies all of them or,
-should one fail, none (the database keeps the schema it had). The transaction
+``schema_migrations`` (and ``schema_functions``) in that same transaction: a
+run applies all of them or, should one fail, none (the database keeps the
+schema it had). The transaction
 holds an advisory lock from its first statement: a second process migrating
 the same database at the same time waits for the first, then finds nothing
 left to do.
@@ -17,6 +32,7 @@ the next run that is given another.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import logging
 import re
@@ -38,6 +54,19 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     version    text        PRIMARY KEY,
     applied_at timestamptz DEFAULT now()
 )
+"""
+
+
+_CREATE_FUNCTIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_functions (
+    file       text        PRIMARY KEY,
+    sha256     text        NOT NULL,
+    applied_at timestamptz DEFAULT now()
+)
+"""
+_RECORD_FUNCTIONS = """
+INSERT INTO schema_functions (file, sha256) VALUES ($1, $2)
+ON CONFLICT (file) DO UPDATE SET sha256 = excluded.sha256, applied_at = now()
 """
 
 
@@ -68,15 +97,29 @@ def migration_files(directory: Path | None = None) -> list[tuple[str, Path]]:
     return sorted(files.items())
 
 
-async def migrate(dsn: str, *, vote_partitions: int = 16) -> list[str]:
-    """Apply the migration files not applied yet; return their names.
+def _has_statements(text: str) -> bool:
+    return any(line.strip() and not line.lstrip().startswith("--") for line in text.splitlines())
+
+
+def function_files(directory: Path | None = None) -> list[Path]:
+    """The function files, in the order they are applied."""
+    directory = sql_dir() if directory is None else directory
+    return sorted((directory / "functions").glob("*.sql"))
+
+
+async def migrate(
+    dsn: str, *, vote_partitions: int = 16, directory: Path | None = None
+) -> list[str]:
+    """Apply the migration files not applied yet, then the function files that
+    changed; return their names (``functions/<file>`` for a function file).
 
     ``vote_partitions`` is the number of hash partitions of the vote tables,
-    used only when the file that creates them is applied.
+    used only when the file that creates them is applied. ``directory``: the
+    files' directory, if not voteflow's own ``sql/``.
     """
     if not 1 <= vote_partitions <= 9999:
         raise ValueError(f"vote_partitions must be from 1 to 9999, got {vote_partitions}")
-    files = migration_files()
+    files = migration_files(directory)
     applied: list[str] = []
     # No statement cache: each statement runs once, and behind PgBouncer a
     # named prepared statement would stay on a pooled server connection.
@@ -96,11 +139,26 @@ async def migrate(dsn: str, *, vote_partitions: int = 16) -> list[str]:
             for version, path in files:
                 if version in done:
                     continue
+                text = path.read_text(encoding="utf-8")
                 # No arguments: the simple query protocol, which runs a file
-                # of several statements.
-                await conn.execute(path.read_text(encoding="utf-8"))
+                # of several statements. A file of comments alone (one whose
+                # functions moved to sql/functions/) has nothing to run.
+                if _has_statements(text):
+                    await conn.execute(text)
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
                 applied.append(path.name)
+            await conn.execute(_CREATE_FUNCTIONS_TABLE)
+            rows = await conn.fetch("SELECT file, sha256 FROM schema_functions")
+            # After a numbered file, every function file: it may have dropped one.
+            recorded = {} if applied else {row["file"]: row["sha256"] for row in rows}
+            for path in function_files(directory):
+                text = path.read_text(encoding="utf-8")
+                digest = hashlib.sha256(text.encode()).hexdigest()
+                if recorded.get(path.name) == digest:
+                    continue
+                await conn.execute(text)
+                await conn.execute(_RECORD_FUNCTIONS, path.name, digest)
+                applied.append(f"functions/{path.name}")
     finally:
         await conn.close()
     for name in applied:

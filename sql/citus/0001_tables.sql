@@ -17,8 +17,8 @@
 -- Foreign keys' targets are distributed first, as Citus requires. votes and
 -- voter_ballots are hash-partitioned tables: Citus distributes the parent and
 -- its partitions with it (each shard keeps the partitions).
--- schema_migrations stays a local table of the coordinator, where
--- `voteflow migrate` runs.
+-- schema_migrations and schema_functions stay local tables of the
+-- coordinator, where `voteflow migrate` runs.
 
 -- poll_counters carries the trigger that keeps tally_history (0011): Citus
 -- distributes a table with a trigger only with this on. The trigger is safe

@@ -33,9 +33,9 @@ from voteflow.migrate import sql_dir
 
 CITUS_FILES = sorted((sql_dir() / "citus").glob("*.sql"))
 
-# The one table that stays on the coordinator: voteflow.migrate's own record
+# The tables that stay on the coordinator: voteflow.migrate's own records
 # of applied files, read and written only where `voteflow migrate` runs.
-COORDINATOR_ONLY = frozenset({"schema_migrations"})
+COORDINATOR_ONLY = frozenset({"schema_migrations", "schema_functions"})
 
 # Stand-ins for Citus's functions, with the signatures of Citus 13
 # (src/backend/distributed/sql/udfs/*/latest.sql and citus--8.0-1.sql; the

@@ -29,6 +29,7 @@ from tests.support import (
     InProcessWorker,
     drain,
     edge_client,
+    migration_names,
     recount,
     results,
     votes_by_option,
@@ -247,7 +248,7 @@ async def test_migrations_apply_through_pgbouncer_in_transaction_mode(
     pgbouncer: PgBouncer, empty_database_url: str
 ) -> None:
     via = pgbouncer.url(database_of(empty_database_url))
-    names = [path.name for _, path in migration_files()]
+    names = migration_names()
     async with asyncio.timeout(60):
         runs = await asyncio.gather(*(migrate(via, vote_partitions=2) for _ in range(3)))
     # One run applied everything; the others waited for it and found nothing to do.
