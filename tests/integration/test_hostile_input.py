@@ -62,7 +62,6 @@ JSON = {"Content-Type": "application/json"}
 LIVE_EDGE = hypothesis.settings(
     max_examples=100,
     deadline=None,
-    print_blob=True,
     # All examples of a test share its edge, database and key prefix on
     # purpose (a database clone per example would cost seconds); none can
     # fool the next: each measures the streams before and after its request.
@@ -179,22 +178,17 @@ def assert_error_shape(answer: Answer, body: str) -> None:
 
 @pytest.fixture
 async def target(edge: Client, redis_client: aioredis.Redis, settings: Settings) -> Target:
-    def known(poll: dict[str, Any]) -> KnownPoll:
-        return KnownPoll(poll["id"], tuple(o["id"] for o in poll["options"]), poll["max_choices"])
-
-    single = await create_poll(edge, options=["A", "B", "C"])
-    multiple = await create_poll(
-        edge, options=["A", "B", "C", "D"], allow_multiple_votes=True, max_choices=3
-    )
-    closed = await create_poll(edge, options=["A", "B"])
-    assert (await edge.post(f"/api/polls/{closed['id']}/close", headers=ADMIN)).status == 200
-    return Target(
-        client=edge,
-        redis=redis_client,
-        streams=Keys(settings.key_prefix, settings.stream_shards).streams(),
-        open_polls=[known(single), known(multiple)],
-        closed_poll=known(closed),
-    )
+    polls = [
+        await create_poll(edge, options=["A", "B", "C"]),
+        await create_poll(edge, options=list("ABCD"), allow_multiple_votes=True, max_choices=3),
+        await create_poll(edge, options=["A", "B"]),
+    ]
+    assert (await edge.post(f"/api/polls/{polls[2]['id']}/close", headers=ADMIN)).status == 200
+    *open_polls, closed = [
+        KnownPoll(p["id"], tuple(o["id"] for o in p["options"]), p["max_choices"]) for p in polls
+    ]
+    streams = Keys(settings.key_prefix, settings.stream_shards).streams()
+    return Target(edge, redis_client, streams, open_polls, closed)
 
 
 def encode(value: Any, ensure_ascii: bool = False) -> bytes:
@@ -257,26 +251,28 @@ async def test_every_ballot_the_schema_accepts_is_queued_once(
         target.ballots[answer.json()["vote_id"]] = key
 
 
+def in_the_future(expires_at: str | None, now: datetime) -> bool:
+    try:  # no such day (ValueError), or past year 9999 in UTC (OverflowError)
+        return (
+            expires_at is None or datetime.fromisoformat(expires_at.upper()).astimezone(UTC) > now
+        )
+    except (ValueError, OverflowError):
+        return False
+
+
 def broken_rules(poll: dict[str, Any], now: datetime) -> set[str]:
     """The fields of a poll the schema accepts that break a rule JSON Schema
-    cannot state (docs/api.md), or that this edge, which verifies no voter
-    tokens, cannot honour."""
-    broken = set()
-    if not poll["question"].strip():
-        broken.add("question")
-    if any(not label.strip() for label in poll["options"]):
-        broken.add("options")
-    if poll.get("max_choices", 1) > len(poll["options"]):
-        broken.add("max_choices")
-    if poll.get("require_voter_token"):
-        broken.add("require_voter_token")
-    if (expires_at := poll.get("expires_at")) is not None:
-        try:  # no such day, or past year 9999 in UTC: OverflowError
-            if datetime.fromisoformat(expires_at.upper()).astimezone(UTC) <= now:
-                broken.add("expires_at")
-        except (ValueError, OverflowError):
-            broken.add("expires_at")
-    return broken
+    cannot state (docs/api.md), or ask what this edge cannot: it verifies no
+    voter tokens."""
+    labels = poll["options"]
+    rules = {
+        "question": poll["question"].strip() != "",
+        "options": all(label.strip() for label in labels),
+        "max_choices": poll.get("max_choices", 1) <= len(labels),
+        "require_voter_token": not poll.get("require_voter_token"),
+        "expires_at": in_the_future(poll.get("expires_at"), now),
+    }
+    return {name for name, kept in rules.items() if not kept}
 
 
 @LIVE_EDGE
@@ -295,10 +291,7 @@ async def test_every_poll_the_schema_accepts_is_created_unless_it_breaks_a_rule_
     else:
         assert answer.status == 201, answer
         created = answer.json()
-        assert (created["question"], created["max_choices"]) == (
-            poll["question"],
-            poll.get("max_choices", 1),
-        )
+        assert created["question"] == poll["question"]
         assert [option["label"] for option in created["options"]] == poll["options"]
 
 
