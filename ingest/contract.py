@@ -6,8 +6,8 @@ constraints. From this one declaration follow:
 - the edge's parsing and checking (``ingest/validate.py``):
   ``msgspec.json.decode(body, type=Ballot)`` reads the JSON and checks every
   field in one pass;
-- the request schemas of the OpenAPI document (:func:`schemas`, written into
-  ``ingest/openapi.json`` by ``make openapi``; a test fails when they differ);
+- the request schemas of the OpenAPI document (:func:`schemas`, added to the
+  hand-written rest of it, ``ingest/openapi.json``, by ``ingest/openapi.py``);
 - the error messages: a field's ``description`` up to its first ": " is the
   rule its 422 states ("poll_id must be a UUID ...");
 - the property tests of ``tests/integration/test_hostile_input.py``, which
