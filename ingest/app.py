@@ -211,10 +211,10 @@ async def post_poll(request: web.Request) -> web.Response:
     poll = await create_poll(
         edge.pool,
         new.question,
-        new.labels,
+        new.options,
         new.allow_multiple_votes,
         new.max_choices,
-        new.expires_at,
+        new.expiry(),
         new.require_voter_token,
     )
     return json_response(poll.to_json(now_us()), 201)

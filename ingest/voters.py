@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from voteflow.settings import Settings, SettingsError
 
-from .validate import MAX_VOTER_ID
+from .contract import MAX_VOTER_ID
 
 # Verified tokens kept per edge process (about 300 bytes each with its text).
 CACHE_SIZE = 100_000
