@@ -212,3 +212,13 @@ def migration_names() -> list[str]:
     """What voteflow.migrate reports applying to a new database, in order."""
     numbered = [path.name for _, path in migration_files()]
     return numbered + [f"functions/{path.name}" for path in function_files()]
+
+
+async def applied_versions(dsn: str) -> list[str]:
+    """The versions schema_migrations records, in order."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        return [row["version"] for row in rows]
+    finally:
+        await conn.close()

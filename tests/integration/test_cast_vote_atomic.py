@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,15 +27,6 @@ SECOND = 1_000_000
 
 # A vote_in as asyncpg takes it: (vote_id, poll_id, voter, option_ids, received_us).
 Vote = tuple[Any, Any, Any, Any, Any]
-
-
-@pytest.fixture
-async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 @dataclass(frozen=True)
@@ -59,7 +50,7 @@ class Cast:
 
 
 async def create_poll(
-    conn: asyncpg.Connection,
+    db: asyncpg.Connection,
     n_options: int = 4,
     *,
     multiple: bool = False,
@@ -67,7 +58,7 @@ async def create_poll(
     expires_at: datetime | None = None,
 ) -> Poll:
     labels = [f"option {i}" for i in range(1, n_options + 1)]
-    poll_id = await conn.fetchval(
+    poll_id = await db.fetchval(
         "SELECT create_poll($1, $2, $3, $4, $5)",
         "Which one?",
         labels,
@@ -75,7 +66,7 @@ async def create_poll(
         max_choices,
         expires_at,
     )
-    rows = await conn.fetch("SELECT id FROM options WHERE poll_id = $1 ORDER BY position", poll_id)
+    rows = await db.fetch("SELECT id FROM options WHERE poll_id = $1 ORDER BY position", poll_id)
     return Poll(str(poll_id), [str(row["id"]) for row in rows])
 
 
@@ -96,8 +87,8 @@ def ballot(
     )
 
 
-async def cast(conn: asyncpg.Connection, votes: Sequence[Vote]) -> Cast:
-    rows = await conn.fetch("SELECT * FROM cast_vote_atomic($1::vote_in[])", list(votes))
+async def cast(db: asyncpg.Connection, votes: Sequence[Vote]) -> Cast:
+    rows = await db.fetch("SELECT * FROM cast_vote_atomic($1::vote_in[])", list(votes))
     vote_rows = [row for row in rows if row["outcome"] != "tally"]
     tally_rows = [row for row in rows if row["outcome"] == "tally"]
     # Vote rows first, in input order; then one tally row per poll.
@@ -122,31 +113,31 @@ async def cast(conn: asyncpg.Connection, votes: Sequence[Vote]) -> Cast:
     )
 
 
-async def tallies(conn: asyncpg.Connection, poll: Poll) -> TallyRow:
+async def tallies(db: asyncpg.Connection, poll: Poll) -> TallyRow:
     """The poll's live tallies, after checking them against a recount."""
-    counters = await conn.fetchrow(
+    counters = await db.fetchrow(
         "SELECT version, total_ballots FROM poll_counters WHERE poll_id = $1", poll.id
     )
     live = {
         str(row["option_id"]): row["votes"]
-        for row in await conn.fetch(
+        for row in await db.fetch(
             "SELECT option_id, votes FROM tallies WHERE poll_id = $1", poll.id
         )
     }
     recount = [
         (str(row["option_id"]), row["votes"])
-        for row in await conn.fetch("SELECT * FROM poll_recount($1)", poll.id)
+        for row in await db.fetch("SELECT * FROM poll_recount($1)", poll.id)
     ]
     assert recount == [(o, live[o]) for o in poll.options]
-    assert counters["total_ballots"] == await conn.fetchval(
+    assert counters["total_ballots"] == await db.fetchval(
         "SELECT poll_recount_ballots($1)", poll.id
     )
     # Single-vote polls: the counted votes are exactly the voters' current ballots.
-    if not await conn.fetchval("SELECT allow_multiple_votes FROM polls WHERE id = $1", poll.id):
-        current = await conn.fetch(
+    if not await db.fetchval("SELECT allow_multiple_votes FROM polls WHERE id = $1", poll.id):
+        current = await db.fetch(
             "SELECT vote_id, voter, option_ids FROM voter_ballots WHERE poll_id = $1", poll.id
         )
-        counted = await conn.fetch(
+        counted = await db.fetch(
             "SELECT vote_id, voter, option_ids FROM votes WHERE poll_id = $1 AND counted",
             poll.id,
         )
@@ -159,9 +150,9 @@ async def tallies(conn: asyncpg.Connection, poll: Poll) -> TallyRow:
     )
 
 
-async def recorded(conn: asyncpg.Connection, poll: Poll) -> dict[str, bool]:
+async def recorded(db: asyncpg.Connection, poll: Poll) -> dict[str, bool]:
     """vote_id -> counted, for every vote recorded for the poll."""
-    rows = await conn.fetch("SELECT vote_id, counted FROM votes WHERE poll_id = $1", poll.id)
+    rows = await db.fetch("SELECT vote_id, counted FROM votes WHERE poll_id = $1", poll.id)
     return {str(row["vote_id"]): row["counted"] for row in rows}
 
 
@@ -197,41 +188,41 @@ def predict(votes: Iterable[Vote], *, single: bool, options: list[str]) -> tuple
 # -- Rule 4 and the shape of the result ------------------------------------
 
 
-async def test_ballot_adds_one_to_each_of_its_options(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn, 4, max_choices=3)
+async def test_ballot_adds_one_to_each_of_its_options(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db, 4, max_choices=3)
     result = await cast(
-        conn,
+        db,
         [ballot(poll, "u:ann", [0, 2], T0), ballot(poll, "u:bob", [0, 1, 3], T0 + 1)],
     )
     assert result.outcomes == ["counted", "counted"]
     expected = TallyRow(1, 2, [2, 1, 1, 1], poll.options)
     assert result.tallies == {poll.id: expected}
-    assert await tallies(conn, poll) == expected
+    assert await tallies(db, poll) == expected
 
 
-async def test_total_ballots_counts_ballots_not_options(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn, 3, max_choices=2)
-    await cast(conn, [ballot(poll, "u:ann", [0, 1], T0)])
+async def test_total_ballots_counts_ballots_not_options(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db, 3, max_choices=2)
+    await cast(db, [ballot(poll, "u:ann", [0, 1], T0)])
     # ann's new ballot takes an option away, bob's adds it back: the option
     # counts end where they were, but there is one more ballot.
     result = await cast(
-        conn, [ballot(poll, "u:ann", [1], T0 + 1), ballot(poll, "u:bob", [0], T0 + 2)]
+        db, [ballot(poll, "u:ann", [1], T0 + 1), ballot(poll, "u:bob", [0], T0 + 2)]
     )
     assert result.outcomes == ["counted", "counted"]
     assert result.tallies[poll.id] == TallyRow(2, 2, [1, 1, 0], poll.options)
-    assert await tallies(conn, poll) == result.tallies[poll.id]
+    assert await tallies(db, poll) == result.tallies[poll.id]
 
 
-async def test_empty_batch_returns_nothing(conn: asyncpg.Connection) -> None:
-    assert await conn.fetch("SELECT * FROM cast_vote_atomic($1::vote_in[])", []) == []
+async def test_empty_batch_returns_nothing(db: asyncpg.Connection) -> None:
+    assert await db.fetch("SELECT * FROM cast_vote_atomic($1::vote_in[])", []) == []
 
 
-async def test_received_us_is_converted_exactly(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn)
+async def test_received_us_is_converted_exactly(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db)
     received_us = 1_754_321_987_654_321
     vote = ballot(poll, "u:ann", [0], received_us)
-    await cast(conn, [vote])
-    received_at = await conn.fetchval(
+    await cast(db, [vote])
+    received_at = await db.fetchval(
         "SELECT received_at FROM votes WHERE vote_id = $1", uuid.UUID(vote[0])
     )
     assert received_at == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=received_us)
@@ -240,100 +231,100 @@ async def test_received_us_is_converted_exactly(conn: asyncpg.Connection) -> Non
 # -- Rule 1: single-vote polls ---------------------------------------------
 
 
-async def test_later_ballot_replaces_earlier_and_moves_tallies(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn, 4, max_choices=2)
+async def test_later_ballot_replaces_earlier_and_moves_tallies(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db, 4, max_choices=2)
     first = ballot(poll, "u:ann", [0, 1], T0)
     bob = ballot(poll, "u:bob", [1], T0 + 5)
-    await cast(conn, [first, bob])
-    assert (await tallies(conn, poll)).votes == [1, 2, 0, 0]
+    await cast(db, [first, bob])
+    assert (await tallies(db, poll)).votes == [1, 2, 0, 0]
 
     later = ballot(poll, "u:ann", [2], T0 + SECOND)
-    result = await cast(conn, [later])
+    result = await cast(db, [later])
     assert result.outcomes == ["counted"]
     assert result.tallies[poll.id] == TallyRow(2, 2, [0, 1, 1, 0], poll.options)
-    assert await tallies(conn, poll) == result.tallies[poll.id]
+    assert await tallies(db, poll) == result.tallies[poll.id]
     # Both of ann's ballots stay recorded; only the later one counts.
-    assert await recorded(conn, poll) == {first[0]: False, later[0]: True, bob[0]: True}
+    assert await recorded(db, poll) == {first[0]: False, later[0]: True, bob[0]: True}
 
 
-async def test_later_ballot_in_same_batch_replaces_earlier(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn)
+async def test_later_ballot_in_same_batch_replaces_earlier(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db)
     early, middle, late = (ballot(poll, "u:ann", [i], T0 + i) for i in range(3))
     # Input order is not time order: received_at decides.
-    result = await cast(conn, [late, early, middle])
+    result = await cast(db, [late, early, middle])
     assert result.outcomes == ["counted", "replaced", "replaced"]
-    assert (await tallies(conn, poll)).votes == [0, 0, 1, 0]
-    assert await recorded(conn, poll) == {late[0]: True, early[0]: False, middle[0]: False}
+    assert (await tallies(db, poll)).votes == [0, 0, 1, 0]
+    assert await recorded(db, poll) == {late[0]: True, early[0]: False, middle[0]: False}
 
 
 async def test_earlier_ballot_committed_after_later_one_is_replaced(
-    conn: asyncpg.Connection,
+    db: asyncpg.Connection,
 ) -> None:
-    poll = await create_poll(conn)
+    poll = await create_poll(db)
     later = ballot(poll, "u:ann", [1], T0 + SECOND)
     earlier = ballot(poll, "u:ann", [0], T0)
-    await cast(conn, [later])
-    result = await cast(conn, [earlier])
+    await cast(db, [later])
+    result = await cast(db, [earlier])
     assert result.outcomes == ["replaced"]
     assert result.tallies[poll.id] == TallyRow(1, 1, [0, 1, 0, 0], poll.options)
-    assert await recorded(conn, poll) == {later[0]: True, earlier[0]: False}
+    assert await recorded(db, poll) == {later[0]: True, earlier[0]: False}
 
 
-async def test_late_replay_of_replaced_ballot_does_not_count(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn)
+async def test_late_replay_of_replaced_ballot_does_not_count(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db)
     earlier = ballot(poll, "u:ann", [0], T0)
     later = ballot(poll, "u:ann", [1], T0 + SECOND)
-    await cast(conn, [earlier])
-    await cast(conn, [later])
+    await cast(db, [earlier])
+    await cast(db, [later])
     # The first batch is delivered again after ann replaced her ballot.
-    result = await cast(conn, [earlier])
+    result = await cast(db, [earlier])
     assert result.outcomes == ["duplicate"]
     assert result.tallies[poll.id] == TallyRow(2, 1, [0, 1, 0, 0], poll.options)
-    assert await tallies(conn, poll) == result.tallies[poll.id]
-    assert await recorded(conn, poll) == {earlier[0]: False, later[0]: True}
+    assert await tallies(db, poll) == result.tallies[poll.id]
+    assert await recorded(db, poll) == {earlier[0]: False, later[0]: True}
 
 
 async def test_resent_ballot_does_not_hide_a_later_one_in_the_same_batch(
-    conn: asyncpg.Connection,
+    db: asyncpg.Connection,
 ) -> None:
-    poll = await create_poll(conn)
+    poll = await create_poll(db)
     first = ballot(poll, "u:ann", [0], T0)
-    await cast(conn, [first])
+    await cast(db, [first])
     # ann votes again, then her client resends the first vote_id, which the
     # edge stamped later: both reach the workers in one batch.
     later = ballot(poll, "u:ann", [1], T0 + SECOND)
     resent = ballot(poll, "u:ann", [0], T0 + 2 * SECOND, vote_id=first[0])
-    result = await cast(conn, [later, resent])
+    result = await cast(db, [later, resent])
     assert result.outcomes == ["counted", "duplicate"]
-    assert await tallies(conn, poll) == TallyRow(2, 1, [0, 1, 0, 0], poll.options)
-    assert await recorded(conn, poll) == {first[0]: False, later[0]: True}
+    assert await tallies(db, poll) == TallyRow(2, 1, [0, 1, 0, 0], poll.options)
+    assert await recorded(db, poll) == {first[0]: False, later[0]: True}
 
 
-async def test_equal_received_at_is_decided_by_vote_id_order(conn: asyncpg.Connection) -> None:
+async def test_equal_received_at_is_decided_by_vote_id_order(db: asyncpg.Connection) -> None:
     ids = sorted((uuid.uuid4() for _ in range(2)), key=lambda u: u.int)
     low, high = str(ids[0]), str(ids[1])
     for order in ((low, high), (high, low)):
-        poll = await create_poll(conn)
+        poll = await create_poll(db)
         votes = {
             low: ballot(poll, "u:ann", [0], T0, vote_id=low),
             high: ballot(poll, "u:ann", [1], T0, vote_id=high),
         }
         for vote_id in order:  # one batch each, in this order
-            await cast(conn, [votes[vote_id]])
-        assert (await tallies(conn, poll)).votes == [0, 1, 0, 0]
+            await cast(db, [votes[vote_id]])
+        assert (await tallies(db, poll)).votes == [0, 1, 0, 0]
         # and both in one batch, in this order
-        poll = await create_poll(conn)
+        poll = await create_poll(db)
         result = await cast(
-            conn,
+            db,
             [ballot(poll, "u:ann", [0 if v == low else 1], T0, vote_id=v) for v in order],
         )
         assert result.outcomes == (
             ["replaced", "counted"] if order[0] == low else ["counted", "replaced"]
         )
-        assert (await tallies(conn, poll)).votes == [0, 1, 0, 0]
+        assert (await tallies(db, poll)).votes == [0, 1, 0, 0]
 
 
-async def test_result_is_independent_of_commit_order(conn: asyncpg.Connection) -> None:
+async def test_result_is_independent_of_commit_order(db: asyncpg.Connection) -> None:
     rng = random.Random(20240601)
     # Ballots as (vote_id, voter, option positions, received_us), shared by all
     # the polls below so that every poll sees the same ballots.
@@ -352,12 +343,12 @@ async def test_result_is_independent_of_commit_order(conn: asyncpg.Connection) -
     for multiple in (False, True):
         finals = set()
         for order in itertools.permutations(range(4)):
-            poll = await create_poll(conn, 4, multiple=multiple, max_choices=2)
+            poll = await create_poll(db, 4, multiple=multiple, max_choices=2)
             for index in order:
                 votes = [ballot(poll, v, p, t, vote_id=i) for i, v, p, t in batches[index]]
-                await cast(conn, votes)
-            final = await tallies(conn, poll)
-            current = await conn.fetch(
+                await cast(db, votes)
+            final = await tallies(db, poll)
+            current = await db.fetch(
                 "SELECT voter, vote_id FROM voter_ballots WHERE poll_id = $1 ORDER BY voter",
                 poll.id,
             )
@@ -374,10 +365,10 @@ async def test_result_is_independent_of_commit_order(conn: asyncpg.Connection) -
 # -- Rules 2 and 3 ------------------------------------------------------------
 
 
-async def test_multiple_vote_poll_counts_every_distinct_vote(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn, 3, multiple=True, max_choices=2)
+async def test_multiple_vote_poll_counts_every_distinct_vote(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db, 3, multiple=True, max_choices=2)
     result = await cast(
-        conn,
+        db,
         [
             ballot(poll, "u:ann", [0], T0 + 2),
             ballot(poll, "u:ann", [0, 1], T0 + 1),
@@ -385,110 +376,110 @@ async def test_multiple_vote_poll_counts_every_distinct_vote(conn: asyncpg.Conne
         ],
     )
     assert result.outcomes == ["counted"] * 3
-    result = await cast(conn, [ballot(poll, "u:ann", [0], T0)])  # earlier, still counts
+    result = await cast(db, [ballot(poll, "u:ann", [0], T0)])  # earlier, still counts
     assert result.outcomes == ["counted"]
-    assert await tallies(conn, poll) == TallyRow(2, 4, [3, 1, 1], poll.options)
+    assert await tallies(db, poll) == TallyRow(2, 4, [3, 1, 1], poll.options)
 
 
-async def test_same_vote_id_twice_counts_once_single_and_multi(conn: asyncpg.Connection) -> None:
+async def test_same_vote_id_twice_counts_once_single_and_multi(db: asyncpg.Connection) -> None:
     for multiple in (False, True):
-        poll = await create_poll(conn, multiple=multiple)
+        poll = await create_poll(db, multiple=multiple)
         vote = ballot(poll, "u:ann", [0], T0)
         other = ballot(poll, "u:bob", [1], T0)
         # Twice in one batch: the first counts.
-        result = await cast(conn, [vote, other, vote])
+        result = await cast(db, [vote, other, vote])
         assert result.outcomes == ["counted", "counted", "duplicate"]
         # Again in a later batch, even with other content: changes nothing.
-        result = await cast(conn, [vote, (vote[0], poll.id, "u:ann", [poll.options[2]], T0 + 9)])
+        result = await cast(db, [vote, (vote[0], poll.id, "u:ann", [poll.options[2]], T0 + 9)])
         assert result.outcomes == ["duplicate", "duplicate"]
-        assert await tallies(conn, poll) == TallyRow(1, 2, [1, 1, 0, 0], poll.options)
-        assert await conn.fetchval("SELECT count(*) FROM votes WHERE poll_id = $1", poll.id) == 2
+        assert await tallies(db, poll) == TallyRow(1, 2, [1, 1, 0, 0], poll.options)
+        assert await db.fetchval("SELECT count(*) FROM votes WHERE poll_id = $1", poll.id) == 2
 
 
-async def test_same_vote_id_in_another_poll_is_another_vote(conn: asyncpg.Connection) -> None:
-    one, two = await create_poll(conn), await create_poll(conn)
+async def test_same_vote_id_in_another_poll_is_another_vote(db: asyncpg.Connection) -> None:
+    one, two = await create_poll(db), await create_poll(db)
     vote_id = str(uuid.uuid4())
     result = await cast(
-        conn,
+        db,
         [
             ballot(one, "u:ann", [0], T0, vote_id=vote_id),
             ballot(two, "u:ann", [1], T0, vote_id=vote_id),
         ],
     )
     assert result.outcomes == ["counted", "counted"]
-    assert (await tallies(conn, one)).votes == [1, 0, 0, 0]
-    assert (await tallies(conn, two)).votes == [0, 1, 0, 0]
+    assert (await tallies(db, one)).votes == [1, 0, 0, 0]
+    assert (await tallies(db, two)).votes == [0, 1, 0, 0]
 
 
 # -- Closing and expiry --------------------------------------------------------
 
 
-async def close_now(conn: asyncpg.Connection, poll: Any) -> int:
+async def close_now(db: asyncpg.Connection, poll: Any) -> int:
     """Close the poll now; returns its close time in microseconds."""
-    assert await conn.fetchval("SELECT close_poll($1, now())", poll.id) is True
-    return to_us(await conn.fetchval("SELECT closed_at FROM polls WHERE id = $1", poll.id))
+    assert await db.fetchval("SELECT close_poll($1, now())", poll.id) is True
+    return to_us(await db.fetchval("SELECT closed_at FROM polls WHERE id = $1", poll.id))
 
 
-async def test_vote_received_before_close_counts_after_close(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn)
-    closed_us = await close_now(conn, poll)
+async def test_vote_received_before_close_counts_after_close(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db)
+    closed_us = await close_now(db, poll)
     # Received before the close (and exactly at it), written after it.
     result = await cast(
-        conn,
+        db,
         [ballot(poll, "u:ann", [0], closed_us - SECOND), ballot(poll, "u:bob", [1], closed_us)],
     )
     assert result.outcomes == ["counted", "counted"]
-    assert await tallies(conn, poll) == TallyRow(1, 2, [1, 1, 0, 0], poll.options)
+    assert await tallies(db, poll) == TallyRow(1, 2, [1, 1, 0, 0], poll.options)
 
 
-async def test_vote_received_after_close_is_recorded_not_counted(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn)
+async def test_vote_received_after_close_is_recorded_not_counted(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db)
     before = ballot(poll, "u:ann", [0], T0)
-    await cast(conn, [before])
-    closed_us = await close_now(conn, poll)
+    await cast(db, [before])
+    closed_us = await close_now(db, poll)
     # ann's later ballot does not replace her counted one; carl is not counted.
     late = [
         ballot(poll, "u:ann", [1], closed_us + 1),
         ballot(poll, "u:carl", [2], closed_us + SECOND),
     ]
-    result = await cast(conn, late)
+    result = await cast(db, late)
     assert result.outcomes == ["closed", "closed"]
     assert result.tallies[poll.id] == TallyRow(1, 1, [1, 0, 0, 0], poll.options)
-    assert await tallies(conn, poll) == result.tallies[poll.id]
-    assert await recorded(conn, poll) == {before[0]: True, late[0][0]: False, late[1][0]: False}
-    assert (await cast(conn, late)).outcomes == ["duplicate", "duplicate"]
+    assert await tallies(db, poll) == result.tallies[poll.id]
+    assert await recorded(db, poll) == {before[0]: True, late[0][0]: False, late[1][0]: False}
+    assert (await cast(db, late)).outcomes == ["duplicate", "duplicate"]
 
 
 async def test_close_waits_for_batches_in_flight_and_takes_effect_after_them(
-    conn: asyncpg.Connection, database_url: str
+    db: asyncpg.Connection, database_url: str
 ) -> None:
     """A batch that read the poll open commits first; the close time is then
     no earlier than that commit, so every vote it counted was received before."""
-    poll = await create_poll(conn)
+    poll = await create_poll(db)
     other = await asyncpg.connect(database_url)
     try:
-        async with conn.transaction():
-            in_flight = await cast(conn, [ballot(poll, "u:ann", [0], to_us(datetime.now(UTC)))])
+        async with db.transaction():
+            in_flight = await cast(db, [ballot(poll, "u:ann", [0], to_us(datetime.now(UTC)))])
             assert in_flight.outcomes == ["counted"]
             closing = asyncio.ensure_future(
                 other.fetchval("SELECT close_poll($1, $2)", poll.id, datetime.now(UTC))
             )
             await asyncio.sleep(0.3)
             assert not closing.done()  # waiting for the batch to commit
-            committed_before = await conn.fetchval("SELECT clock_timestamp()")
+            committed_before = await db.fetchval("SELECT clock_timestamp()")
         assert await asyncio.wait_for(closing, 10) is True
     finally:
         await other.close()
-    closed_at = await conn.fetchval("SELECT closed_at FROM polls WHERE id = $1", poll.id)
+    closed_at = await db.fetchval("SELECT closed_at FROM polls WHERE id = $1", poll.id)
     assert closed_at >= committed_before
 
 
-async def test_vote_received_at_or_after_expiry_is_not_counted(conn: asyncpg.Connection) -> None:
+async def test_vote_received_at_or_after_expiry_is_not_counted(db: asyncpg.Connection) -> None:
     expires_at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=T0 + SECOND)
     for multiple in (False, True):
-        poll = await create_poll(conn, multiple=multiple, expires_at=expires_at)
+        poll = await create_poll(db, multiple=multiple, expires_at=expires_at)
         result = await cast(
-            conn,
+            db,
             [
                 ballot(poll, "u:ann", [0], T0 + SECOND - 1),
                 ballot(poll, "u:bob", [1], T0 + SECOND),
@@ -496,26 +487,26 @@ async def test_vote_received_at_or_after_expiry_is_not_counted(conn: asyncpg.Con
             ],
         )
         assert result.outcomes == ["counted", "closed", "closed"]
-        assert await tallies(conn, poll) == TallyRow(1, 1, [1, 0, 0, 0], poll.options)
-        assert len(await recorded(conn, poll)) == 3
+        assert await tallies(db, poll) == TallyRow(1, 1, [1, 0, 0, 0], poll.options)
+        assert len(await recorded(db, poll)) == 3
 
 
-async def test_close_poll_keeps_the_first_close_time(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn)
-    first = await close_now(conn, poll)
+async def test_close_poll_keeps_the_first_close_time(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db)
+    first = await close_now(db, poll)
     later = datetime.now(UTC) + timedelta(hours=1)
-    assert await conn.fetchval("SELECT close_poll($1, $2)", poll.id, later) is True
-    closed_at = await conn.fetchval("SELECT closed_at FROM polls WHERE id = $1", poll.id)
+    assert await db.fetchval("SELECT close_poll($1, $2)", poll.id, later) is True
+    closed_at = await db.fetchval("SELECT closed_at FROM polls WHERE id = $1", poll.id)
     assert to_us(closed_at) == first
-    assert await conn.fetchval("SELECT close_poll($1, now())", uuid.uuid4()) is False
+    assert await db.fetchval("SELECT close_poll($1, now())", uuid.uuid4()) is False
 
 
 # -- Rejected votes ------------------------------------------------------------
 
 
-async def test_invalid_ballots_are_rejected_and_record_nothing(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn, 3, max_choices=2)
-    other = await create_poll(conn, 3, max_choices=2)
+async def test_invalid_ballots_are_rejected_and_record_nothing(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db, 3, max_choices=2)
+    other = await create_poll(db, 3, max_choices=2)
     a, b, c = poll.options
 
     def vote(voter: Any, option_ids: Any, received_us: Any = T0) -> Vote:
@@ -538,41 +529,41 @@ async def test_invalid_ballots_are_rejected_and_record_nothing(conn: asyncpg.Con
         "null vote_id": (None, poll.id, "u:ann", [a], T0),
     }
     valid = vote("u:" + "x" * 128, [b, a])  # "u:" and a 128-character id, 2 options: fine
-    result = await cast(conn, [*invalid.values(), valid])
+    result = await cast(db, [*invalid.values(), valid])
     assert dict(zip(invalid, result.outcomes, strict=False)) == dict.fromkeys(invalid, "invalid")
     assert result.outcomes[-1] == "counted"
-    assert await recorded(conn, poll) == {valid[0]: True}
-    assert await conn.fetchval("SELECT count(*) FROM voter_ballots") == 1
-    assert await tallies(conn, poll) == TallyRow(1, 1, [1, 1, 0], poll.options)
+    assert await recorded(db, poll) == {valid[0]: True}
+    assert await db.fetchval("SELECT count(*) FROM voter_ballots") == 1
+    assert await tallies(db, poll) == TallyRow(1, 1, [1, 1, 0], poll.options)
 
     # A batch of invalid votes only: nothing changes, the tallies still come back.
-    result = await cast(conn, list(invalid.values())[:3])
+    result = await cast(db, list(invalid.values())[:3])
     assert result.outcomes == ["invalid"] * 3
     assert result.tallies == {poll.id: TallyRow(1, 1, [1, 1, 0], poll.options)}
 
 
-async def test_unknown_poll(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn)
+async def test_unknown_poll(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db)
     missing = str(uuid.uuid4())
     stray = (str(uuid.uuid4()), missing, "u:ann", [poll.options[0]], T0)
-    result = await cast(conn, [stray, ballot(poll, "u:ann", [0], T0)])
+    result = await cast(db, [stray, ballot(poll, "u:ann", [0], T0)])
     assert result.outcomes == ["unknown_poll", "counted"]
     assert set(result.tallies) == {poll.id}  # no tally row for a poll that does not exist
-    assert await conn.fetchval("SELECT count(*) FROM votes WHERE poll_id = $1", missing) == 0
-    assert (await cast(conn, [stray])).tallies == {}
-    assert await tallies(conn, poll) == TallyRow(1, 1, [1, 0, 0, 0], poll.options)
+    assert await db.fetchval("SELECT count(*) FROM votes WHERE poll_id = $1", missing) == 0
+    assert (await cast(db, [stray])).tallies == {}
+    assert await tallies(db, poll) == TallyRow(1, 1, [1, 0, 0, 0], poll.options)
 
 
 # -- Rule 5: version -----------------------------------------------------------
 
 
-async def test_version_increases_only_when_tallies_change(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn)
-    assert (await tallies(conn, poll)).version == 0
+async def test_version_increases_only_when_tallies_change(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db)
+    assert (await tallies(db, poll)).version == 0
 
     async def version_after(votes: list[Vote]) -> int:
-        result = await cast(conn, votes)
-        assert result.tallies[poll.id] == await tallies(conn, poll)
+        result = await cast(db, votes)
+        assert result.tallies[poll.id] == await tallies(db, poll)
         return result.tallies[poll.id].version
 
     first = [ballot(poll, "u:ann", [0], T0), ballot(poll, "u:bob", [0], T0)]
@@ -583,15 +574,15 @@ async def test_version_increases_only_when_tallies_change(conn: asyncpg.Connecti
     assert await version_after([(str(uuid.uuid4()), poll.id, "", [poll.options[0]], T0)]) == 1
     assert await version_after([ballot(poll, "u:ann", [1], T0 + 2)]) == 2  # moved
     assert await version_after([ballot(poll, "u:carl", [3], T0)]) == 3  # new ballot
-    assert (await tallies(conn, poll)).votes == [1, 1, 0, 1]
+    assert (await tallies(db, poll)).votes == [1, 1, 0, 1]
 
 
-async def test_tally_rows_cover_every_named_poll(conn: asyncpg.Connection) -> None:
-    one, two = await create_poll(conn), await create_poll(conn, 2, multiple=True)
-    await cast(conn, [ballot(one, "u:ann", [0], T0)])
+async def test_tally_rows_cover_every_named_poll(db: asyncpg.Connection) -> None:
+    one, two = await create_poll(db), await create_poll(db, 2, multiple=True)
+    await cast(db, [ballot(one, "u:ann", [0], T0)])
     # two is named only by an invalid vote: its (unchanged) tallies come back too.
     result = await cast(
-        conn, [ballot(one, "u:bob", [1], T0), (str(uuid.uuid4()), two.id, "u:x", [], T0)]
+        db, [ballot(one, "u:bob", [1], T0), (str(uuid.uuid4()), two.id, "u:x", [], T0)]
     )
     assert result.tallies == {
         one.id: TallyRow(2, 2, [1, 1, 0, 0], one.options),
@@ -617,37 +608,37 @@ async def test_tally_rows_cover_every_named_poll(conn: asyncpg.Connection) -> No
     ],
 )
 async def test_create_poll_rejects_bad_input(
-    conn: asyncpg.Connection, question: str, labels: list[str | None], max_choices: int
+    db: asyncpg.Connection, question: str, labels: list[str | None], max_choices: int
 ) -> None:
     with pytest.raises(asyncpg.InvalidParameterValueError):
-        await conn.fetchval(
+        await db.fetchval(
             "SELECT create_poll($1, $2, false, $3, NULL)", question, labels, max_choices
         )
-    assert await conn.fetchval("SELECT count(*) FROM polls") == 0
+    assert await db.fetchval("SELECT count(*) FROM polls") == 0
 
 
-async def test_create_poll_creates_options_tallies_and_counters(conn: asyncpg.Connection) -> None:
-    poll = await create_poll(conn, 64, multiple=True, max_choices=64)
+async def test_create_poll_creates_options_tallies_and_counters(db: asyncpg.Connection) -> None:
+    poll = await create_poll(db, 64, multiple=True, max_choices=64)
     labels = [
         row["label"]
-        for row in await conn.fetch(
+        for row in await db.fetch(
             "SELECT label FROM options WHERE poll_id = $1 ORDER BY position", poll.id
         )
     ]
     assert labels == [f"option {i}" for i in range(1, 65)]
-    assert await tallies(conn, poll) == TallyRow(0, 0, [0] * 64, poll.options)
+    assert await tallies(db, poll) == TallyRow(0, 0, [0] * 64, poll.options)
 
 
 # -- Concurrency -----------------------------------------------------------------
 
 
 async def test_concurrent_batches_on_same_voters_never_deadlock_or_double_count(
-    database_url: str, conn: asyncpg.Connection
+    database_url: str, db: asyncpg.Connection
 ) -> None:
     rng = random.Random(7)
-    hot = await create_poll(conn, 4, max_choices=2)
-    single = await create_poll(conn, 3)
-    multi = await create_poll(conn, 4, multiple=True, max_choices=2)
+    hot = await create_poll(db, 4, max_choices=2)
+    single = await create_poll(db, 3)
+    multi = await create_poll(db, 4, multiple=True, max_choices=2)
     polls = [hot, hot, hot, single, multi]
     voters = [f"u:{n}" for n in range(40)]
     pool: list[Vote] = []
@@ -695,9 +686,9 @@ async def test_concurrent_batches_on_same_voters_never_deadlock_or_double_count(
     for vote_id, seen in outcomes.items():
         assert len(seen) - seen.count("duplicate") == 1, (vote_id, seen)
         assert set(seen) <= {"counted", "replaced", "duplicate"}
-    assert await conn.fetchval("SELECT count(*) FROM votes") == len(outcomes)
+    assert await db.fetchval("SELECT count(*) FROM votes") == len(outcomes)
     for poll in (hot, single, multi):
-        final = await tallies(conn, poll)
+        final = await tallies(db, poll)
         assert (final.votes, final.total_ballots) == predict(
             [v for v in sent if v[1] == poll.id],
             single=poll is not multi,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,15 +77,6 @@ $$;
 """
 
 
-@pytest.fixture
-async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
-
-
 # -- The Citus setup files against the schema --------------------------------
 
 
@@ -101,23 +92,23 @@ class Layout:
     # regprocedure text -> (distribution argument, colocate_with)
 
 
-async def apply_citus_files(conn: asyncpg.Connection, files: Sequence[Path]) -> Layout:
+async def apply_citus_files(db: asyncpg.Connection, files: Sequence[Path]) -> Layout:
     """Run the files against the stand-ins; what they asked for."""
-    await conn.execute(STUBS)
-    await conn.execute("SET search_path = citus_stub, public")
+    await db.execute(STUBS)
+    await db.execute("SET search_path = citus_stub, public")
     for path in files:
-        await conn.execute(path.read_text(encoding="utf-8"))
-    await conn.execute("RESET search_path")
+        await db.execute(path.read_text(encoding="utf-8"))
+    await db.execute("RESET search_path")
     layout = Layout()
-    rows = await conn.fetch(
+    rows = await db.fetch(
         "SELECT kind, object, arg, colocate_with, method FROM citus_stub.calls ORDER BY ord"
     )
     for row in rows:
         if row["kind"] == "function":
-            name = await conn.fetchval("SELECT $1::oid::regprocedure::text", row["object"])
+            name = await db.fetchval("SELECT $1::oid::regprocedure::text", row["object"])
             layout.functions[name] = (row["arg"], row["colocate_with"])
             continue
-        name = await conn.fetchval("SELECT relname FROM pg_class WHERE oid = $1", row["object"])
+        name = await db.fetchval("SELECT relname FROM pg_class WHERE oid = $1", row["object"])
         layout.tables.append(name)
         if row["kind"] == "reference":
             layout.reference.add(name)
@@ -128,9 +119,9 @@ async def apply_citus_files(conn: asyncpg.Connection, files: Sequence[Path]) -> 
     return layout
 
 
-async def schema_tables(conn: asyncpg.Connection) -> set[str]:
+async def schema_tables(db: asyncpg.Connection) -> set[str]:
     """Tables of voteflow's schema; a partition goes with its parent."""
-    rows = await conn.fetch(
+    rows = await db.fetch(
         "SELECT relname FROM pg_class"
         " WHERE relnamespace = current_schema()::text::regnamespace"
         "   AND relkind IN ('r', 'p') AND NOT relispartition"
@@ -138,8 +129,8 @@ async def schema_tables(conn: asyncpg.Connection) -> set[str]:
     return {row["relname"] for row in rows}
 
 
-async def column_type(conn: asyncpg.Connection, table: str, column: str) -> str | None:
-    value: str | None = await conn.fetchval(
+async def column_type(db: asyncpg.Connection, table: str, column: str) -> str | None:
+    value: str | None = await db.fetchval(
         "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
         " WHERE attrelid = $1::regclass AND attname = $2 AND attnum > 0 AND NOT attisdropped",
         table,
@@ -148,10 +139,10 @@ async def column_type(conn: asyncpg.Connection, table: str, column: str) -> str 
     return value
 
 
-async def problems(conn: asyncpg.Connection, layout: Layout) -> list[str]:
+async def problems(db: asyncpg.Connection, layout: Layout) -> list[str]:
     """Every way the schema and sql/citus/ break Citus's rules; empty if none."""
     found: list[str] = []
-    tables = await schema_tables(conn)
+    tables = await schema_tables(db)
 
     # Every table is placed exactly once, but voteflow.migrate's own.
     for name in sorted(tables - COORDINATOR_ONLY):
@@ -175,7 +166,7 @@ async def problems(conn: asyncpg.Connection, layout: Layout) -> list[str]:
             found.append(f"{name} is co-located with {target!r}, not with a table placed before")
         group.append(name)
     types = {
-        name: await column_type(conn, name, column) for name, column in layout.distributed.items()
+        name: await column_type(db, name, column) for name, column in layout.distributed.items()
     }
     for name, column in layout.distributed.items():
         if types[name] is None:
@@ -186,7 +177,7 @@ async def problems(conn: asyncpg.Connection, layout: Layout) -> list[str]:
     # A distributed table's unique keys (its partitions' too) include its
     # distribution column; a reference table cannot be partitioned.
     for name, column in layout.distributed.items():
-        rows = await conn.fetch(
+        rows = await db.fetch(
             "SELECT i.indexrelid::regclass::text AS index, c.relname AS rel,"
             "       a.attnum = ANY (i.indkey) AS has_column"
             " FROM pg_class AS c"
@@ -201,13 +192,13 @@ async def problems(conn: asyncpg.Connection, layout: Layout) -> list[str]:
             if not row["has_column"]:
                 found.append(f"unique index {row['index']} of {row['rel']} lacks {column}")
     for name in layout.reference:
-        if await conn.fetchval("SELECT relkind = 'p' FROM pg_class WHERE relname = $1", name):
+        if await db.fetchval("SELECT relkind = 'p' FROM pg_class WHERE relname = $1", name):
             found.append(f"{name} is partitioned: Citus can only hash-distribute it")
 
     # Foreign keys: between distributed tables, on the distribution column at
     # the same place on both sides (co-location is checked above); none from
     # a reference table to a distributed one; the target placed first.
-    rows = await conn.fetch(
+    rows = await db.fetch(
         "SELECT conname, conrelid::regclass::text AS child, confrelid::regclass::text AS parent,"
         "       ARRAY(SELECT attname FROM unnest(conkey) WITH ORDINALITY AS k(n, i)"
         "             JOIN pg_attribute ON attrelid = conrelid AND attnum = k.n ORDER BY k.i)"
@@ -246,7 +237,7 @@ async def problems(conn: asyncpg.Connection, layout: Layout) -> list[str]:
         if colocate_with not in layout.distributed:
             found.append(f"{signature} is co-located with {colocate_with!r}: no distributed table")
             continue
-        arg_type = await conn.fetchval(
+        arg_type = await db.fetchval(
             "SELECT format_type(t, NULL)"
             " FROM pg_proc,"
             "      unnest(proargnames, coalesce(proallargtypes, proargtypes::oid[])) AS a(name, t)"
@@ -260,13 +251,13 @@ async def problems(conn: asyncpg.Connection, layout: Layout) -> list[str]:
             found.append(f"{signature}: {arg} is {arg_type}, {colocate_with}'s column is not")
     schema_functions = {
         row["proname"]
-        for row in await conn.fetch(
+        for row in await db.fetch(
             "SELECT proname FROM pg_proc WHERE pronamespace = current_schema()::text::regnamespace"
         )
     }
     distributed_names = {signature.split("(")[0] for signature in layout.functions}
     for signature in layout.functions:
-        source = await conn.fetchval(
+        source = await db.fetchval(
             "SELECT prosrc FROM pg_proc WHERE oid = $1::regprocedure", signature
         )
         for called in sorted(set(re.findall(r"\b([a-z_][a-z0-9_]*)\s*\(", source))):
@@ -279,62 +270,58 @@ async def test_citus_files_exist() -> None:
     assert [path.name for path in CITUS_FILES] == ["0001_tables.sql", "0002_functions.sql"]
 
 
-async def test_schema_follows_citus_rules(conn: asyncpg.Connection) -> None:
-    layout = await apply_citus_files(conn, CITUS_FILES)
-    assert await problems(conn, layout) == []
+async def test_schema_follows_citus_rules(db: asyncpg.Connection) -> None:
+    layout = await apply_citus_files(db, CITUS_FILES)
+    assert await problems(db, layout) == []
     # What the worker's Citus path relies on.
     assert layout.functions["cast_poll_votes(uuid,vote_in[])"] == ("p_poll_id", "votes")
 
 
-async def test_a_table_left_out_of_the_citus_files_is_found(conn: asyncpg.Connection) -> None:
-    await conn.execute("CREATE TABLE poll_notes (poll_id uuid PRIMARY KEY, note text)")
-    layout = await apply_citus_files(conn, CITUS_FILES)
-    assert await problems(conn, layout) == ["table poll_notes is named 0 times in sql/citus/"]
+async def test_a_table_left_out_of_the_citus_files_is_found(db: asyncpg.Connection) -> None:
+    await db.execute("CREATE TABLE poll_notes (poll_id uuid PRIMARY KEY, note text)")
+    layout = await apply_citus_files(db, CITUS_FILES)
+    assert await problems(db, layout) == ["table poll_notes is named 0 times in sql/citus/"]
 
 
-async def test_a_unique_key_without_the_poll_is_found(conn: asyncpg.Connection) -> None:
-    await conn.execute("CREATE UNIQUE INDEX options_id_idx ON options (id)")
-    await conn.execute(
-        "ALTER TABLE votes ADD CONSTRAINT votes_vote_id_key UNIQUE (vote_id, poll_id)"
-    )
-    await conn.execute(
-        "CREATE UNIQUE INDEX voter_ballots_p0_vote_idx ON voter_ballots_p0 (vote_id)"
-    )
-    layout = await apply_citus_files(conn, CITUS_FILES)
-    assert await problems(conn, layout) == [
+async def test_a_unique_key_without_the_poll_is_found(db: asyncpg.Connection) -> None:
+    await db.execute("CREATE UNIQUE INDEX options_id_idx ON options (id)")
+    await db.execute("ALTER TABLE votes ADD CONSTRAINT votes_vote_id_key UNIQUE (vote_id, poll_id)")
+    await db.execute("CREATE UNIQUE INDEX voter_ballots_p0_vote_idx ON voter_ballots_p0 (vote_id)")
+    layout = await apply_citus_files(db, CITUS_FILES)
+    assert await problems(db, layout) == [
         "unique index options_id_idx of options lacks poll_id",
         "unique index voter_ballots_p0_vote_idx of voter_ballots_p0 lacks poll_id",
     ]
 
 
-async def test_a_foreign_key_without_the_poll_is_found(conn: asyncpg.Connection) -> None:
+async def test_a_foreign_key_without_the_poll_is_found(db: asyncpg.Connection) -> None:
     # The columns swapped: each tally's poll paired with an option id.
-    await conn.execute(
+    await db.execute(
         "ALTER TABLE tallies ADD CONSTRAINT tallies_option_fk"
         " FOREIGN KEY (option_id, poll_id) REFERENCES options (poll_id, id)"
     )
-    layout = await apply_citus_files(conn, CITUS_FILES)
-    assert await problems(conn, layout) == [
+    layout = await apply_citus_files(db, CITUS_FILES)
+    assert await problems(db, layout) == [
         "foreign key tallies_option_fk of tallies does not pair poll_id with options.poll_id"
     ]
 
 
 async def test_a_function_calling_an_undistributed_function_is_found(
-    conn: asyncpg.Connection, tmp_path: Path
+    db: asyncpg.Connection, tmp_path: Path
 ) -> None:
     # cast_poll_votes calls cast_votes: leave cast_votes out.
     functions = CITUS_FILES[1].read_text(encoding="utf-8")
     without = re.sub(r"SELECT create_distributed_function\('cast_votes\(.*?;\n", "", functions)
     assert without != functions
     (tmp_path / "0002_functions.sql").write_text(without, encoding="utf-8")
-    layout = await apply_citus_files(conn, [CITUS_FILES[0], tmp_path / "0002_functions.sql"])
-    assert await problems(conn, layout) == [
+    layout = await apply_citus_files(db, [CITUS_FILES[0], tmp_path / "0002_functions.sql"])
+    assert await problems(db, layout) == [
         "cast_poll_votes(uuid,vote_in[]) calls cast_votes, which sql/citus/ does not distribute"
     ]
 
 
 async def test_a_misplaced_table_or_function_is_found(
-    conn: asyncpg.Connection, tmp_path: Path
+    db: asyncpg.Connection, tmp_path: Path
 ) -> None:
     tables = CITUS_FILES[0].read_text(encoding="utf-8")
     # tallies before options (its foreign key's target), co-located elsewhere.
@@ -356,9 +343,9 @@ async def test_a_misplaced_table_or_function_is_found(
     (tmp_path / "0001_tables.sql").write_text(tables, encoding="utf-8")
     (tmp_path / "0002_functions.sql").write_text(functions, encoding="utf-8")
     layout = await apply_citus_files(
-        conn, [tmp_path / "0001_tables.sql", tmp_path / "0002_functions.sql"]
+        db, [tmp_path / "0001_tables.sql", tmp_path / "0002_functions.sql"]
     )
-    assert await problems(conn, layout) == [
+    assert await problems(db, layout) == [
         "tallies is co-located with 'default', not with a table placed before",
         "foreign key tallies_poll_id_option_id_fkey: options must be placed before tallies",
         "cast_poll_votes(uuid,vote_in[]): p_votes is vote_in[], votes's column is not",
@@ -368,7 +355,7 @@ async def test_a_misplaced_table_or_function_is_found(
 # -- cast_poll_votes, once per poll, against one cast_vote_atomic call --------
 
 
-async def cast_per_poll(conn: asyncpg.Connection, votes: Sequence[Vote]) -> list[tuple[Any, ...]]:
+async def cast_per_poll(db: asyncpg.Connection, votes: Sequence[Vote]) -> list[tuple[Any, ...]]:
     """What the worker does on Citus: one cast_poll_votes call per poll of the
     batch (its votes in batch order), each in a transaction of its own; the
     rows put together as one cast_vote_atomic call returns them: one per vote
@@ -379,7 +366,7 @@ async def cast_per_poll(conn: asyncpg.Connection, votes: Sequence[Vote]) -> list
     vote_rows: list[tuple[Any, ...] | None] = [None] * len(votes)
     tally_rows: list[tuple[Any, ...]] = []
     for poll_id, positions in by_poll.items():
-        rows = await conn.fetch(
+        rows = await db.fetch(
             "SELECT * FROM cast_poll_votes($1::uuid, $2::vote_in[])",
             poll_id,
             [votes[i] for i in positions],
@@ -391,12 +378,12 @@ async def cast_per_poll(conn: asyncpg.Connection, votes: Sequence[Vote]) -> list
     return [row for row in vote_rows if row is not None] + sorted(tally_rows, key=lambda r: r[1])
 
 
-async def cast_batch(conn: asyncpg.Connection, votes: Sequence[Vote]) -> list[tuple[Any, ...]]:
-    rows = await conn.fetch("SELECT * FROM cast_vote_atomic($1::vote_in[])", list(votes))
+async def cast_batch(db: asyncpg.Connection, votes: Sequence[Vote]) -> list[tuple[Any, ...]]:
+    rows = await db.fetch("SELECT * FROM cast_vote_atomic($1::vote_in[])", list(votes))
     return [tuple(row) for row in rows]
 
 
-async def stored(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
+async def stored(db: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
     """Everything cast_vote_atomic writes, but the commit times."""
     queries = {
         "votes": "SELECT poll_id, vote_id, voter, option_ids, received_at, counted FROM votes"
@@ -406,7 +393,7 @@ async def stored(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
         "poll_counters": "SELECT poll_id, total_ballots, version FROM poll_counters"
         " ORDER BY poll_id",
     }
-    return {name: [tuple(row) for row in await conn.fetch(q)] for name, q in queries.items()}
+    return {name: [tuple(row) for row in await db.fetch(q)] for name, q in queries.items()}
 
 
 def batches(polls: Sequence[tuple[Poll, int]], rng: random.Random) -> list[list[Vote]]:
@@ -445,18 +432,18 @@ async def test_cast_poll_votes_per_poll_equals_one_cast_vote_atomic_call(
 ) -> None:
     # Two databases with the same polls (same ids): one written by
     # cast_vote_atomic, batch by batch, the other by cast_poll_votes, poll by poll.
-    conn = await asyncpg.connect(database_url)
+    db = await asyncpg.connect(database_url)
     try:
         expiry = datetime.fromtimestamp((T0 + 50 * SECOND) / SECOND, UTC)
         polls = [
-            (await create_poll(conn, 4), 1),
-            (await create_poll(conn, 3), 1),
-            (await create_poll(conn, 5, multiple=True, max_choices=2), 2),
-            (await create_poll(conn, 6, max_choices=2), 2),
-            (await create_poll(conn, 4, expires_at=expiry), 1),
+            (await create_poll(db, 4), 1),
+            (await create_poll(db, 3), 1),
+            (await create_poll(db, 5, multiple=True, max_choices=2), 2),
+            (await create_poll(db, 6, max_choices=2), 2),
+            (await create_poll(db, 4, expires_at=expiry), 1),
         ]
     finally:
-        await conn.close()
+        await db.close()
     twin = f"{database_url.rsplit('/', 1)[1]}_twin"
     admin = await asyncpg.connect(pg_server_url)
     try:
@@ -490,17 +477,17 @@ async def test_cast_poll_votes_per_poll_equals_one_cast_vote_atomic_call(
         await admin.close()
 
 
-async def test_cast_poll_votes_refuses_a_vote_of_another_poll(conn: asyncpg.Connection) -> None:
-    one, two = await create_poll(conn), await create_poll(conn)
+async def test_cast_poll_votes_refuses_a_vote_of_another_poll(db: asyncpg.Connection) -> None:
+    one, two = await create_poll(db), await create_poll(db)
     votes = [
         (str(uuid.uuid4()), one.id, "f:a", [one.options[0]], T0),
         (str(uuid.uuid4()), two.id, "f:b", [two.options[0]], T0),
     ]
     with pytest.raises(asyncpg.InvalidParameterValueError, match="every vote must name the poll"):
-        await conn.fetch("SELECT * FROM cast_poll_votes($1::uuid, $2::vote_in[])", one.id, votes)
+        await db.fetch("SELECT * FROM cast_poll_votes($1::uuid, $2::vote_in[])", one.id, votes)
     with pytest.raises(asyncpg.InvalidParameterValueError, match="every vote must name the poll"):
-        await conn.fetch("SELECT * FROM cast_poll_votes(NULL, $1::vote_in[])", votes[:1])
-    assert await conn.fetchval("SELECT count(*) FROM votes") == 0
+        await db.fetch("SELECT * FROM cast_poll_votes(NULL, $1::vote_in[])", votes[:1])
+    assert await db.fetchval("SELECT count(*) FROM votes") == 0
     # And the rules' own function refuses a vote outside the polls it is given.
     with pytest.raises(asyncpg.InvalidParameterValueError, match="outside p_polls"):
-        await conn.fetch("SELECT * FROM cast_votes($1::uuid[], $2::vote_in[])", [one.id], votes)
+        await db.fetch("SELECT * FROM cast_votes($1::uuid[], $2::vote_in[])", [one.id], votes)

@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.support import migration_names
+from tests.support import applied_versions, migration_names
 from voteflow.migrate import function_files, migrate, migration_files, sql_dir
 
 _DEFINES = re.compile(r"^CREATE(?: OR REPLACE)? FUNCTION (\w+)", re.MULTILINE)
@@ -53,12 +53,7 @@ async def test_migrate_twice_is_a_no_op(empty_database_url: str) -> None:
     functions = await _functions(empty_database_url)
     assert await migrate(empty_database_url, vote_partitions=2) == []
     assert await _functions(empty_database_url) == functions
-    conn = await asyncpg.connect(empty_database_url)
-    try:
-        versions = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
-        assert [row["version"] for row in versions] == [v for v, _ in migration_files()]
-    finally:
-        await conn.close()
+    assert await applied_versions(empty_database_url) == [v for v, _ in migration_files()]
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from tests.cluster import REQUEST_TIMEOUT, Cluster, check_counted_once, create_p
 from tests.pgbouncer import PgBouncer, pgbouncer_executable
 from tests.support import (
     InProcessWorker,
+    applied_versions,
     drain,
     edge_client,
     migration_names,
@@ -265,12 +266,7 @@ async def test_migrations_apply_through_pgbouncer_in_transaction_mode(
                 assert await migrate(via, vote_partitions=2) == []
     finally:
         await holder.close()
-    conn = await asyncpg.connect(empty_database_url)
-    try:
-        versions = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
-        assert [row["version"] for row in versions] == [v for v, _ in migration_files()]
-    finally:
-        await conn.close()
+    assert await applied_versions(empty_database_url) == [v for v, _ in migration_files()]
 
 
 async def replay_on_another_server_connection(
