@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import time
 from dataclasses import replace
 from typing import Any
@@ -16,14 +15,13 @@ from typing import Any
 import asyncpg
 import jwt
 import orjson
-import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from playwright.async_api import Page, async_playwright, expect
+from playwright.async_api import Page, expect
 
 from ingest.app import create_app
 from tests import browser
-from tests.browser import screenshot
+from tests.browser import LIVE_TIMEOUT, chromium, needs_chromium, screenshot
 from tests.support import (
     ADMIN,
     InProcessWorker,
@@ -37,13 +35,7 @@ from tests.support import (
 from voteflow.servers import free_port
 from voteflow.settings import Settings
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# Milliseconds a page may take to show what a commit changed.
-LIVE_TIMEOUT = 15_000
-
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
-)
+pytestmark = needs_chromium
 
 
 async def stored_vote_ids(settings: Settings, poll_id: str) -> set[str]:
@@ -65,80 +57,76 @@ async def test_poll_page_follows_the_tally_live_and_casts_a_vote(
 ) -> None:
     poll = await create_poll(edge, question="Best colour?", options=["Red", "Green", "Blue"])
     base = str(edge.make_url("")).rstrip("/")
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            page = await browser.new_page(viewport={"width": 800, "height": 1000})
-            problems: list[str] = []
-            page.on("pageerror", lambda error: problems.append(str(error)))
+    async with chromium() as browser:
+        page = await browser.new_page(viewport={"width": 800, "height": 1000})
+        problems: list[str] = []
+        page.on("pageerror", lambda error: problems.append(str(error)))
 
-            await page.goto(f"{base}/polls/{poll['id']}")
-            await expect(page.locator("h1")).to_have_text("Best colour?")
-            await expect(page.locator("#status")).to_have_text("Live")
+        await page.goto(f"{base}/polls/{poll['id']}")
+        await expect(page.locator("h1")).to_have_text("Best colour?")
+        await expect(page.locator("#status")).to_have_text("Live")
 
-            for voter, option in (("ann", 0), ("bob", 0), ("cat", 2)):
-                response = await edge.post("/api/vote", json=ballot(poll, voter, option))
-                assert response.status == 202
-            await expect(_count(page, poll, 0)).to_have_text("2 · 67%", timeout=LIVE_TIMEOUT)
-            await expect(_count(page, poll, 2)).to_have_text("1 · 33%", timeout=LIVE_TIMEOUT)
-            await expect(page.locator("#total")).to_have_text("3 ballots")
+        for voter, option in (("ann", 0), ("bob", 0), ("cat", 2)):
+            response = await edge.post("/api/vote", json=ballot(poll, voter, option))
+            assert response.status == 202
+        await expect(_count(page, poll, 0)).to_have_text("2 · 67%", timeout=LIVE_TIMEOUT)
+        await expect(_count(page, poll, 2)).to_have_text("1 · 33%", timeout=LIVE_TIMEOUT)
+        await expect(page.locator("#total")).to_have_text("3 ballots")
 
-            # A vote from the page's own form, all the way to its bar.
-            await page.get_by_label("Green").check()
-            await page.get_by_role("button", name="Vote").click()
-            await expect(page.locator("#vote-result")).to_contain_text("Vote received")
-            await expect(page.locator("#voted")).to_have_text("You voted Green.")
-            await expect(page.locator("#cast")).to_have_text("Change my vote")
-            await expect(_count(page, poll, 1)).to_have_text("1 · 25%", timeout=LIVE_TIMEOUT)
-            await expect(page.locator("#total")).to_have_text("4 ballots")
-            red_bar = page.locator(f'li[data-option-id="{poll["options"][0]["id"]}"] .bar-fill')
-            await expect(red_bar).to_have_attribute("style", re.compile(r"width: 50%"))
+        # A vote from the page's own form, all the way to its bar.
+        await page.get_by_label("Green").check()
+        await page.get_by_role("button", name="Vote").click()
+        await expect(page.locator("#vote-result")).to_contain_text("Vote received")
+        await expect(page.locator("#voted")).to_have_text("You voted Green.")
+        await expect(page.locator("#cast")).to_have_text("Change my vote")
+        await expect(_count(page, poll, 1)).to_have_text("1 · 25%", timeout=LIVE_TIMEOUT)
+        await expect(page.locator("#total")).to_have_text("4 ballots")
+        red_bar = page.locator(f'li[data-option-id="{poll["options"][0]["id"]}"] .bar-fill')
+        await expect(red_bar).to_have_attribute("style", re.compile(r"width: 50%"))
 
-            # A ballot the edge refuses is said so on the page, and counts nothing.
-            response = await edge.post(f"/api/polls/{poll['id']}/close", headers=ADMIN)
-            assert response.status == 200
-            await page.get_by_role("button", name="Vote").click()
-            await expect(page.locator("#vote-result")).to_contain_text("Not counted: ")
-            await expect(page.locator("#total")).to_have_text("4 ballots")
+        # A ballot the edge refuses is said so on the page, and counts nothing.
+        response = await edge.post(f"/api/polls/{poll['id']}/close", headers=ADMIN)
+        assert response.status == 200
+        await page.get_by_role("button", name="Vote").click()
+        await expect(page.locator("#vote-result")).to_contain_text("Not counted: ")
+        await expect(page.locator("#total")).to_have_text("4 ballots")
 
-            # The page learned from the refusal that the poll is closed.
-            await expect(page.locator("#status")).to_have_text("Closed · final results")
-            await expect(page.locator("#cast")).to_be_disabled()
+        # The page learned from the refusal that the poll is closed.
+        await expect(page.locator("#status")).to_have_text("Closed · final results")
+        await expect(page.locator("#cast")).to_be_disabled()
 
-            # The ballots curve has been drawn from the history and the live
-            # tallies: uPlot's canvas is there and not blank.
-            await expect(page.locator("#chart")).not_to_have_attribute("data-points", "0")
-            await page.wait_for_function(
-                "() => { const c = document.querySelector('#chart canvas');"
-                " return c && c.getContext('2d').getImageData(0, 0, c.width, c.height)"
-                ".data.some((v) => v !== 0); }",
-                timeout=LIVE_TIMEOUT,
-            )
-            await screenshot(page, "poll-page", full_page=True)
+        # The ballots curve has been drawn from the history and the live
+        # tallies: uPlot's canvas is there and not blank.
+        await expect(page.locator("#chart")).not_to_have_attribute("data-points", "0")
+        await page.wait_for_function(
+            "() => { const c = document.querySelector('#chart canvas');"
+            " return c && c.getContext('2d').getImageData(0, 0, c.width, c.height)"
+            ".data.some((v) => v !== 0); }",
+            timeout=LIVE_TIMEOUT,
+        )
+        await screenshot(page, "poll-page", full_page=True)
 
-            # After a reload the page still says what this browser voted.
-            await page.reload()
-            await expect(page.locator("#voted")).to_have_text("You voted Green.")
-            await expect(page.get_by_label("Green")).to_be_checked()
+        # After a reload the page still says what this browser voted.
+        await page.reload()
+        await expect(page.locator("#voted")).to_have_text("You voted Green.")
+        await expect(page.get_by_label("Green")).to_be_checked()
 
-            # The list at / links to the open polls only; the closed ones, with
-            # their ballots, are a tab away.
-            other = await create_poll(edge, question="Tea or coffee?")
-            await page.goto(f"{base}/")
-            await expect(page.get_by_role("link", name="Tea or coffee?")).to_be_visible()
-            await expect(page.get_by_role("link", name="Best colour?")).to_have_count(0)
-            await page.get_by_role("link", name="Closed", exact=True).click()
-            await expect(page.locator("h1")).to_have_text("Closed polls")
-            closed = page.locator("ul.polls li").filter(has_text="Best colour?")
-            await expect(closed.locator(".meta")).to_contain_text("4 ballots")
-            await expect(page.get_by_role("link", name="Tea or coffee?")).to_have_count(0)
-            await page.get_by_role("link", name="Open", exact=True).click()
-            await page.get_by_role("link", name="Tea or coffee?").click()
-            await expect(page).to_have_url(f"{base}/polls/{other['id']}")
-            await expect(page.locator("#total")).to_have_text("0 ballots")
-            assert problems == []
-        finally:
-            await browser.close()
+        # The list at / links to the open polls only; the closed ones, with
+        # their ballots, are a tab away.
+        other = await create_poll(edge, question="Tea or coffee?")
+        await page.goto(f"{base}/")
+        await expect(page.get_by_role("link", name="Tea or coffee?")).to_be_visible()
+        await expect(page.get_by_role("link", name="Best colour?")).to_have_count(0)
+        await page.get_by_role("link", name="Closed", exact=True).click()
+        await expect(page.locator("h1")).to_have_text("Closed polls")
+        closed = page.locator("ul.polls li").filter(has_text="Best colour?")
+        await expect(closed.locator(".meta")).to_contain_text("4 ballots")
+        await expect(page.get_by_role("link", name="Tea or coffee?")).to_have_count(0)
+        await page.get_by_role("link", name="Open", exact=True).click()
+        await page.get_by_role("link", name="Tea or coffee?").click()
+        await expect(page).to_have_url(f"{base}/polls/{other['id']}")
+        await expect(page.locator("#total")).to_have_text("0 ballots")
+        assert problems == []
 
 
 async def _serve(settings: Settings, port: int) -> web.AppRunner:
@@ -155,8 +143,7 @@ async def test_poll_page_says_when_disconnected_and_catches_up_after(
     poll = await create_poll(edge, question="Still there?", options=["Yes", "No"])
     port = free_port()
     runner = await _serve(settings, port)
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+    async with chromium() as browser:
         try:
             page = await browser.new_page()
             await page.goto(f"http://127.0.0.1:{port}/polls/{poll['id']}")
@@ -175,7 +162,6 @@ async def test_poll_page_says_when_disconnected_and_catches_up_after(
             await expect(page.locator("#status")).to_have_text("Live", timeout=LIVE_TIMEOUT)
             await expect(_count(page, poll, 0)).to_have_text("2 · 100%", timeout=LIVE_TIMEOUT)
         finally:
-            await browser.close()
             await runner.cleanup()
 
 
@@ -195,55 +181,49 @@ async def test_poll_page_resends_a_ballot_with_its_vote_id_after_a_503(
         response = await edge.post("/api/vote", json=ballot(poll, "early", 0))
         assert response.status == 202
         base = str(edge.make_url("")).rstrip("/")
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-            try:
-                page = await browser.new_page(viewport={"width": 800, "height": 1000})
-                sent: list[Any] = []
-                answers: list[int] = []
-                page.on("request", lambda r: sent.append(r) if r.url.endswith("/api/vote") else 0)
-                page.on(
-                    "response",
-                    lambda r: answers.append(r.status) if r.url.endswith("/api/vote") else 0,
-                )
-                await page.goto(f"{base}/polls/{poll['id']}")
-                await expect(page.locator("#status")).to_have_text("Live")
+        async with chromium() as browser:
+            page = await browser.new_page(viewport={"width": 800, "height": 1000})
+            sent: list[Any] = []
+            answers: list[int] = []
+            page.on("request", lambda r: sent.append(r) if r.url.endswith("/api/vote") else 0)
+            page.on(
+                "response",
+                lambda r: answers.append(r.status) if r.url.endswith("/api/vote") else 0,
+            )
+            await page.goto(f"{base}/polls/{poll['id']}")
+            await expect(page.locator("#status")).to_have_text("Live")
 
-                await page.get_by_label("No").check()
-                async with page.expect_response(lambda r: r.url.endswith("/api/vote")) as first:
-                    await page.get_by_role("button", name="Vote").click()
-                assert (await first.value).status == 503
-                await expect(page.locator("#vote-result")).to_contain_text("sending it again")
-                await screenshot(page, "poll-page-retrying")
-
-                async with InProcessWorker(full):  # drains the shard: the retry fits
-                    await expect(page.locator("#vote-result")).to_contain_text(
-                        "Vote received", timeout=LIVE_TIMEOUT
-                    )
-                    await expect(page.locator("#total")).to_have_text(
-                        "2 ballots", timeout=LIVE_TIMEOUT
-                    )
-                    await drain(redis_client, full)
-                assert answers[0] == 503 and answers[-1] == 202, answers
-                vote_ids = _vote_ids(sent)
-                assert len(vote_ids) >= 2 and len(set(vote_ids)) == 1, vote_ids
-                # Counted once, under the vote_id the page chose.
-                assert votes_by_option(await results(edge, poll["id"])) == {
-                    poll["options"][0]["id"]: 1,
-                    poll["options"][1]["id"]: 1,
-                }
-                assert await stored_vote_ids(full, poll["id"]) >= {vote_ids[0]}
-
-                # A different choice is a new ballot, with a vote_id of its own.
-                sent.clear()
-                await page.get_by_label("Yes").check()
+            await page.get_by_label("No").check()
+            async with page.expect_response(lambda r: r.url.endswith("/api/vote")) as first:
                 await page.get_by_role("button", name="Vote").click()
+            assert (await first.value).status == 503
+            await expect(page.locator("#vote-result")).to_contain_text("sending it again")
+            await screenshot(page, "poll-page-retrying")
+
+            async with InProcessWorker(full):  # drains the shard: the retry fits
                 await expect(page.locator("#vote-result")).to_contain_text(
                     "Vote received", timeout=LIVE_TIMEOUT
                 )
-                assert len(sent) == 1 and _vote_ids(sent)[0] != vote_ids[0]
-            finally:
-                await browser.close()
+                await expect(page.locator("#total")).to_have_text("2 ballots", timeout=LIVE_TIMEOUT)
+                await drain(redis_client, full)
+            assert answers[0] == 503 and answers[-1] == 202, answers
+            vote_ids = _vote_ids(sent)
+            assert len(vote_ids) >= 2 and len(set(vote_ids)) == 1, vote_ids
+            # Counted once, under the vote_id the page chose.
+            assert votes_by_option(await results(edge, poll["id"])) == {
+                poll["options"][0]["id"]: 1,
+                poll["options"][1]["id"]: 1,
+            }
+            assert await stored_vote_ids(full, poll["id"]) >= {vote_ids[0]}
+
+            # A different choice is a new ballot, with a vote_id of its own.
+            sent.clear()
+            await page.get_by_label("Yes").check()
+            await page.get_by_role("button", name="Vote").click()
+            await expect(page.locator("#vote-result")).to_contain_text(
+                "Vote received", timeout=LIVE_TIMEOUT
+            )
+            assert len(sent) == 1 and _vote_ids(sent)[0] != vote_ids[0]
 
 
 async def test_poll_page_resends_a_ballot_with_its_vote_id_after_a_network_error(
@@ -252,8 +232,7 @@ async def test_poll_page_resends_a_ballot_with_its_vote_id_after_a_network_error
     poll = await create_poll(edge, question="Through the outage?", options=["Yes", "No"])
     port = free_port()
     runner = await _serve(settings, port)
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+    async with chromium() as browser:
         try:
             page = await browser.new_page()
             sent: list[Any] = []
@@ -276,7 +255,6 @@ async def test_poll_page_resends_a_ballot_with_its_vote_id_after_a_network_error
             assert len(vote_ids) >= 2 and len(set(vote_ids)) == 1, vote_ids
             await expect(_count(page, poll, 0)).to_have_text("1 · 100%", timeout=LIVE_TIMEOUT)
         finally:
-            await browser.close()
             await runner.cleanup()
 
 
@@ -291,20 +269,16 @@ async def test_poll_page_votes_with_the_voter_token_its_link_carries(
     async with edge_client(proven) as edge, InProcessWorker(proven):
         poll = await create_poll(edge, question="Members only?", require_voter_token=True)
         base = str(edge.make_url("")).rstrip("/")
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-            try:
-                page = await browser.new_page(viewport={"width": 800, "height": 1000})
-                await page.goto(f"{base}/polls/{poll['id']}#voter_token={token}")
-                await expect(page.locator("#status")).to_have_text("Live")
-                assert token not in page.url
-                await page.get_by_label("B").check()
-                await page.get_by_role("button", name="Vote").click()
-                await expect(page.locator("#vote-result")).to_contain_text("Vote received")
-                await expect(page.locator("#total")).to_have_text("1 ballot", timeout=LIVE_TIMEOUT)
-                await drain(redis_client, proven)
-            finally:
-                await browser.close()
+        async with chromium() as browser:
+            page = await browser.new_page(viewport={"width": 800, "height": 1000})
+            await page.goto(f"{base}/polls/{poll['id']}#voter_token={token}")
+            await expect(page.locator("#status")).to_have_text("Live")
+            assert token not in page.url
+            await page.get_by_label("B").check()
+            await page.get_by_role("button", name="Vote").click()
+            await expect(page.locator("#vote-result")).to_contain_text("Vote received")
+            await expect(page.locator("#total")).to_have_text("1 ballot", timeout=LIVE_TIMEOUT)
+            await drain(redis_client, proven)
         conn = await asyncpg.connect(proven.database_url)
         try:
             voters = await conn.fetch("SELECT voter FROM votes WHERE poll_id = $1", poll["id"])
@@ -320,24 +294,20 @@ async def test_poll_page_reconnects_after_the_streams_lifetime_and_shows_the_lat
     async with edge_client(short) as edge:
         poll = await create_poll(edge, question="Still live?", options=["Yes", "No"])
         base = str(edge.make_url("")).rstrip("/")
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-            try:
-                page = await browser.new_page()
-                streams: list[Any] = []
-                page.on("request", lambda r: streams.append(r) if r.url.endswith("/live") else 0)
-                await page.goto(f"{base}/polls/{poll['id']}")
-                await expect(page.locator("#status")).to_have_text("Live")
-                # The edge ends the first stream; the page opens the next by itself.
-                async with asyncio.timeout(LIVE_TIMEOUT / 1000):
-                    while len(streams) < 2:
-                        await asyncio.sleep(0.1)
-                response = await edge.post("/api/vote", json=ballot(poll, "ann", 1))
-                assert response.status == 202
-                await expect(_count(page, poll, 1)).to_have_text("1 · 100%", timeout=LIVE_TIMEOUT)
-                await expect(page.locator("#status")).to_have_text("Live", timeout=LIVE_TIMEOUT)
-            finally:
-                await browser.close()
+        async with chromium() as browser:
+            page = await browser.new_page()
+            streams: list[Any] = []
+            page.on("request", lambda r: streams.append(r) if r.url.endswith("/live") else 0)
+            await page.goto(f"{base}/polls/{poll['id']}")
+            await expect(page.locator("#status")).to_have_text("Live")
+            # The edge ends the first stream; the page opens the next by itself.
+            async with asyncio.timeout(LIVE_TIMEOUT / 1000):
+                while len(streams) < 2:
+                    await asyncio.sleep(0.1)
+            response = await edge.post("/api/vote", json=ballot(poll, "ann", 1))
+            assert response.status == 202
+            await expect(_count(page, poll, 1)).to_have_text("1 · 100%", timeout=LIVE_TIMEOUT)
+            await expect(page.locator("#status")).to_have_text("Live", timeout=LIVE_TIMEOUT)
 
 
 async def test_poll_page_refused_a_live_stream_opens_one_itself_once_there_is_room(
@@ -349,24 +319,20 @@ async def test_poll_page_refused_a_live_stream_opens_one_itself_once_there_is_ro
     async with edge_client(one) as edge:
         poll = await create_poll(edge, question="Room for me?", options=["Yes", "No"])
         url = f"{str(edge.make_url('')).rstrip('/')}/polls/{poll['id']}"
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-            try:
-                first = await browser.new_page()
-                await first.goto(url)
-                await expect(first.locator("#status")).to_have_text("Live")
-                second = await browser.new_page()
-                async with second.expect_response(lambda r: r.url.endswith("/live")) as refused:
-                    await second.goto(url)
-                assert (await refused.value).status == 429
-                await expect(second.locator("#status")).to_have_text("Disconnected, reconnecting…")
-                await first.close()
-                await expect(second.locator("#status")).to_have_text("Live", timeout=LIVE_TIMEOUT)
-                response = await edge.post("/api/vote", json=ballot(poll, "ann", 0))
-                assert response.status == 202
-                await expect(_count(second, poll, 0)).to_have_text("1 · 100%", timeout=LIVE_TIMEOUT)
-            finally:
-                await browser.close()
+        async with chromium() as browser:
+            first = await browser.new_page()
+            await first.goto(url)
+            await expect(first.locator("#status")).to_have_text("Live")
+            second = await browser.new_page()
+            async with second.expect_response(lambda r: r.url.endswith("/live")) as refused:
+                await second.goto(url)
+            assert (await refused.value).status == 429
+            await expect(second.locator("#status")).to_have_text("Disconnected, reconnecting…")
+            await first.close()
+            await expect(second.locator("#status")).to_have_text("Live", timeout=LIVE_TIMEOUT)
+            response = await edge.post("/api/vote", json=ballot(poll, "ann", 0))
+            assert response.status == 202
+            await expect(_count(second, poll, 0)).to_have_text("1 · 100%", timeout=LIVE_TIMEOUT)
 
 
 async def test_voting_page_fits_a_phone_and_a_projector_in_both_themes_and_passes_axe(
