@@ -34,7 +34,6 @@ after it, unless something is wrong.
 from __future__ import annotations
 
 import sys
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
@@ -427,12 +426,6 @@ async def run(
     """The ``voteflow audit`` command: print the report, return the exit status."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    if poll_id is not None:
-        try:
-            poll_id = str(uuid.UUID(poll_id))
-        except ValueError:
-            print(f"voteflow audit: --poll must be a poll id (a UUID), got {poll_id!r}", file=err)
-            return CANNOT_AUDIT
     try:
         report = await audit(settings, poll_id)
     except (

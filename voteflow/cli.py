@@ -306,6 +306,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _poll_id(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a poll id (a UUID), got {text!r}") from None
+
+
 def version() -> str:
     """The installed distribution's version (pyproject.toml), as pip reports it."""
     try:
@@ -365,7 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "2 the audit could not run (settings, a server unreachable, migrations not applied, "
         "no such poll); 3 consistent, but dead letters exist",
     )
-    audit.add_argument("--poll", metavar="ID", help="audit this poll only (streams still all)")
+    audit.add_argument(
+        "--poll", type=_poll_id, metavar="ID", help="audit this poll only (streams still all)"
+    )
     audit.add_argument("--json", action="store_true", help="print the report as JSON")
     dead = sub.add_parser(
         "deadletters",
@@ -379,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     dead.add_argument("action", choices=["list", "requeue"])
     dead.add_argument("--shard", type=int, metavar="N", help="only this stream shard")
-    dead.add_argument("--poll", metavar="ID", help="only votes for this poll")
+    dead.add_argument("--poll", type=_poll_id, metavar="ID", help="only votes for this poll")
     dead.add_argument("--reason", metavar="PREFIX", help="only reasons starting so (e.g. refused)")
     dead.add_argument("--json", action="store_true", help="print JSON")
     polladmin.add_parser(sub, data_dir)

@@ -13,7 +13,6 @@ and ``--reason`` (a prefix, e.g. ``refused``) to choose.
 from __future__ import annotations
 
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -150,15 +149,6 @@ async def run(
     """``voteflow deadletters list|requeue``: print, return the exit status."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    if choice.poll_id is not None:
-        try:
-            choice = Choice(choice.shard, str(uuid.UUID(choice.poll_id)), choice.reason)
-        except ValueError:
-            print(
-                f"voteflow deadletters: --poll must be a poll id (a UUID), got {choice.poll_id!r}",
-                file=err,
-            )
-            return CANNOT_RUN
     if choice.shard is not None and not 0 <= choice.shard < settings.stream_shards:
         print(
             f"voteflow deadletters: --shard must be 0 to {settings.stream_shards - 1}, "

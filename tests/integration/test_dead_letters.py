@@ -25,6 +25,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.support import InProcessWorker, backlog, ballot, create_poll, drain, results
 from voteflow.cli import main
+from voteflow.cli import main as cli_main
 from voteflow.deadletters import Choice
 from voteflow.deadletters import run as run_deadletters
 from voteflow.keys import GROUP, Keys
@@ -193,10 +194,13 @@ async def test_requeued_dead_letters_are_counted_exactly_once(
         assert {o["id"]: o["votes"] for o in result["options"]}[poll["options"][1]["id"]] == 1
 
 
-async def test_deadletters_refuses_a_bad_poll_id_or_shard(settings: Settings) -> None:
-    err = io.StringIO()
-    status = await run_deadletters(settings, "list", Choice(poll_id="nope"), err=err)
-    assert status == 2 and "--poll must be a poll id" in err.getvalue()
+async def test_deadletters_refuses_a_bad_poll_id_or_shard(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["deadletters", "list", "--poll", "nope"])
+    assert exited.value.code == 2
+    assert "argument --poll: must be a poll id (a UUID), got 'nope'" in capsys.readouterr().err
     err = io.StringIO()
     status = await run_deadletters(settings, "list", Choice(shard=settings.stream_shards), err=err)
     assert status == 2 and "--shard must be 0 to" in err.getvalue()

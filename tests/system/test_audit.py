@@ -11,11 +11,13 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from tests.support import REPO, InProcessWorker, create_poll, drain, pause
 from voteflow import audit
+from voteflow.cli import main as cli_main
 from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD
 from voteflow.servers import free_port
@@ -299,7 +301,9 @@ async def test_audit_of_one_poll_checks_that_poll_only(
     )
 
 
-async def test_audit_that_cannot_run_exits_2(settings: Settings) -> None:
+async def test_audit_that_cannot_run_exits_2(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
     """No such poll, not a poll id, a server unreachable, migrations not applied."""
     missing = "00000000-0000-4000-8000-000000000000"
     assert await run_audit(settings, "--poll", missing) == (
@@ -307,9 +311,10 @@ async def test_audit_that_cannot_run_exits_2(settings: Settings) -> None:
         "",
         f"voteflow audit: no poll {missing}\n",
     )
-    status, _, errors = await run_audit(settings, "--poll", "nope")
-    assert status == audit.CANNOT_AUDIT
-    assert "--poll must be a poll id" in errors
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["audit", "--poll", "nope"])
+    assert exited.value.code == audit.CANNOT_AUDIT
+    assert "argument --poll: must be a poll id (a UUID), got 'nope'" in capsys.readouterr().err
     unreachable = replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     status, output, errors = await run_audit(unreachable)
     assert (status, output) == (audit.CANNOT_AUDIT, "")
