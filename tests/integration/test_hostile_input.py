@@ -37,10 +37,10 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, note
 from hypothesis import strategies as st
-from hypothesis_jsonschema import from_schema
 
 from ingest.app import MAX_BODY as MAX_POLL_BODY
-from ingest.contract import MAX_VOTE_BODY, schemas
+from ingest.contract import MAX_VOTE_BODY
+from tests.contract import SCHEMAS, ballots, new_polls, voter_ids
 from tests.support import ADMIN, create_poll
 from voteflow.keys import Keys
 from voteflow.settings import Settings
@@ -51,7 +51,6 @@ except ImportError:
     brotli = None
 
 Client = TestClient[Any, Any]
-SCHEMAS = schemas()
 # What input alone can make each route answer (the test settings turn the
 # rate limits off; 503 needs Redis or PostgreSQL away, and both are up).
 VOTE_STATUSES = frozenset({202, 400, 404, 409, 413, 415, 422})
@@ -68,23 +67,6 @@ LIVE_EDGE = hypothesis.settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 FEW = hypothesis.settings(LIVE_EDGE, max_examples=30)
-
-
-def from_object_schema(schema: Mapping[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
-    """Objects of schema, property by property: hypothesis-jsonschema's object
-    strategy fails with this Hypothesis ('many' object has no attribute 'more')."""
-    properties, required = schema["properties"], set(schema["required"])
-    return st.fixed_dictionaries(
-        {name: from_schema(properties[name]) for name in properties if name in required},
-        optional={
-            name: from_schema(properties[name]) for name in properties if name not in required
-        },
-    )
-
-
-ballots = from_object_schema(SCHEMAS["Ballot"])
-voter_ids = from_schema(SCHEMAS["Ballot"]["properties"]["user_id"]).filter(lambda v: v is not None)
-new_polls = from_object_schema(SCHEMAS["NewPoll"])
 
 
 # --- the edge under test ----------------------------------------------------
