@@ -9,12 +9,10 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
@@ -22,6 +20,7 @@ from types import FrameType
 import asyncpg
 
 from . import polladmin
+from .children import children, spawn
 from .settings import Settings, SettingsError
 from .stack import (
     Stack,
@@ -150,36 +149,6 @@ async def _demo_poll(database_url: str, remembered: str | None) -> tuple[str, st
     return str(poll_id), str(option_id)
 
 
-def _wait_healthy(url: str, procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args!r} exited with status {proc.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
-            if response.status == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
-
-
-@contextlib.contextmanager
-def _children(env: dict[str, str]) -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield procs
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def edge_processes(private_servers: int) -> int:
     """How many edge processes `up` runs on this machine: a core each, once the
     worker and each private server it started have had one.
@@ -238,16 +207,13 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
             remember_demo_poll(data_dir, poll_id)
             private = (not settings.database_url) + (not settings.redis_url)
             processes = processes or edge_processes(private)
-            procs = stack.enter_context(_children(env))
+            procs = stack.enter_context(children(timeout=30))
             command = [sys.executable, "-m", "voteflow"]
-            names = ("worker", "edge")
-            arguments: tuple[list[str], ...] = ([], ["--processes", str(processes)])
-            procs.extend(
-                subprocess.Popen([*command, name, *extra], env=env)
-                for name, extra in zip(names, arguments, strict=True)
-            )
+            procs.append(spawn("worker", [*command, "worker"], env=env))
+            edge = spawn("edge", [*command, "edge", "--processes", str(processes)], env=env)
+            procs.append(edge)
             base = settings.local_url
-            _wait_healthy(f"{base}/health", procs, timeout=60)
+            edge.wait_http(f"{base}/health", timeout=60, beside=procs)
             # For `voteflow poll` and `voteflow audit` run beside it; removed
             # first on the way out.
             write_stack(
@@ -282,11 +248,13 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
                 f"\nCtrl-C stops everything.",
                 flush=True,
             )
-            while all(proc.poll() is None for proc in procs):
+            while all(proc.popen.poll() is None for proc in procs):
                 time.sleep(0.5)
-            for name, proc in zip(names, procs, strict=True):
-                if proc.returncode is not None:
-                    print(f"{name} exited with status {proc.returncode}", file=sys.stderr)
+            for proc in procs:
+                if proc.popen.returncode is not None:
+                    print(
+                        f"{proc.name} exited with status {proc.popen.returncode}", file=sys.stderr
+                    )
             return 1
     except (KeyboardInterrupt, _Stop, asyncio.CancelledError):
         # A Ctrl-C during asyncio.run() (the migration, say) arrives as

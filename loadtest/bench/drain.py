@@ -37,19 +37,21 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import ClassVar
 
 import asyncpg
 import redis
 from redis.exceptions import ResponseError
 
+from voteflow.children import Child
 from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, Vote
 from voteflow.migrate import migrate
 
 from . import timing
 from .edge import SHARDS
-from .procs import Child, cpu_seconds, tree_cpu, tree_cpu_used
+from .procs import cpu_seconds, tree_cpu, tree_cpu_used
 from .stack import (
     Bench,
     Options,
@@ -158,50 +160,11 @@ class Columns:
         return self.polls, self.vote_ids, self.voters, self.options, self.received
 
 
-_ROWS = "unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[]) AS b(p, v, u, o, t)"
-_AT = "timestamptz 'epoch' + b.t * interval '1 microsecond'"
-CEILING_VOTES = f"""
-INSERT INTO votes (poll_id, vote_id, voter, option_ids, received_at, counted)
-SELECT b.p, b.v, b.u, b.o::uuid[], {_AT}, true FROM {_ROWS}
-ON CONFLICT DO NOTHING
-"""
-CEILING_BALLOTS = f"""
-INSERT INTO voter_ballots (poll_id, voter, vote_id, received_at, option_ids)
-SELECT DISTINCT ON (b.p, b.u COLLATE "C") b.p, b.u, b.v, {_AT}, b.o::uuid[] FROM {_ROWS}
-ORDER BY b.p, b.u COLLATE "C", b.t DESC, b.v DESC
-ON CONFLICT (poll_id, voter) DO UPDATE
-SET vote_id = excluded.vote_id, received_at = excluded.received_at,
-    option_ids = excluded.option_ids
-WHERE (excluded.received_at, excluded.vote_id)
-    > (voter_ballots.received_at, voter_ballots.vote_id)
-"""
-_PER_OPTION = """
-WITH d AS (
-    SELECT b.p, x.o, count(*) AS n
-    FROM unnest($1::uuid[], $2::text[]) AS b(p, o)
-    CROSS JOIN LATERAL unnest(b.o::uuid[]) AS x(o)
-    GROUP BY b.p, x.o
-)
-"""
-_PER_POLL = "WITH d AS (SELECT b.p, count(*) AS n FROM unnest($1::uuid[]) AS b(p) GROUP BY b.p)\n"
-# Rows locked in key order first (tallies, then counters, as cast_vote_atomic),
-# so that concurrent batches cannot deadlock.
-CEILING_LOCK_TALLIES = (
-    _PER_OPTION + "SELECT FROM tallies AS t JOIN d ON t.poll_id = d.p AND t.option_id = d.o "
-    "ORDER BY t.poll_id, t.option_id FOR UPDATE OF t"
-)
-CEILING_TALLIES = (
-    _PER_OPTION + "UPDATE tallies AS t SET votes = t.votes + d.n FROM d "
-    "WHERE t.poll_id = d.p AND t.option_id = d.o"
-)
-CEILING_LOCK_COUNTERS = (
-    _PER_POLL + "SELECT FROM poll_counters AS c JOIN d ON c.poll_id = d.p "
-    "ORDER BY c.poll_id FOR UPDATE OF c"
-)
-CEILING_COUNTERS = (
-    _PER_POLL + "UPDATE poll_counters AS c SET total_ballots = c.total_ballots + d.n, "
-    "version = c.version + 1, updated_at = now() FROM d WHERE c.poll_id = d.p"
-)
+# The ceiling's statements, by name (drain_ceiling.sql says what each does).
+CEILING = {
+    part.split("\n", 1)[0].strip(): part.split("\n", 1)[1].strip().rstrip(";")
+    for part in Path(__file__).with_name("drain_ceiling.sql").read_text().split("-- name: ")[1:]
+}
 
 
 class Drain(Stage):
@@ -472,12 +435,12 @@ async def _write(conn: asyncpg.Connection, batches: list[Columns]) -> None:
         for attempt in range(5):
             try:
                 async with conn.transaction():
-                    await conn.execute(CEILING_VOTES, *args)
-                    await conn.execute(CEILING_BALLOTS, *args)
-                    await conn.execute(CEILING_LOCK_TALLIES, batch.polls, batch.options)
-                    await conn.execute(CEILING_TALLIES, batch.polls, batch.options)
-                    await conn.execute(CEILING_LOCK_COUNTERS, batch.polls)
-                    await conn.execute(CEILING_COUNTERS, batch.polls)
+                    await conn.execute(CEILING["votes"], *args)
+                    await conn.execute(CEILING["ballots"], *args)
+                    await conn.execute(CEILING["lock_tallies"], batch.polls, batch.options)
+                    await conn.execute(CEILING["tallies"], batch.polls, batch.options)
+                    await conn.execute(CEILING["lock_counters"], batch.polls)
+                    await conn.execute(CEILING["counters"], batch.polls)
                 break
             except asyncpg.exceptions.DeadlockDetectedError:
                 if attempt == 4:

@@ -18,9 +18,11 @@ from dataclasses import replace
 
 import orjson
 
+from voteflow.children import spawn
+
 from . import wrk
 from .pipeline import PipelineStage
-from .procs import cpu_seconds, popen, rss
+from .procs import cpu_seconds, rss
 from .stack import Options, progress
 from .stage import Sample, median_extra
 
@@ -43,9 +45,10 @@ class FanOut(PipelineStage):
         before = rss(self.pipeline.edge.pid)
         argv = [sys.executable, "-m", "loadtest.bench.watchers", self.pipeline.url, poll[0]]
         argv.append(str(options.watchers))
-        child = popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE
-        )
+        child = spawn(
+            "watchers", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, session=True,
+        ).popen  # fmt: skip
         try:
             assert child.stdout is not None and child.stdin is not None
             line = child.stdout.readline().decode()

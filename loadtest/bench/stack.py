@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 import asyncpg
 import redis
 
-from voteflow.keys import GROUP, Keys
+from loadtest.verdict import backlog
+from voteflow.children import Child, spawn
+from voteflow.keys import Keys
 from voteflow.migrate import migrate
 from voteflow.servers import PostgresServer, RedisClusterServers, RedisServer
-
-from .procs import Child
 
 REPO = Path(__file__).resolve().parents[2]
 AOF_REWRITE_TIMEOUT = 60.0
@@ -97,28 +97,6 @@ def _wait_for_rewrite(client: redis.Redis) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("Redis did not finish rewriting its append-only file")
         time.sleep(0.05)
-
-
-def backlog(client: redis.Redis | redis.RedisCluster, keys: Keys) -> int:
-    """Entries of the consumer group not yet delivered, plus those delivered
-    but not yet acknowledged: 0 once every appended vote is committed."""
-    streams = keys.streams()
-    pipe = client.pipeline(transaction=False)
-    for stream in streams:
-        pipe.xinfo_groups(stream)
-        pipe.xlen(stream)
-    replies = pipe.execute()
-    left = 0
-    for groups, length in zip(replies[::2], replies[1::2], strict=True):
-        found = [g for g in groups if g["name"].decode() == GROUP]
-        if not found:  # no worker has created the group yet
-            left += int(length)
-            continue
-        lag = found[0].get("lag")
-        if lag is None:  # unknown to Redis: count from the stream's length
-            lag = int(length) - (found[0].get("entries-read") or 0)
-        left += int(lag) + int(found[0]["pending"])
-    return left
 
 
 def wait_drained(
@@ -222,4 +200,6 @@ class Bench:
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
         """Start a process in the repository; it is stopped when the run ends."""
         log_path = self.work_dir / f"{name}.log"
-        return self.stack.enter_context(Child(name, argv, env, REPO, log_path))
+        return self.stack.enter_context(
+            spawn(name, argv, env=env, cwd=REPO, log=log_path, session=True)
+        )

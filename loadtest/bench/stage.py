@@ -14,8 +14,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from voteflow.children import Child
+
 from . import wrk
-from .procs import Child, tree_cpu, tree_cpu_used
+from .procs import tree_cpu, tree_cpu_used
 from .stack import Bench, Options
 from .timing import Plan
 
