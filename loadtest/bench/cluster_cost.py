@@ -107,8 +107,7 @@ class Shape:
         self.redis_pids = node_pids(servers)
 
     def new_poll(self) -> tuple[str, list[str]]:
-        poll = create_poll(self.urls[0], self.token)
-        return poll["id"], [option["id"] for option in poll["options"]]
+        return create_poll(self.urls[0], self.token)
 
     def send(self, poll: tuple[str, list[str]], duration: int, ledger: Path | None) -> wrk.WrkRun:
         """A wrk process per edge, at once, the connections and threads split

@@ -38,7 +38,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
 
 import asyncpg
 import redis
@@ -60,6 +59,7 @@ from .stack import (
     progress,
     rewrite_aof,
     run_sql,
+    sql,
     wait_drained,
 )
 from .stage import Sample, Stage
@@ -82,13 +82,6 @@ CEILING_PER_S = 60_000.0
 ROUND_S = 3.0
 # A drain that makes no progress for this long has failed (a worker stuck).
 STALL_TIMEOUT = 120.0
-
-
-@dataclass(frozen=True, slots=True)
-class DrainSettings:
-    votes: int = 300_000  # the full run's; --quick queues fewer
-    workers: int = 1
-    repeats: int = 1  # at most; never more than --repeats
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +165,6 @@ class Drain(Stage):
     name = "drain"
     title = "voteflow worker draining a backlog in the streams -> PostgreSQL"
     requests = False
-    # Set by the command line before the run.
-    settings: ClassVar[DrainSettings] = DrainSettings()
 
     def start(self, bench: Bench) -> None:
         self.bench = bench
@@ -184,30 +175,30 @@ class Drain(Stage):
         self.repeat = 0
 
     def plan(self, options: Options, started: set[str]) -> timing.Plan:
-        votes = self.settings.votes
+        votes = options.drain_votes
         return timing.Plan(
             start=0.0,
             warm_up=0.0,
             round=ROUND_S + votes / QUEUED_PER_S + votes / DRAINED_PER_S + votes / CEILING_PER_S,
-            rounds=self.rounds(options.repeats),
+            rounds=self.rounds(options),
         )
 
-    def rounds(self, repeats: int) -> int:
+    def rounds(self, options: Options) -> int:
         """How many of the run's rounds measure this stage: it is long."""
-        return min(repeats, self.settings.repeats)
+        return min(options.repeats, options.drain_repeats)
 
     def warm_up(self) -> None:
         """None: each repeat starts from fresh databases and new worker processes."""
 
     def measure(self) -> Sample:
         self.repeat += 1
-        settings = self.settings
-        connections = settings.workers * CONSUMERS
+        options = self.bench.options
+        connections = options.drain_workers * CONSUMERS
         drain_db = f"drain_{self.repeat}"
         ceiling_db = f"drain_ceiling_{self.repeat}"
         drain_url = self._fresh_database(drain_db)
         try:
-            plan = self._plan(drain_url, settings.votes)
+            plan = self._plan(drain_url, options.drain_votes)
             ceiling_url = self._fresh_database(ceiling_db)
             try:
                 self._copy_polls(drain_url, ceiling_url)
@@ -216,12 +207,12 @@ class Drain(Stage):
                 self._fill(plan)
                 progress(
                     f"drain: {plan.votes:,} votes queued in {time.monotonic() - filled:.1f}s; "
-                    f"draining with {settings.workers} worker(s)"
+                    f"draining with {options.drain_workers} worker(s)"
                 )
-                self._checkpoint(drain_url)
-                sample = self._drain(plan, drain_url, settings.workers)
+                sql(drain_url, "CHECKPOINT")
+                sample = self._drain(plan, drain_url, options.drain_workers)
                 self._clear_streams()
-                self._checkpoint(ceiling_url)
+                sql(ceiling_url, "CHECKPOINT")
                 ceiling = asyncio.run(_ceiling(ceiling_url, plan, connections))
             finally:
                 self._drop(ceiling_db)
@@ -241,26 +232,14 @@ class Drain(Stage):
     # The steps of a repeat.
 
     def _fresh_database(self, name: str) -> str:
-        async def create(conn: asyncpg.Connection) -> None:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{name}"')
-
-        run_sql(self.servers.postgres.url, create)
+        self._drop(name)
+        sql(self.servers.postgres.url, f'CREATE DATABASE "{name}"')
         url = _database_url(self.servers.postgres.url, name)
         asyncio.run(migrate(url))
         return url
 
     def _drop(self, name: str) -> None:
-        async def drop(conn: asyncpg.Connection) -> None:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-        run_sql(self.servers.postgres.url, drop)
-
-    def _checkpoint(self, url: str) -> None:
-        async def checkpoint(conn: asyncpg.Connection) -> None:
-            await conn.execute("CHECKPOINT")
-
-        run_sql(url, checkpoint)
+        sql(self.servers.postgres.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def _plan(self, url: str, votes: int) -> Plan:
         async def create(conn: asyncpg.Connection) -> list[tuple[str, tuple[str, ...]]]:
@@ -402,14 +381,13 @@ class Drain(Stage):
         )
 
     def _check(self, url: str) -> tuple[int, int]:
-        async def count(conn: asyncpg.Connection) -> tuple[int, int]:
-            stored = await conn.fetchval("SELECT count(*) FROM votes")
-            ballots = await conn.fetchval(
-                "SELECT coalesce(sum(total_ballots), 0) FROM poll_counters"
-            )
-            return int(stored), int(ballots)
-
-        return run_sql(url, count)
+        stored, ballots = sql(
+            url,
+            "SELECT (SELECT count(*) FROM votes), "
+            "(SELECT coalesce(sum(total_ballots), 0) FROM poll_counters)",
+            answer="fetchrow",
+        )
+        return int(stored), int(ballots)
 
 
 def _batches(plan: Plan, connections: int) -> list[list[Columns]]:

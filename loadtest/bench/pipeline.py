@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Self
 
-import asyncpg
 import orjson
 import redis
 
@@ -35,9 +34,12 @@ from voteflow.servers import HOST, free_port
 from . import wrk
 from .edge import SHARDS, create_poll
 from .procs import cpu_seconds, peak_rss, reset_peak_rss, tree_cpu, tree_cpu_used, tree_pss
-from .stack import Bench, Options, progress, rewrite_aof, run_sql, wait_drained
+from .stack import Bench, Options, progress, rewrite_aof, sql, wait_drained
 from .stage import Sample, Stage
 from .timing import Plan
+
+# Re-exported: the steady stage and its tests read lags with it.
+from .watchers import percentiles as percentiles
 
 KEY_PREFIX = "e2e"
 MAX_CONNECTIONS = 50_000
@@ -48,14 +50,6 @@ LIVE_TIMEOUT = 10.0
 POLL_EVERY = 0.05
 # Processes whose cost is measured, in the order reports show them.
 PROCESSES = ("edge", "worker", "redis", "postgresql", "wrk")
-
-
-def percentiles(values: list[float], points: tuple[int, ...] = (50, 95, 99)) -> list[float]:
-    """Nearest-rank percentiles of `values` (NaN for none)."""
-    if not values:
-        return [float("nan")] * len(points)
-    ordered = sorted(values)
-    return [ordered[min(len(ordered) - 1, max(0, -(-p * len(ordered) // 100) - 1))] for p in points]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,22 +104,12 @@ class Pipeline:
         bench.stack.callback(self.redis.close)
         self.warmed = False
 
-    @classmethod
-    def of(cls, bench: Bench) -> Pipeline:
-        """The run's pipeline, shared by the stages that use it."""
-        found = bench.shared.get(cls.__name__)
-        if found is None:
-            found = bench.shared[cls.__name__] = cls(bench)
-        assert isinstance(found, cls)
-        return found
-
     def check_alive(self) -> None:
         self.edge.check_alive()
         self.worker.check_alive()
 
     def new_poll(self) -> tuple[str, list[str]]:
-        poll = create_poll(self.url, self.token)
-        return poll["id"], [option["id"] for option in poll["options"]]
+        return create_poll(self.url, self.token)
 
     def rewrite_aof(self) -> None:
         rewrite_aof(self.redis)
@@ -136,27 +120,19 @@ class Pipeline:
         wait_drained(self.redis, self.keys, [self.worker], STALL_TIMEOUT, POLL_EVERY)
 
     def committed(self, poll_id: str) -> list[Committed]:
-        async def read(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-            rows: list[asyncpg.Record] = await conn.fetch(
-                "SELECT vote_id::text, extract(epoch FROM received_at)::float8 AS received, "
-                "extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 AS committed, "
-                "xmin::text::bigint AS xid FROM votes WHERE poll_id = $1",
-                poll_id,
-            )
-            return rows
-
-        rows = run_sql(self.database_url, read)
-        return [Committed(row[0], row[1], row[2], row[3]) for row in rows]
+        rows = sql(
+            self.database_url,
+            "SELECT vote_id::text, extract(epoch FROM received_at)::float8 AS received, "
+            "extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 AS committed, "
+            "xmin::text::bigint AS xid FROM votes WHERE poll_id = $1",
+            poll_id,
+            answer="fetch",
+        )
+        return [Committed(*row) for row in rows]
 
     def total_ballots(self, poll_id: str) -> int:
-        async def read(conn: asyncpg.Connection) -> int:
-            return int(
-                await conn.fetchval(
-                    "SELECT total_ballots FROM poll_counters WHERE poll_id = $1", poll_id
-                )
-            )
-
-        return run_sql(self.database_url, read)
+        query = "SELECT total_ballots FROM poll_counters WHERE poll_id = $1"
+        return int(sql(self.database_url, query, poll_id, answer="fetchval"))
 
     def meter(self) -> Meter:
         assert self.postgres_pid is not None and self.redis_pid is not None
@@ -317,7 +293,7 @@ class PipelineStage(Stage):
 
     def start(self, bench: Bench) -> None:
         self.bench = bench
-        self.pipeline = Pipeline.of(bench)
+        self.pipeline = bench.share(Pipeline)
 
     def warm_up(self) -> None:
         """One unmeasured run at full speed, for the first such stage only."""

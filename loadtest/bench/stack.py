@@ -28,6 +28,7 @@ DATABASE = "bench"
 # Seconds any one statement of the bench's own may take (a CHECKPOINT, say).
 COMMAND_TIMEOUT = 120.0
 T = TypeVar("T")
+S = TypeVar("S")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,9 @@ class Options:
     spike_connections: int = 1000  # stage 6
     watchers: int = 10_000  # stage 8
     fanout_rate: float = 200.0  # stage 8's votes/s while the watchers watch
+    drain_votes: int = 300_000  # stage 4's backlog
+    drain_workers: int = 1  # stage 4's workers draining it
+    drain_repeats: int = 1  # stage 4's repeats, at most --repeats: it is long
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,12 @@ def run_sql(database_url: str, work: Callable[[asyncpg.Connection], Awaitable[T]
             await conn.close()
 
     return asyncio.run(go())
+
+
+def sql(database_url: str, query: str, *args: Any, answer: str = "execute") -> Any:
+    """One statement on a fresh connection, from synchronous code: its status
+    (answer "execute"), its rows ("fetch"), first row ("fetchrow") or value ("fetchval")."""
+    return run_sql(database_url, lambda conn: getattr(conn, answer)(query, *args))
 
 
 def progress(message: str) -> None:
@@ -134,10 +144,18 @@ class Bench:
         self._servers: dict[str, Servers] = {}
         self._databases: dict[str, tuple[PostgresServer, str]] = {}
         self._clusters: dict[str, RedisClusterServers] = {}
-        # What stages share beyond the servers (the pipeline of stages 5-7), by name.
-        self.shared: dict[str, object] = {}
+        # What stages share beyond the servers (the pipeline of stages 5-8), by class.
+        self._shared: dict[type, object] = {}
         # Each stage's rates measured so far in this run, by stage number.
         self.rates: dict[int, list[float]] = {}
+
+    def share(self, kind: type[S]) -> S:
+        """What several stages share (the pipeline, a cluster): made by the first that asks."""
+        found = self._shared.get(kind)
+        if found is None:
+            found = self._shared[kind] = kind(self)  # type: ignore[call-arg]
+        assert isinstance(found, kind)
+        return found
 
     def servers(self, name: str = "shared") -> Servers:
         """Private servers, started and migrated on first use, by name.
@@ -170,10 +188,7 @@ class Bench:
                 )
             )
 
-            async def create(conn: asyncpg.Connection) -> None:
-                await conn.execute(f'CREATE DATABASE "{DATABASE}"')
-
-            run_sql(postgres.url, create)
+            sql(postgres.url, f'CREATE DATABASE "{DATABASE}"')
             database_url = _database_url(postgres.url, DATABASE)
             asyncio.run(migrate(database_url))
             found = self._databases[name] = (postgres, database_url)

@@ -167,7 +167,7 @@ class WrkStage(Stage):
         """After each repeat: how many votes storage holds (None: not counted)."""
         return None
 
-    def _wrk(self, duration: int) -> wrk.WrkRun:
+    def _wrk(self, duration: int, load: wrk.Load | None = None) -> wrk.WrkRun:
         options = self.bench.options
         return wrk.run(
             options.wrk,
@@ -177,6 +177,7 @@ class WrkStage(Stage):
             threads=options.threads,
             poll_id=self.poll_id,
             option_ids=self.option_ids,
+            load=load or wrk.Load(),
         )
 
     def warm_up(self) -> None:
