@@ -35,6 +35,7 @@ import asyncpg
 import redis
 from redis.exceptions import RedisError, ResponseError
 
+from loadtest.queries import named
 from voteflow.keys import GROUP, Keys
 from voteflow.settings import Settings, SettingsError
 
@@ -72,68 +73,8 @@ def ledger_records(directory: Path, stats: LedgerStats) -> Iterator[tuple[uuid.U
                 yield record
 
 
-# Every line of the ledger, then each vote_id once (the ledger proper).
-_CREATE = """
-CREATE TEMPORARY TABLE loadtest_answers (vote_id uuid NOT NULL, poll_id uuid NOT NULL)
-"""
-_DISTINCT = """
-CREATE TEMPORARY TABLE loadtest_ledger AS
-SELECT vote_id, min(poll_id::text)::uuid AS poll_id
-FROM loadtest_answers GROUP BY vote_id;
-ALTER TABLE loadtest_ledger ADD PRIMARY KEY (vote_id);
-ANALYZE loadtest_ledger
-"""
-_SUMMARY = """
-SELECT (SELECT count(*) FROM loadtest_ledger) AS distinct_votes,
-       (SELECT count(DISTINCT poll_id) FROM loadtest_ledger) AS polls,
-       (SELECT min(poll_id::text)::uuid FROM loadtest_ledger) AS first_poll,
-       (SELECT array_agg(vote_id) FROM (
-            SELECT vote_id FROM loadtest_answers GROUP BY vote_id
-            HAVING count(DISTINCT poll_id) > 1) AS c) AS conflicts
-"""
-
-# Ledger votes not (yet) in the votes table: the wait's condition.
-_MISSING = """
-SELECT count(*) FROM loadtest_ledger AS l
-WHERE NOT EXISTS (SELECT 1 FROM votes AS v WHERE v.poll_id = l.poll_id AND v.vote_id = l.vote_id)
-"""
-
-# Each ledger vote against every votes row with its vote_id, in any poll: one
-# row, in its poll, is exactly once. The votes primary key is (poll_id,
-# vote_id), so a vote_id twice can only be in two polls.
-_CHECK = """
-WITH matched AS (
-    SELECT l.vote_id,
-           count(v.vote_id) AS copies,
-           count(v.vote_id) FILTER (WHERE v.poll_id = l.poll_id) AS in_its_poll
-    FROM loadtest_ledger AS l
-    LEFT JOIN votes AS v ON v.vote_id = l.vote_id
-    GROUP BY l.vote_id
-)
-SELECT count(*) FILTER (WHERE copies = 0) AS missing,
-       (SELECT count(*) FROM votes AS v
-        WHERE v.poll_id IN (SELECT DISTINCT poll_id FROM loadtest_ledger)) AS stored,
-       (SELECT count(*) FROM votes AS v
-        WHERE v.poll_id IN (SELECT DISTINCT poll_id FROM loadtest_ledger)
-          AND NOT EXISTS (SELECT 1 FROM loadtest_ledger AS l WHERE l.vote_id = v.vote_id))
-       AS unexpected,
-       count(*) FILTER (WHERE copies > 1) AS duplicated,
-       count(*) FILTER (WHERE copies = 1 AND in_its_poll = 0) AS wrong_poll,
-       (array_agg(vote_id) FILTER (WHERE copies <> 1 OR in_its_poll <> 1))[1:$1] AS samples
-FROM matched
-"""
-
-# Rule 7 for the polls of the run: tallies and total_ballots equal a recount,
-# and single-vote polls agree with voter_ballots. $1: the run's one poll, or
-# null for every poll (audit_polls reads the votes table twice either way).
-_RECOUNT = """
-SELECT a.poll_id
-FROM audit_polls($1) AS a
-WHERE a.poll_id IN (SELECT DISTINCT poll_id FROM loadtest_ledger)
-  AND (a.total_ballots IS DISTINCT FROM a.recount_ballots
-       OR a.votes IS DISTINCT FROM a.recount_votes
-       OR a.not_current <> 0 OR a.current_not_counted <> 0 OR a.options_differ <> 0)
-"""
+# The statements, by name: verdict.sql says what each one does.
+SQL = named(Path(__file__).with_name("verdict.sql"))
 
 
 @dataclass
@@ -222,25 +163,24 @@ async def verify(
         raise VerdictError(f"cannot connect to PostgreSQL: {exc}") from exc
     client = redis.Redis.from_url(redis_url) if redis_url else None
     try:
-        await conn.execute(_CREATE)
+        await conn.execute(SQL["create"])
         # One COPY for the whole ledger, then set-based queries only.
         await conn.copy_records_to_table(
             "loadtest_answers", records=records, columns=["vote_id", "poll_id"]
         )
-        answered = await conn.fetchval("SELECT count(*) FROM loadtest_answers")
-        await conn.execute(_DISTINCT)
-        summary = await conn.fetchrow(_SUMMARY)
+        await conn.execute(SQL["distinct"])
+        summary = await conn.fetchrow(SQL["summary"])
         if not summary["distinct_votes"]:
             return Outcome(False, f"VERDICT: FAIL no vote was answered 202 ({what})")
         waited, drained = await _wait(conn, client, keys, drain_timeout)
-        row = await conn.fetchrow(_CHECK, SAMPLES)
+        row = await conn.fetchrow(SQL["check"], SAMPLES)
         one_poll = summary["first_poll"] if summary["polls"] == 1 else None
-        unequal = [str(r["poll_id"]) for r in await conn.fetch(_RECOUNT, one_poll)]
+        unequal = [str(r["poll_id"]) for r in await conn.fetch(SQL["recount"], one_poll)]
     finally:
         await conn.close()
         if client is not None:
             client.close()
-    return _judge(answered, summary, row, unequal, waited, drained, drain_timeout)
+    return _judge(summary, row, unequal, waited, drained, drain_timeout)
 
 
 def counted_once(database_url: str, poll_id: str, vote_ids: Iterable[str]) -> Outcome:
@@ -257,7 +197,7 @@ async def _wait(
     """Until the streams are drained and no ledger vote is missing; (seconds, drained)."""
     started = time.monotonic()
     while True:
-        missing = await conn.fetchval(_MISSING)
+        missing = await conn.fetchval(SQL["missing"])
         pending = 0
         if client is not None and keys is not None:
             try:
@@ -273,7 +213,6 @@ async def _wait(
 
 
 def _judge(
-    answered: int,
     summary: Any,
     row: Any,
     unequal: list[str],
@@ -282,7 +221,7 @@ def _judge(
     timeout: float,
 ) -> Outcome:
     head = (
-        f"{answered:,} votes answered 202 "
+        f"{summary['answered']:,} votes answered 202 "
         f"({summary['distinct_votes']:,} distinct vote_ids, {summary['polls']} polls)"
     )
     conflicts = summary["conflicts"] or []
@@ -311,7 +250,7 @@ def _judge(
     if row["unexpected"]:
         details.append(f"{row['unexpected']:,} vote(s) of these polls whose 202 was not seen")
     figures = {
-        "answered": answered,
+        "answered": summary["answered"],
         "distinct": summary["distinct_votes"],
         "missing": row["missing"],
         "duplicated": row["duplicated"],

@@ -264,7 +264,8 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
         return 0
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
+    """argparse's type of a whole number of at least 1 (the bench's too)."""
     try:
         value = int(text)
     except ValueError:
@@ -290,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     edge = sub.add_parser("edge", help="run the HTTP edge")
     edge.add_argument(
         "--processes",
-        type=_positive,
+        type=positive,
         default=1,
         metavar="N",
         help="edge processes serving the one port, under a supervisor that restarts any that "
@@ -307,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     up.add_argument(
         "--edge-processes",
-        type=_positive,
+        type=positive,
         metavar="N",
         help="edge processes (default: a core each, once the worker and each private server "
         "have had one; at least 1)",

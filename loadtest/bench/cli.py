@@ -15,6 +15,8 @@ from tempfile import TemporaryDirectory
 from types import FrameType
 from typing import Any
 
+from voteflow.cli import positive
+
 from . import compare, goals, report, timing, wrk
 from .ceiling import HttpCeiling
 from .cluster_cost import ClusterCost
@@ -89,16 +91,6 @@ def _stages(text: str) -> list[int]:
     return numbers
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
-
-
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     stage_list = "\n".join(f"  {n} {cls.name}: {cls.title}" for n, cls in STAGES.items())
     parser = argparse.ArgumentParser(
@@ -146,7 +138,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
             what = _sized(flag[2:].replace("-", "_"), what)
         elif default:
             what += f" (default: {default:,})"
-        parser.add_argument(flag, type=_positive, default=default, help=what)
+        parser.add_argument(flag, type=positive, default=default, help=what)
     parser.add_argument(
         "--compare",
         nargs=2,

@@ -43,6 +43,7 @@ import asyncpg
 import redis
 from redis.exceptions import ResponseError
 
+from loadtest.queries import named
 from voteflow.children import Child
 from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, Vote
@@ -154,10 +155,7 @@ class Columns:
 
 
 # The ceiling's statements, by name (drain_ceiling.sql says what each does).
-CEILING = {
-    part.split("\n", 1)[0].strip(): part.split("\n", 1)[1].strip().rstrip(";")
-    for part in Path(__file__).with_name("drain_ceiling.sql").read_text().split("-- name: ")[1:]
-}
+CEILING = named(Path(__file__).with_name("drain_ceiling.sql"))
 
 
 class Drain(Stage):
