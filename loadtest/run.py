@@ -38,9 +38,9 @@ from loadtest import verdict
 from loadtest.profile import ENV_LEDGER, ENV_SCALE, ENV_TIME_SCALE, Profile
 from voteflow.children import Child, children, spawn
 from voteflow.keys import GROUP, Keys
-from voteflow.migrate import migrate
-from voteflow.servers import PostgresServer, RedisServer, free_port
+from voteflow.servers import free_port
 from voteflow.settings import Settings
+from voteflow.stack import prepare, start
 
 REPO = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
@@ -91,21 +91,10 @@ def _consumes(client: redis.Redis, keys: Keys, pid: int) -> bool:
     return True
 
 
-async def _create_database(server_url: str, name: str) -> str:
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return server_url.rsplit("/", 1)[0] + "/" + name
-
-
-def _stack_env(database_url: str, redis_url: str, port: int, token: str) -> dict[str, str]:
+def _stack_env(port: int, token: str) -> dict[str, str]:
     own = {f"VOTEFLOW_{name}" for name in _OWN}
     env = {k: v for k, v in os.environ.items() if k not in own}
     env.update(
-        VOTEFLOW_DATABASE_URL=database_url,
-        VOTEFLOW_REDIS_URL=redis_url,
         VOTEFLOW_HOST="127.0.0.1",
         VOTEFLOW_PORT=str(port),
         VOTEFLOW_ADMIN_TOKEN=token,
@@ -132,30 +121,15 @@ def run(args: argparse.Namespace) -> int:
     )
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="voteflow-loadtest-")))
-        # As `voteflow up` runs them: a 202 means the vote is on disk.
-        pg = stack.enter_context(PostgresServer(work / "postgres"))
-        redis_server = stack.enter_context(
-            RedisServer(work / "redis", appendonly=True, appendfsync="always")
-        )
-        database_url = asyncio.run(_create_database(pg.url, "voteflow"))
-        env = _stack_env(database_url, redis_server.url, free_port(), secrets.token_urlsafe(24))
+        # Private servers, migrated, and the processes, as `voteflow up` starts them.
+        env = _stack_env(free_port(), secrets.token_urlsafe(24))
         settings = Settings.from_env(env)
-        asyncio.run(migrate(database_url, vote_partitions=settings.vote_partitions))
-        started = stack.enter_context(children(STOP_TIMEOUT))
-
-        def start(name: str, argv: list[str], env: dict[str, str], log: Path | None) -> Child:
-            started.append(spawn(name, argv, env=env, cwd=REPO, log=log))
-            return started[-1]
-
-        command = [sys.executable, "-m", "voteflow"]
-        edge = start("edge", [*command, "edge"], env, out / "edge.log")
-        workers = [
-            start(f"worker-{n}", [*command, "worker"], env, out / f"worker-{n}.log")
-            for n in range(args.workers)
-        ]
+        database_url, redis_url = prepare(stack, settings, work, lambda line: None)
+        env.update(VOTEFLOW_DATABASE_URL=database_url, VOTEFLOW_REDIS_URL=redis_url)
         url = f"http://127.0.0.1:{settings.port}"
+        edge, workers = start(stack, env, url, workers=args.workers, logs=out, cwd=REPO)
         keys = Keys(settings.key_prefix, settings.stream_shards)
-        _wait_ready(url, edge, workers, keys, redis_server.url)
+        _wait_ready(url, edge, workers, keys, redis_url)
         print(f"loadtest: stack up at {url} (1 edge, {args.workers} worker(s))", flush=True)
 
         locust_env = dict(env)
@@ -173,14 +147,15 @@ def run(args: argparse.Namespace) -> int:
             argv += ["--processes", str(args.processes)]
         if args.quiet:
             argv += ["--only-summary", "--loglevel", "WARNING"]
-        locust = start("locust", argv, locust_env, None)
+        locust = spawn("locust", argv, env=locust_env, cwd=REPO)
+        stack.enter_context(children(STOP_TIMEOUT)).append(locust)
         thresholds_code = _wait_locust(locust, run_time)
 
         outcome = asyncio.run(
             verdict.check(
                 database_url,
                 ledger,
-                redis_url=redis_server.url,
+                redis_url=redis_url,
                 keys=keys,
                 drain_timeout=args.drain_timeout,
             )
@@ -191,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     # Everything started above is stopped by now.
     print(
         f"loadtest: reports in {out}: report.html, locust_stats.csv, locust_stats_history.csv, "
-        "locust_failures.csv, edge.log, worker-*.log, ledger/",
+        "locust_failures.csv, edge.log, worker*.log, ledger/",
         flush=True,
     )
     thresholds = "PASS" if thresholds_code == 0 else f"FAIL (locust exit {thresholds_code})"

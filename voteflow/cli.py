@@ -20,16 +20,17 @@ from types import FrameType
 import asyncpg
 
 from . import polladmin
-from .children import children, spawn
 from .settings import Settings, SettingsError
 from .stack import (
     Stack,
     admin_token,
+    prepare,
     private_dir,
     read_stack,
     remember_demo_poll,
     remembered_demo_poll,
     remove_stack,
+    start,
     write_stack,
 )
 
@@ -104,18 +105,6 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
-async def _prepare_database(server_url: str, database: str) -> str:
-    """Create ``database`` on a private server if missing; return its URL."""
-    conn = await asyncpg.connect(server_url)
-    try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
-        if not exists:
-            await conn.execute(f'CREATE DATABASE "{database}"')
-    finally:
-        await conn.close()
-    return server_url.rsplit("/", 1)[0] + "/" + database
-
-
 def _uuid(text: str | None) -> uuid.UUID | None:
     try:
         return None if text is None else uuid.UUID(text)
@@ -167,9 +156,6 @@ def edge_processes(private_servers: int) -> int:
 
 def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
     """Run the whole stack in the foreground until Ctrl-C or SIGTERM."""
-    from .migrate import migrate
-    from .servers import PostgresServer, RedisServer
-
     signal.signal(signal.SIGTERM, _raise_stop)
     # Started from a script (`voteflow up &`, nohup), the process begins with
     # SIGINT ignored, and Python then leaves it so: Ctrl-C would do nothing.
@@ -180,40 +166,21 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
             private_dir(data_dir)
             # Generated once and kept, so that the token printed last time still works.
             token = settings.admin_token or admin_token(data_dir)
-            database_url, redis_url = settings.database_url, settings.redis_url
-            if not database_url:
-                pg = stack.enter_context(PostgresServer(data_dir / "postgres"))
-                database_url = asyncio.run(_prepare_database(pg.url, "voteflow"))
-                print(f"private PostgreSQL: {database_url} (data in {data_dir / 'postgres'})")
-            if not redis_url:
-                # appendfsync always: a 202 means the vote is on disk, not only in memory.
-                redis = stack.enter_context(
-                    RedisServer(data_dir / "redis", appendonly=True, appendfsync="always")
-                )
-                redis_url = redis.url
-                print(
-                    f"private Redis: {redis_url} (data in {data_dir / 'redis'}, "
-                    f"maxmemory {redis.maxmemory >> 20} MiB)"
-                )
+            database_url, redis_url = prepare(stack, settings, data_dir, print)
             env.update(
                 VOTEFLOW_DATABASE_URL=database_url,
                 VOTEFLOW_REDIS_URL=redis_url,
                 VOTEFLOW_ADMIN_TOKEN=token,
             )
-            asyncio.run(migrate(database_url, vote_partitions=settings.vote_partitions))
             poll_id, option_id = asyncio.run(
                 _demo_poll(database_url, remembered_demo_poll(data_dir))
             )
             remember_demo_poll(data_dir, poll_id)
             private = (not settings.database_url) + (not settings.redis_url)
             processes = processes or edge_processes(private)
-            procs = stack.enter_context(children(timeout=30))
-            command = [sys.executable, "-m", "voteflow"]
-            procs.append(spawn("worker", [*command, "worker"], env=env))
-            edge = spawn("edge", [*command, "edge", "--processes", str(processes)], env=env)
-            procs.append(edge)
             base = settings.local_url
-            edge.wait_http(f"{base}/health", timeout=60, beside=procs)
+            edge, workers = start(stack, env, base, processes=processes)
+            procs = [*workers, edge]
             # For `voteflow poll` and `voteflow audit` run beside it; removed
             # first on the way out.
             write_stack(
