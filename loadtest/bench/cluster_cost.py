@@ -47,7 +47,7 @@ from voteflow.servers import HOST, RedisClusterServers, free_port
 from . import wrk
 from .cost import DRAIN_AFTER
 from .edge import create_poll
-from .pipeline import PROCESSES, STALL_TIMEOUT, Meter
+from .pipeline import PROCESSES, STALL_TIMEOUT, Meter, cost
 from .redis_cluster import SHARDS, client, cluster_env, node_pids, rewrite_every_aof
 from .report import columns
 from .stack import Bench, Options, progress, wait_drained
@@ -188,11 +188,7 @@ class Outcome:
 
     def extra(self, prefix: str) -> dict[str, float]:
         found = {f"{prefix}votes_per_s": self.rate}
-        for group in PROCESSES:
-            found[f"{prefix}cpu_s_per_1k.{group}"] = (
-                1000 * self.cpu[group] / max(self.run.accepted, 1)
-            )
-            found[f"{prefix}peak_mib.{group}"] = self.peak[group] / 2**20
+        found |= cost(self.cpu, self.peak, self.run.accepted, prefix)
         found[f"{prefix}p99_ms"] = self.run.p99_ms
         found[f"{prefix}non_2xx"] = float(self.run.non_2xx)
         found[f"{prefix}missing_202"] = float(self.missing)

@@ -188,13 +188,19 @@ class Meter:
 
     def extra(self, votes: int, wrk_cpu: float, wrk_peak: int) -> dict[str, float]:
         """Per process: CPU seconds per 1,000 votes and peak MiB, as a Sample's extras."""
-        cpu = self.cpu | {"wrk": wrk_cpu}
-        peak = self.peak | {"wrk": wrk_peak}
-        found = {}
-        for name in PROCESSES:
-            found[f"cpu_s_per_1k.{name}"] = 1000 * cpu[name] / max(votes, 1)
-            found[f"peak_mib.{name}"] = peak[name] / 2**20
-        return found
+        return cost(self.cpu | {"wrk": wrk_cpu}, self.peak | {"wrk": wrk_peak}, votes)
+
+
+def cost(
+    cpu: dict[str, float], peak: dict[str, int], votes: int, prefix: str = ""
+) -> dict[str, float]:
+    """Per process (PROCESSES): CPU seconds per 1,000 votes and peak MiB, as
+    a Sample's extras (their names after `prefix`)."""
+    found = {}
+    for name in PROCESSES:
+        found[f"{prefix}cpu_s_per_1k.{name}"] = 1000 * cpu[name] / max(votes, 1)
+        found[f"{prefix}peak_mib.{name}"] = peak[name] / 2**20
+    return found
 
 
 class LiveWatcher:
