@@ -33,7 +33,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,20 +88,11 @@ class Poll:
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Poll:
+        """A poll as the admin API answers it, or as a master sends it (asdict)."""
+        options = tuple(o if isinstance(o, str) else o["id"] for o in body["options"])
         return cls(
-            id=body["id"],
-            options=tuple(option["id"] for option in body["options"]),
-            allow_multiple_votes=bool(body["allow_multiple_votes"]),
-            max_choices=int(body["max_choices"]),
+            body["id"], options, bool(body["allow_multiple_votes"]), int(body["max_choices"])
         )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "options": [{"id": option} for option in self.options],
-            "allow_multiple_votes": self.allow_multiple_votes,
-            "max_choices": self.max_choices,
-        }
 
 
 @dataclass
@@ -119,7 +110,7 @@ class Run:
 
     def plan(self) -> dict[str, Any]:
         assert self.hot is not None
-        return {"hot": self.hot.to_json(), "small": [p.to_json() for p in self.small]}
+        return {"hot": asdict(self.hot), "small": [asdict(p) for p in self.small]}
 
     def adopt(self, plan: dict[str, Any]) -> None:
         self.hot = Poll.from_json(plan["hot"])
