@@ -32,7 +32,6 @@ import os
 import resource
 import secrets
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,9 +39,8 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from loadtest.verdict import counted_once
-from voteflow.children import Child
 from voteflow.keys import Keys
-from voteflow.servers import HOST, RedisClusterServers, free_port
+from voteflow.servers import RedisClusterServers
 
 from . import wrk
 from .cost import DRAIN_AFTER
@@ -77,31 +75,7 @@ class Shape:
         prefix = f"bench11-{label(n)}"
         common = cluster_env(servers, database_url, prefix) | {"VOTEFLOW_ADMIN_TOKEN": self.token}
         self.keys = Keys(prefix, SHARDS, cluster=True)
-        self.urls: list[str] = []
-        self.edges: list[Child] = []
-        self.workers: list[Child] = []
-        for i in range(n):
-            port = free_port()
-            env = bench.child_env(
-                **common,
-                VOTEFLOW_HOST=HOST,
-                VOTEFLOW_PORT=str(port),
-                VOTEFLOW_TRUSTED_PROXIES=HOST,
-            )
-            edge = bench.spawn(
-                f"edge-{label(n)}-{i}", [sys.executable, "-m", "voteflow", "edge"], env
-            )
-            self.urls.append(f"http://{HOST}:{port}")
-            self.edges.append(edge)
-        for edge, url in zip(self.edges, self.urls, strict=True):
-            edge.wait_http(f"{url}/health")
-        for i in range(n):
-            env = bench.child_env(**common, VOTEFLOW_WORKER_METRICS_PORT="0")
-            self.workers.append(
-                bench.spawn(
-                    f"worker-{label(n)}-{i}", [sys.executable, "-m", "voteflow", "worker"], env
-                )
-            )
+        self.urls, self.edges, self.workers = bench.voteflow(label(n), common, n)
         self.client = client(servers)
         bench.stack.callback(self.client.close)
         self.redis_pids = node_pids(servers)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -53,6 +52,7 @@ from . import timing
 from .edge import SHARDS
 from .procs import cpu_seconds, tree_cpu, tree_cpu_used
 from .stack import (
+    VOTEFLOW,
     Bench,
     Options,
     Servers,
@@ -334,9 +334,7 @@ class Drain(Stage):
         redis_before = cpu_seconds(redis_pid)
         started = time.monotonic()
         children: list[Child] = [
-            self.bench.spawn(
-                f"drain-worker-{self.repeat}-{n}", [sys.executable, "-m", "voteflow", "worker"], env
-            )
+            self.bench.spawn(f"drain-worker-{self.repeat}-{n}", [*VOTEFLOW, "worker"], env)
             for n in range(workers)
         ]
         wait_drained(self.redis, self.keys, children, STALL_TIMEOUT, POLL_EVERY)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import sys
 import time
 import urllib.request
 from dataclasses import replace
@@ -27,7 +26,7 @@ from voteflow.keys import Keys
 from voteflow.servers import HOST, free_port
 
 from . import wrk
-from .stack import Bench, rewrite_aof
+from .stack import VOTEFLOW, Bench, rewrite_aof
 from .stage import Sample, WrkStage
 
 KEY_PREFIX = "bench"
@@ -111,7 +110,7 @@ def start_edge(stage: WrkStage, name: str, env: dict[str, str], processes: int =
         VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
         VOTEFLOW_MAX_BACKLOG="0",
     )
-    command = [sys.executable, "-m", "voteflow", "edge", "--processes", str(processes)]
+    command = [*VOTEFLOW, "edge", "--processes", str(processes)]
     stage.server = stage.bench.spawn(name, command, env)
     stage.url = f"http://{HOST}:{port}"
     stage.server.wait_http(f"{stage.url}/health")

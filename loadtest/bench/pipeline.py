@@ -17,7 +17,6 @@ import contextlib
 import http.client
 import secrets
 import socket
-import sys
 import threading
 import time
 from bisect import bisect_left
@@ -29,7 +28,7 @@ import orjson
 import redis
 
 from voteflow.keys import Keys
-from voteflow.servers import HOST, free_port
+from voteflow.servers import HOST
 
 from . import wrk
 from .edge import SHARDS, create_poll
@@ -73,7 +72,6 @@ class Pipeline:
         self.redis_pid = servers.redis.pid
         self.keys = Keys(KEY_PREFIX, SHARDS)
         self.token = secrets.token_urlsafe(24)
-        port = free_port()
         common = {
             "VOTEFLOW_DATABASE_URL": servers.database_url,
             "VOTEFLOW_REDIS_URL": servers.redis.url,
@@ -82,24 +80,15 @@ class Pipeline:
             "VOTEFLOW_STREAM_SHARDS": str(SHARDS),
             "VOTEFLOW_LOG_LEVEL": "WARNING",
         }
-        edge_env = bench.child_env(
-            **common,
-            VOTEFLOW_HOST=HOST,
-            VOTEFLOW_PORT=str(port),
-            VOTEFLOW_TRUSTED_PROXIES=HOST,
-            # Stage 8's watchers and the votes beside them; the watchers all
-            # come from the bench's one address.
+        # Stage 8's watchers and the votes beside them; the watchers all come
+        # from the bench's one address.
+        (self.url,), (self.edge,), (self.worker,) = bench.voteflow(
+            "e2e",
+            common,
             VOTEFLOW_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
             VOTEFLOW_LIVE_MAX_PER_ADDRESS=str(MAX_CONNECTIONS),
         )
-        worker_env = bench.child_env(**common, VOTEFLOW_WORKER_METRICS_PORT="0")
-        self.url = f"http://{HOST}:{port}"
-        self.port = port
-        self.edge = bench.spawn("e2e-edge", [sys.executable, "-m", "voteflow", "edge"], edge_env)
-        self.edge.wait_http(f"{self.url}/health")
-        self.worker = bench.spawn(
-            "e2e-worker", [sys.executable, "-m", "voteflow", "worker"], worker_env
-        )
+        self.port = int(self.url.rsplit(":", 1)[1])
         self.redis = redis.Redis.from_url(servers.redis.url, socket_timeout=30)
         bench.stack.callback(self.redis.close)
         self.warmed = False

@@ -20,9 +20,10 @@ from loadtest.verdict import backlog
 from voteflow.children import Child, spawn
 from voteflow.keys import Keys
 from voteflow.migrate import migrate
-from voteflow.servers import PostgresServer, RedisClusterServers, RedisServer
+from voteflow.servers import HOST, PostgresServer, RedisClusterServers, RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
+VOTEFLOW = [sys.executable, "-m", "voteflow"]
 AOF_REWRITE_TIMEOUT = 60.0
 DATABASE = "bench"
 # Seconds any one statement of the bench's own may take (a CHECKPOINT, say).
@@ -211,6 +212,29 @@ class Bench:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VOTEFLOW_")}
         env.update(extra)
         return env
+
+    def voteflow(
+        self, name: str, env: dict[str, str], n: int = 1, **edge_env: str
+    ) -> tuple[list[str], list[Child], list[Child]]:
+        """`n` edges (each on a port of its own, trusting the bench as its
+        proxy, with `edge_env` too) and then `n` workers, with `env`; returns
+        (the edges' URLs, the edges, the workers) once every edge answers."""
+        urls, edges = [], []
+        for i in range(n):
+            port = free_port()
+            edge = self.child_env(
+                **env, **edge_env, VOTEFLOW_HOST=HOST, VOTEFLOW_PORT=str(port),
+                VOTEFLOW_TRUSTED_PROXIES=HOST,
+            )  # fmt: skip
+            edges.append(self.spawn(f"{name}-edge-{i}", [*VOTEFLOW, "edge"], edge))
+            urls.append(f"http://{HOST}:{port}")
+        for child, url in zip(edges, urls, strict=True):
+            child.wait_http(f"{url}/health")
+        worker = self.child_env(**env, VOTEFLOW_WORKER_METRICS_PORT="0")
+        workers = [
+            self.spawn(f"{name}-worker-{i}", [*VOTEFLOW, "worker"], worker) for i in range(n)
+        ]
+        return urls, edges, workers
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
         """Start a process in the repository; it is stopped when the run ends."""
