@@ -1,29 +1,8 @@
-"""Stage 11, the pipeline on a Redis Cluster: what each process spends on a vote
-with one edge and one worker, and with two of each, and whether every vote
-answered 202 is committed exactly once in both.
-
-A private cluster of 3 masters without replicas (VOTEFLOW_REDIS_MIN_REPLICAS=0,
-every master with ``appendfsync always``) and a PostgreSQL of its own. Two
-shapes of voteflow on them, started once, each with a key prefix of its own,
-measured one after the other in each repeat:
-
-- 1 edge + 1 worker (the table's row): wrk against the edge, as in stage 7;
-- 2 edges + 2 workers: the edges on two ports, and a wrk process for each with
-  half the connections, at once (wrk sends to one address).
-
-As in stage 7: rate limits on (the edges trust the bench as their proxy, and
-each voter comes from an address of its own), wrk sends new votes as fast as
-it can for --duration seconds, and the run ends when the last of them is
-committed; its rate is votes committed per second over that whole time. Per
-group of processes (the edges, the workers, the masters, every PostgreSQL
-process, wrk), CPU seconds per 1,000 votes answered 202 and peak memory (the
-sum of each process's peak, as pipeline.Meter reads them). Exactly once:
-vote.lua writes the vote_id of every 202 to a ledger, which loadtest.verdict
-checks: each must be one row of the repeat's poll, whose tallies equal a recount.
-
-Every process of the run shares the machine's cores, so on a small machine
-doubling voteflow's processes adds no throughput: this stage shows what a vote
-costs in each shape and that none is lost or doubled, not how voteflow scales.
+"""Stage 11, the pipeline on a Redis Cluster: 1 edge + 1 worker (the table's
+row) and 2 + 2, each shape with a key prefix of its own on one cluster of 3
+masters, measured as stage 7 (flat out until all is committed): votes/s, CPU
+per vote and peak memory by group of processes, and every 202 of vote.lua's
+ledger checked by loadtest.verdict. docs/benchmarks.md (stage 11) says how.
 """
 
 from __future__ import annotations

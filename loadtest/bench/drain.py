@@ -1,30 +1,8 @@
-"""Stage 4, the drain: votes/s of ``python -m voteflow worker`` emptying a backlog
-already in the streams, against a PostgreSQL ceiling that writes the same rows.
-
-Each repeat, in the bench's private PostgreSQL and Redis (durable, as the other
-stages), with fresh databases so that each repeat starts alike:
-
-1. A database ``drain_<n>`` with the migrations; 1,001 single-vote polls of 4
-   options made by ``create_poll``: one hot poll that gets half of the votes, the
-   other half spread over 1,000 polls.
-2. The backlog, before any worker runs: N votes (``--drain-votes``), every tenth
-   a re-vote (a voter of an earlier vote of the same poll, received later),
-   encoded by ``voteflow.message.Vote`` and XADDed in pipelines into the stream
-   shard the edge would pick, the consumer group created first from id 0.
-3. The drain: ``--drain-workers`` worker processes (VOTEFLOW_BATCH_SIZE 500,
-   VOTEFLOW_CONSUMERS 4, the edge stage's 8 shards) are started and the time
-   taken until every shard's group has lag 0 and nothing pending (worker start-up
-   included) is the drain time; the rate is N / drain time.
-4. Correctness: the votes table holds N rows and the counted ballots
-   (sum of poll_counters.total_ballots) equal the distinct (poll, voter) pairs.
-5. The ceiling: a database ``drain_ceiling_<n>`` with the same migrations and
-   the same polls (same ids), no Redis and none of voteflow's rules: the same
-   rows (poll, vote_id, voter, options, received time) written by bare asyncpg
-   batch upserts of 1,000 rows (``unnest``: INSERT INTO votes ON CONFLICT DO
-   NOTHING, INSERT INTO voter_ballots ON CONFLICT DO UPDATE to the later ballot,
-   tallies and poll_counters incremented by the batch's aggregate), over as many
-   connections as the workers' pools hold (workers x 4), the rows split by shard
-   among the connections as the workers split them.
+"""Stage 4, the drain: votes/s of ``python -m voteflow worker`` emptying a
+backlog queued straight into the streams, against a PostgreSQL ceiling that
+writes the same rows with bare batch upserts (``drain_ceiling.sql``). Each
+repeat starts from fresh databases; docs/benchmarks.md (stage 4) gives the
+backlog's make-up and the checks.
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
 """Stages 9 and 10, what a replica's confirmation costs: the edge alone on a
-Redis Cluster, answering 202 once the vote's master holds it (9) or once a
-replica holds it too (10, VOTEFLOW_REDIS_MIN_REPLICAS=1).
-
-One private cluster of 3 masters with a replica each, every node with
-``appendfsync always`` (as `voteflow up` runs Redis), and two edges on it,
-started once, each with a key prefix of its own; as in stage 2, no worker,
-rate limits off and VOTEFLOW_MAX_BACKLOG=0. Stage 10's edge ends each
-pipeline to a master with WAITAOF where every master has it (the replica has
-written the votes to its own append-only file) or else WAIT (it has received
-them). The two run one after the other in each round, so their ratios (rate,
-and p50 latency) are taken within a round.
-
-Before each repeat every master is emptied (FLUSHALL, which its replica
-follows) and every node's append-only file rewritten, so repeats start alike;
-after it the stream entries of the edge's prefix are counted on their
-masters: every 202 must be one. Store CPU: every node, replicas included.
+3-master Redis Cluster with a replica each, answering 202 once the vote's
+master holds it (9) or once a replica holds it too (10,
+VOTEFLOW_REDIS_MIN_REPLICAS=1); measured one after the other in each round,
+so their ratios are taken within it. docs/benchmarks.md (stages 9-10) says how.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""Stage 6, the spike: 50,000 votes offered as fast as wrk can send them over
-1,000 connections, on one new poll; then every vote answered 202 is looked for
-in PostgreSQL.
-
-wrk stops once each of its threads has an answer to each of its share of the
-votes; vote.lua writes the vote_id of every 202 to a ledger. The stage reports
-the share of the votes answered 202, 503 (shed: the streams were full) and
-anything else (there must be none), p95 latency, and the time from the first
-request until the last 202's transaction committed. Then the exactly-once
-check (loadtest.verdict): every ledger vote_id is a row of the poll in
-PostgreSQL, once, and the poll's tallies equal a recount.
+"""Stage 6, the spike: --spike-votes votes as fast as wrk can send them on one
+new poll; the shares answered 202, 503 and otherwise, the time until the
+last 202 committed, and every 202 of vote.lua's ledger checked by
+loadtest.verdict. docs/benchmarks.md (stage 6).
 """
 
 from __future__ import annotations
