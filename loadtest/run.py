@@ -2,17 +2,11 @@
 
     python -m loadtest.run [--scale 0.01] [--time-scale 1.0] [--workers 1] [--processes 1]
 
-Starts everything it needs in a temporary directory (a private PostgreSQL and
-Redis from voteflow.servers, migrated, one edge and --workers workers, rate
-limits off since every simulated user comes from 127.0.0.1), runs
-loadtest/locustfile.py headless with the reference stages scaled by --scale
-(users) and --time-scale (durations), checks with loadtest.verdict that every
-vote answered 202 is in PostgreSQL exactly once, and stops every process it
-started. Reports (Locust's CSV and HTML, the edge's and workers' logs, the
-ledger) go to loadtest/results/<time>/.
-
-Exit status: 0 when the thresholds and the verdict pass; 1 when either fails;
-2 when the stack could not be started.
+The stack starts as `voteflow up` starts it (voteflow.stack), in a temporary
+directory, with rate limits off (every simulated user comes from 127.0.0.1);
+docs/benchmarks.md ("Load test") says what runs and what it reports, in
+loadtest/results/<time>/. Exit status: 0 when the thresholds and the verdict
+pass; 1 when either fails; 2 when the stack could not be started.
 """
 
 from __future__ import annotations
