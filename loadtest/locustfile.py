@@ -33,7 +33,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,20 +88,11 @@ class Poll:
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Poll:
+        """A poll as the admin API answers it, or as a master sends it (asdict)."""
+        options = tuple(o if isinstance(o, str) else o["id"] for o in body["options"])
         return cls(
-            id=body["id"],
-            options=tuple(option["id"] for option in body["options"]),
-            allow_multiple_votes=bool(body["allow_multiple_votes"]),
-            max_choices=int(body["max_choices"]),
+            body["id"], options, bool(body["allow_multiple_votes"]), int(body["max_choices"])
         )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "options": [{"id": option} for option in self.options],
-            "allow_multiple_votes": self.allow_multiple_votes,
-            "max_choices": self.max_choices,
-        }
 
 
 @dataclass
@@ -119,7 +110,7 @@ class Run:
 
     def plan(self) -> dict[str, Any]:
         assert self.hot is not None
-        return {"hot": self.hot.to_json(), "small": [p.to_json() for p in self.small]}
+        return {"hot": asdict(self.hot), "small": [asdict(p) for p in self.small]}
 
     def adopt(self, plan: dict[str, Any]) -> None:
         self.hot = Poll.from_json(plan["hot"])
@@ -155,44 +146,18 @@ def _options(parser: Any) -> None:
         help="bearer token of voteflow's admin API, to create the polls (VOTEFLOW_ADMIN_TOKEN)",
     )
     parser.add_argument(
-        "--scale",
-        type=float,
-        env_var=ENV_SCALE,
-        default=1.0,
-        help=f"users as a share of the reference profile's 50,000 ({ENV_SCALE}; default 1)",
-    )
-    parser.add_argument(
-        "--time-scale",
-        type=float,
-        env_var=ENV_TIME_SCALE,
-        default=1.0,
-        help=f"stage durations as a share of the reference 3.5 minutes ({ENV_TIME_SCALE})",
-    )
-    parser.add_argument(
         "--small-polls", type=int, default=50, help="small polls beside the hot one (default 50)"
     )
     defaults = Thresholds.from_env()
-    parser.add_argument(
-        "--max-p95-ms",
-        type=float,
-        env_var=ENV_MAX_P95_MS,
-        default=defaults.max_p95_ms,
-        help=f"p95 response time limit in ms ({ENV_MAX_P95_MS}; default 500)",
-    )
-    parser.add_argument(
-        "--max-failures",
-        type=float,
-        env_var=ENV_MAX_FAILURES,
-        default=defaults.max_failures,
-        help=f"failure share limit, 0.05 = 5%% ({ENV_MAX_FAILURES}; default 0.05)",
-    )
-    parser.add_argument(
-        "--max-shed",
-        type=float,
-        env_var=ENV_MAX_SHED,
-        default=defaults.max_shed,
-        help=f"share of votes answered 503 allowed ({ENV_MAX_SHED}; default 0.01)",
-    )
+    for flag, env, default, what in (
+        ("--scale", ENV_SCALE, 1.0, "users as a share of the reference profile's 50,000"),
+        ("--time-scale", ENV_TIME_SCALE, 1.0, "stage durations as a share of the 3.5 minutes"),
+        ("--max-p95-ms", ENV_MAX_P95_MS, defaults.max_p95_ms, "p95 response time limit in ms"),
+        ("--max-failures", ENV_MAX_FAILURES, defaults.max_failures, "failure share, 0.05 = 5%%"),
+        ("--max-shed", ENV_MAX_SHED, defaults.max_shed, "share of votes answered 503 allowed"),
+    ):  # fmt: skip
+        help = f"{what} ({env}; default {default:g})"
+        parser.add_argument(flag, type=float, env_var=env, default=default, help=help)
 
 
 @listen(events.init)

@@ -161,10 +161,6 @@ def _number(env: dict[str, str], name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
 
 
-def env_float(name: str, default: float) -> float:
-    return _number(dict(os.environ), name, default)
-
-
 class Ledger:
     """The votes this process saw answered 202: one JSON object per line,
     ``{"vote_id", "poll_id", "body"}``, in a file of its own in ``directory``.
@@ -179,7 +175,6 @@ class Ledger:
         self.path = directory / (
             f"ledger-{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
         )
-        self.lines = 0
         self._file: IO[str] | None = None
 
     def record(self, vote_id: str, poll_id: str, body: dict[str, Any]) -> None:
@@ -188,7 +183,6 @@ class Ledger:
             self._file = self.path.open("a", buffering=1, encoding="utf-8")
         line = {"vote_id": vote_id, "poll_id": poll_id, "body": body}
         self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
-        self.lines += 1
 
     def close(self) -> None:
         if self._file is not None:

@@ -2,17 +2,11 @@
 
     python -m loadtest.run [--scale 0.01] [--time-scale 1.0] [--workers 1] [--processes 1]
 
-Starts everything it needs in a temporary directory (a private PostgreSQL and
-Redis from voteflow.servers, migrated, one edge and --workers workers, rate
-limits off since every simulated user comes from 127.0.0.1), runs
-loadtest/locustfile.py headless with the reference stages scaled by --scale
-(users) and --time-scale (durations), checks with loadtest.verdict that every
-vote answered 202 is in PostgreSQL exactly once, and stops every process it
-started. Reports (Locust's CSV and HTML, the edge's and workers' logs, the
-ledger) go to loadtest/results/<time>/.
-
-Exit status: 0 when the thresholds and the verdict pass; 1 when either fails;
-2 when the stack could not be started.
+The stack starts as `voteflow up` starts it (voteflow.stack), in a temporary
+directory, with rate limits off (every simulated user comes from 127.0.0.1);
+docs/benchmarks.md ("Load test") says what runs and what it reports, in
+loadtest/results/<time>/. Exit status: 0 when the thresholds and the verdict
+pass; 1 when either fails; 2 when the stack could not be started.
 """
 
 from __future__ import annotations
@@ -27,23 +21,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import asyncpg
 import redis
 
 from loadtest import verdict
 from loadtest.profile import ENV_LEDGER, ENV_SCALE, ENV_TIME_SCALE, Profile
-from voteflow.children import die_with_parent
+from voteflow.children import Child, children, spawn
 from voteflow.keys import GROUP, Keys
-from voteflow.migrate import migrate
-from voteflow.servers import PostgresServer, RedisServer, free_port
+from voteflow.servers import free_port
 from voteflow.settings import Settings
+from voteflow.stack import prepare, start
 
 REPO = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
@@ -68,94 +59,17 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
-@dataclass
-class Child:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-
-@contextlib.contextmanager
-def _children() -> Iterator[list[Child]]:
-    """Processes started inside are stopped on the way out: SIGTERM, then SIGKILL."""
-    children: list[Child] = []
-    try:
-        yield children
-    finally:
-        for child in children:
-            if child.popen.poll() is None:
-                child.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for child in children:
-            try:
-                child.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                print(f"{child.name} outlived SIGTERM; killed", file=sys.stderr)
-                child.popen.kill()
-                child.popen.wait()
-
-
-def _spawn(
-    children: list[Child], name: str, argv: list[str], env: dict[str, str], log: Path | None
-) -> Child:
-    out: IO[bytes] | None = log.open("wb") if log is not None else None
-    try:
-        popen = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT if out is not None else None,
-            # The kernel stops it if this driver dies without cleaning up.
-            preexec_fn=die_with_parent(signal.SIGTERM),
-        )
-    finally:
-        if out is not None:
-            out.close()
-    child = Child(name, popen, log or Path(os.devnull))
-    children.append(child)
-    return child
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _wait_ready(url: str, children: list[Child], keys: Keys, redis_url: str) -> None:
+def _wait_ready(url: str, edge: Child, workers: list[Child], keys: Keys, redis_url: str) -> None:
     """Until the edge answers /ready and every worker consumes every shard."""
+    edge.wait_http(f"{url}/ready", STARTUP_TIMEOUT, beside=workers)
     deadline = time.monotonic() + STARTUP_TIMEOUT
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    workers = [c for c in children if c.name.startswith("worker")]
-    try:
-        while True:
-            for child in children:
-                if child.popen.poll() is not None:
-                    raise RuntimeError(
-                        f"the {child.name} exited with status {child.popen.returncode}\n"
-                        f"{_tail(child.log_path)}"
-                    )
-            if _answers(f"{url}/ready") and all(
-                _consumes(client, keys, worker.popen.pid) for worker in workers
-            ):
-                return
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        while not all(_consumes(client, keys, worker.pid) for worker in workers):
+            for worker in workers:
+                worker.check_alive()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the stack was not ready within {STARTUP_TIMEOUT:.0f}s")
+                raise RuntimeError(f"the workers did not consume within {STARTUP_TIMEOUT:.0f}s")
             time.sleep(0.2)
-    finally:
-        client.close()
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 def _consumes(client: redis.Redis, keys: Keys, pid: int) -> bool:
@@ -171,21 +85,10 @@ def _consumes(client: redis.Redis, keys: Keys, pid: int) -> bool:
     return True
 
 
-async def _create_database(server_url: str, name: str) -> str:
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return server_url.rsplit("/", 1)[0] + "/" + name
-
-
-def _stack_env(database_url: str, redis_url: str, port: int, token: str) -> dict[str, str]:
+def _stack_env(port: int, token: str) -> dict[str, str]:
     own = {f"VOTEFLOW_{name}" for name in _OWN}
     env = {k: v for k, v in os.environ.items() if k not in own}
     env.update(
-        VOTEFLOW_DATABASE_URL=database_url,
-        VOTEFLOW_REDIS_URL=redis_url,
         VOTEFLOW_HOST="127.0.0.1",
         VOTEFLOW_PORT=str(port),
         VOTEFLOW_ADMIN_TOKEN=token,
@@ -212,23 +115,15 @@ def run(args: argparse.Namespace) -> int:
     )
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="voteflow-loadtest-")))
-        # As `voteflow up` runs them: a 202 means the vote is on disk.
-        pg = stack.enter_context(PostgresServer(work / "postgres"))
-        redis_server = stack.enter_context(
-            RedisServer(work / "redis", appendonly=True, appendfsync="always")
-        )
-        database_url = asyncio.run(_create_database(pg.url, "voteflow"))
-        env = _stack_env(database_url, redis_server.url, free_port(), secrets.token_urlsafe(24))
+        # Private servers, migrated, and the processes, as `voteflow up` starts them.
+        env = _stack_env(free_port(), secrets.token_urlsafe(24))
         settings = Settings.from_env(env)
-        asyncio.run(migrate(database_url, vote_partitions=settings.vote_partitions))
-        children = stack.enter_context(_children())
-        command = [sys.executable, "-m", "voteflow"]
-        _spawn(children, "edge", [*command, "edge"], env, out / "edge.log")
-        for n in range(args.workers):
-            _spawn(children, f"worker-{n}", [*command, "worker"], env, out / f"worker-{n}.log")
+        database_url, redis_url = prepare(stack, settings, work, lambda line: None)
+        env.update(VOTEFLOW_DATABASE_URL=database_url, VOTEFLOW_REDIS_URL=redis_url)
         url = f"http://127.0.0.1:{settings.port}"
+        edge, workers = start(stack, env, url, workers=args.workers, logs=out, cwd=REPO)
         keys = Keys(settings.key_prefix, settings.stream_shards)
-        _wait_ready(url, children, keys, redis_server.url)
+        _wait_ready(url, edge, workers, keys, redis_url)
         print(f"loadtest: stack up at {url} (1 edge, {args.workers} worker(s))", flush=True)
 
         locust_env = dict(env)
@@ -246,14 +141,15 @@ def run(args: argparse.Namespace) -> int:
             argv += ["--processes", str(args.processes)]
         if args.quiet:
             argv += ["--only-summary", "--loglevel", "WARNING"]
-        locust = _spawn(children, "locust", argv, locust_env, None)
+        locust = spawn("locust", argv, env=locust_env, cwd=REPO)
+        stack.enter_context(children(STOP_TIMEOUT)).append(locust)
         thresholds_code = _wait_locust(locust, run_time)
 
         outcome = asyncio.run(
             verdict.check(
                 database_url,
                 ledger,
-                redis_url=redis_server.url,
+                redis_url=redis_url,
                 keys=keys,
                 drain_timeout=args.drain_timeout,
             )
@@ -264,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     # Everything started above is stopped by now.
     print(
         f"loadtest: reports in {out}: report.html, locust_stats.csv, locust_stats_history.csv, "
-        "locust_failures.csv, edge.log, worker-*.log, ledger/",
+        "locust_failures.csv, edge.log, worker*.log, ledger/",
         flush=True,
     )
     thresholds = "PASS" if thresholds_code == 0 else f"FAIL (locust exit {thresholds_code})"
@@ -275,15 +171,10 @@ def run(args: argparse.Namespace) -> int:
 def _wait_locust(locust: Child, run_time: int) -> int:
     """Locust's exit status; past its own --run-time and a grace, it is stopped."""
     try:
-        return locust.popen.wait(timeout=run_time + LOCUST_GRACE)
+        return int(locust.popen.wait(timeout=run_time + LOCUST_GRACE))
     except subprocess.TimeoutExpired:
         print("loadtest: Locust outlived its run time; stopping it", file=sys.stderr)
-        locust.popen.send_signal(signal.SIGTERM)
-    try:
-        locust.popen.wait(timeout=LOCUST_GRACE)
-    except subprocess.TimeoutExpired:
-        locust.popen.kill()
-        locust.popen.wait()
+    locust.stop(LOCUST_GRACE)
     return 1
 
 

@@ -26,15 +26,16 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+import redis
+from redis.exceptions import RedisError, ResponseError
 
+from loadtest.queries import named
 from voteflow.keys import GROUP, Keys
 from voteflow.settings import Settings, SettingsError
 
@@ -49,7 +50,6 @@ class VerdictError(Exception):
 @dataclass
 class LedgerStats:
     files: int = 0
-    answered: int = 0  # lines: every 202, retries of a vote_id included
 
 
 def ledger_records(directory: Path, stats: LedgerStats) -> Iterator[tuple[uuid.UUID, uuid.UUID]]:
@@ -70,64 +70,11 @@ def ledger_records(directory: Path, stats: LedgerStats) -> Iterator[tuple[uuid.U
                     if line.endswith("\n"):
                         raise VerdictError(f"{path}:{number}: not a ledger line: {exc}") from exc
                     continue
-                stats.answered += 1
                 yield record
 
 
-# Every line of the ledger, then each vote_id once (the ledger proper).
-_CREATE = """
-CREATE TEMPORARY TABLE loadtest_answers (vote_id uuid NOT NULL, poll_id uuid NOT NULL)
-"""
-_DISTINCT = """
-CREATE TEMPORARY TABLE loadtest_ledger AS
-SELECT vote_id, min(poll_id::text)::uuid AS poll_id
-FROM loadtest_answers GROUP BY vote_id;
-ALTER TABLE loadtest_ledger ADD PRIMARY KEY (vote_id);
-ANALYZE loadtest_ledger
-"""
-_SUMMARY = """
-SELECT (SELECT count(*) FROM loadtest_ledger) AS distinct_votes,
-       (SELECT count(DISTINCT poll_id) FROM loadtest_ledger) AS polls,
-       (SELECT array_agg(vote_id) FROM (
-            SELECT vote_id FROM loadtest_answers GROUP BY vote_id
-            HAVING count(DISTINCT poll_id) > 1) AS c) AS conflicts
-"""
-
-# Ledger votes not (yet) in the votes table: the wait's condition.
-_MISSING = """
-SELECT count(*) FROM loadtest_ledger AS l
-WHERE NOT EXISTS (SELECT 1 FROM votes AS v WHERE v.poll_id = l.poll_id AND v.vote_id = l.vote_id)
-"""
-
-# Each ledger vote against every votes row with its vote_id, in any poll: one
-# row, in its poll, is exactly once. The votes primary key is (poll_id,
-# vote_id), so a vote_id twice can only be in two polls.
-_CHECK = """
-WITH matched AS (
-    SELECT l.vote_id,
-           count(v.vote_id) AS copies,
-           count(v.vote_id) FILTER (WHERE v.poll_id = l.poll_id) AS in_its_poll
-    FROM loadtest_ledger AS l
-    LEFT JOIN votes AS v ON v.vote_id = l.vote_id
-    GROUP BY l.vote_id
-)
-SELECT count(*) FILTER (WHERE copies = 0) AS missing,
-       count(*) FILTER (WHERE copies > 1) AS duplicated,
-       count(*) FILTER (WHERE copies = 1 AND in_its_poll = 0) AS wrong_poll,
-       (array_agg(vote_id) FILTER (WHERE copies <> 1 OR in_its_poll <> 1))[1:$1] AS samples
-FROM matched
-"""
-
-# Rule 7 for the polls of the run: tallies and total_ballots equal a recount,
-# and single-vote polls agree with voter_ballots.
-_RECOUNT = """
-SELECT a.poll_id
-FROM audit_polls() AS a
-WHERE a.poll_id IN (SELECT DISTINCT poll_id FROM loadtest_ledger)
-  AND (a.total_ballots IS DISTINCT FROM a.recount_ballots
-       OR a.votes IS DISTINCT FROM a.recount_votes
-       OR a.not_current <> 0 OR a.current_not_counted <> 0 OR a.options_differ <> 0)
-"""
+# The statements, by name: verdict.sql says what each one does.
+SQL = named(Path(__file__).with_name("verdict.sql"))
 
 
 @dataclass
@@ -135,21 +82,42 @@ class Outcome:
     passed: bool
     line: str
     details: list[str] = field(default_factory=list)
+    answered: int = 0  # 202s, a vote_id answered again included
+    distinct: int = 0  # vote_ids answered 202
+    missing: int = 0  # answered 202, in no poll
+    duplicated: int = 0  # in PostgreSQL more than once
+    wrong_poll: int = 0  # in another poll than the one it was sent to
+    stored: int = 0  # votes of the ledger's polls in PostgreSQL
+    # Votes of those polls whose 202 was never seen (the client stopped
+    # waiting for it): not a failure.
+    unexpected: int = 0
 
 
-async def backlog(redis: aioredis.Redis, keys: Keys) -> int:
-    """Stream entries not yet delivered to the writers, plus delivered ones not acknowledged."""
-    total = 0
+def backlog(client: redis.Redis | redis.RedisCluster, keys: Keys) -> int:
+    """Entries of the consumer group not yet delivered, plus those delivered
+    but not yet acknowledged: 0 once every appended vote is committed."""
+    pipe = client.pipeline(transaction=False)
     for stream in keys.streams():
-        try:
-            groups = await redis.xinfo_groups(stream)
-        except aioredis.ResponseError:  # no such stream yet
+        pipe.xinfo_groups(stream)
+        pipe.xlen(stream)
+    replies = pipe.execute(raise_on_error=False)
+    left = 0
+    for groups, length in zip(replies[::2], replies[1::2], strict=True):
+        if isinstance(groups, ResponseError):  # no such stream yet
             continue
-        for group in groups:
-            name = group["name"]
-            if (name.decode() if isinstance(name, bytes) else name) == GROUP:
-                total += int(group.get("lag") or 0) + int(group["pending"])
-    return total
+        found = [g for g in groups if _text(g["name"]) == GROUP]
+        if not found:  # no worker has created the group yet
+            left += int(length)
+            continue
+        lag = found[0].get("lag")
+        if lag is None:  # unknown to Redis: count from the stream's length
+            lag = int(length) - (found[0].get("entries-read") or 0)
+        left += int(lag) + int(found[0]["pending"])
+    return left
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def check(
@@ -160,46 +128,80 @@ async def check(
     keys: Keys | None = None,
     drain_timeout: float = 120.0,
 ) -> Outcome:
+    """The verdict on a load test's ledger directory (one file per Locust process)."""
     if not await asyncio.to_thread(ledger_dir.is_dir):
         return Outcome(False, f"VERDICT: FAIL no vote was answered 202 (no ledger {ledger_dir})")
     stats = LedgerStats()
-    records = ledger_records(ledger_dir, stats)
+    outcome = await verify(
+        database_url,
+        ledger_records(ledger_dir, stats),
+        redis_url=redis_url,
+        keys=keys,
+        drain_timeout=drain_timeout,
+        what=f"ledger {ledger_dir}",
+    )
+    outcome.details.insert(0, f"ledger: {stats.files} file(s)")
+    return outcome
+
+
+async def verify(
+    database_url: str,
+    records: Iterable[tuple[uuid.UUID, uuid.UUID]],
+    *,
+    redis_url: str = "",
+    keys: Keys | None = None,
+    drain_timeout: float = 0.0,
+    what: str = "ledger",
+) -> Outcome:
+    """Is every (vote_id, poll_id) answered 202 in `records` in PostgreSQL
+    exactly once, in its poll, and does each of those polls' tallies equal a
+    recount? Waits up to `drain_timeout` s for the streams (with `redis_url`)
+    and PostgreSQL to catch up first."""
     try:
         conn = await asyncpg.connect(database_url, timeout=10)
     except (OSError, asyncpg.PostgresError) as exc:
         raise VerdictError(f"cannot connect to PostgreSQL: {exc}") from exc
-    redis = aioredis.Redis.from_url(redis_url) if redis_url else None
+    client = redis.Redis.from_url(redis_url) if redis_url else None
     try:
-        await conn.execute(_CREATE)
+        await conn.execute(SQL["create"])
         # One COPY for the whole ledger, then set-based queries only.
         await conn.copy_records_to_table(
             "loadtest_answers", records=records, columns=["vote_id", "poll_id"]
         )
-        await conn.execute(_DISTINCT)
-        summary = await conn.fetchrow(_SUMMARY)
+        await conn.execute(SQL["distinct"])
+        summary = await conn.fetchrow(SQL["summary"])
         if not summary["distinct_votes"]:
-            return Outcome(False, f"VERDICT: FAIL no vote was answered 202 (ledger {ledger_dir})")
-        waited, drained = await _wait(conn, redis, keys, drain_timeout)
-        row = await conn.fetchrow(_CHECK, SAMPLES)
-        unequal = [str(r["poll_id"]) for r in await conn.fetch(_RECOUNT)]
+            return Outcome(False, f"VERDICT: FAIL no vote was answered 202 ({what})")
+        waited, drained = await _wait(conn, client, keys, drain_timeout)
+        row = await conn.fetchrow(SQL["check"], SAMPLES)
+        one_poll = summary["first_poll"] if summary["polls"] == 1 else None
+        unequal = [str(r["poll_id"]) for r in await conn.fetch(SQL["recount"], one_poll)]
     finally:
         await conn.close()
-        if redis is not None:
-            await redis.aclose()
-    return _judge(stats, summary, row, unequal, waited, drained, drain_timeout)
+        if client is not None:
+            client.close()
+    return _judge(summary, row, unequal, waited, drained, drain_timeout)
+
+
+def counted_once(database_url: str, poll_id: str, vote_ids: Iterable[str]) -> Outcome:
+    """verify() from synchronous code, for vote_ids answered 202 for one poll
+    once the streams are drained (the bench's wrk ledgers)."""
+    poll = uuid.UUID(poll_id)
+    records = ((uuid.UUID(vote_id), poll) for vote_id in vote_ids)
+    return asyncio.run(verify(database_url, records))
 
 
 async def _wait(
-    conn: asyncpg.Connection, redis: aioredis.Redis | None, keys: Keys | None, limit: float
+    conn: asyncpg.Connection, client: redis.Redis | None, keys: Keys | None, limit: float
 ) -> tuple[float, bool]:
     """Until the streams are drained and no ledger vote is missing; (seconds, drained)."""
     started = time.monotonic()
     while True:
-        missing = await conn.fetchval(_MISSING)
+        missing = await conn.fetchval(SQL["missing"])
         pending = 0
-        if redis is not None and keys is not None:
+        if client is not None and keys is not None:
             try:
-                pending = await backlog(redis, keys)
+                pending = await asyncio.to_thread(backlog, client, keys)
             except RedisError:
                 pending = -1  # unknown: keep waiting until the timeout
         waited = time.monotonic() - started
@@ -211,7 +213,6 @@ async def _wait(
 
 
 def _judge(
-    stats: LedgerStats,
     summary: Any,
     row: Any,
     unequal: list[str],
@@ -220,7 +221,7 @@ def _judge(
     timeout: float,
 ) -> Outcome:
     head = (
-        f"{stats.answered:,} votes answered 202 "
+        f"{summary['answered']:,} votes answered 202 "
         f"({summary['distinct_votes']:,} distinct vote_ids, {summary['polls']} polls)"
     )
     conflicts = summary["conflicts"] or []
@@ -235,7 +236,7 @@ def _judge(
         problems.append(f"{len(conflicts):,} answered 202 for two polls")
     if unequal:
         problems.append(f"tallies of {len(unequal)} poll(s) differ from a recount")
-    details = [f"ledger: {stats.files} file(s)"]
+    details = []
     if drained:
         details.append(f"drained after {waited:.1f}s")
     else:
@@ -246,13 +247,22 @@ def _judge(
         details.append("answered for two polls: " + ", ".join(map(str, conflicts[:SAMPLES])))
     if unequal:
         details.append("polls whose tallies differ from a recount: " + ", ".join(unequal[:SAMPLES]))
+    if row["unexpected"]:
+        details.append(f"{row['unexpected']:,} vote(s) of these polls whose 202 was not seen")
+    figures = {
+        "answered": summary["answered"],
+        "distinct": summary["distinct_votes"],
+        "missing": row["missing"],
+        "duplicated": row["duplicated"],
+        "wrong_poll": row["wrong_poll"],
+        "unexpected": row["unexpected"],
+        "stored": row["stored"],
+    }
     if problems:
-        return Outcome(False, f"VERDICT: FAIL {head}: " + "; ".join(problems), details)
-    return Outcome(
-        True,
-        f"VERDICT: PASS {head}, all counted exactly once; every poll's tallies equal a recount",
-        details,
-    )
+        line = f"VERDICT: FAIL {head}: " + "; ".join(problems)
+        return Outcome(False, line, details, **figures)
+    line = f"VERDICT: PASS {head}, all counted exactly once; every poll's tallies equal a recount"
+    return Outcome(True, line, details, **figures)
 
 
 def main(argv: list[str] | None = None) -> int:

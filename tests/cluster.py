@@ -21,40 +21,32 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from loadtest.verdict import verify
 from tests.support import ADMIN, ADMIN_TOKEN, recount, votes_by_option
-from voteflow.children import die_with_parent
+from voteflow.children import STOP_TIMEOUT, Child, spawn, stop_all
 from voteflow.keys import GROUP, Keys
 from voteflow.servers import free_port
 from voteflow.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 30.0
-# A worker gives its consumers 20 s (SHUTDOWN_GRACE) to finish their batches,
-# an edge its requests 10 s (shutdown_timeout); both should need far less.
-STOP_TIMEOUT = 25.0
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=20)
 # A flood stops when told to, or after this many votes per client.
 MAX_FLOOD_VOTES_PER_CLIENT = 5000
 
 
-@dataclass
-class Process:
-    role: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    url: str = ""  # an edge's base URL
+class Process(Child):
+    """An edge or a worker of a test (voteflow.children's Child), and an edge's base URL."""
+
+    def __init__(
+        self, role: str, popen: subprocess.Popen[bytes], log_path: Path, url: str = ""
+    ) -> None:
+        super().__init__(role, popen, log_path)
+        self.url = url
 
     @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        tail = "\n".join(text.splitlines()[-lines:])
-        return f"--- last lines of the {self.role} (pid {self.pid}) log ---\n{tail}"
+    def role(self) -> str:
+        return self.name
 
     async def wait(self, timeout: float) -> int | None:
         """The exit status, or None if the process still runs after `timeout`."""
@@ -106,20 +98,11 @@ class Cluster:
         )
         env.update(self.env)
         log_path = self.log_dir / f"{role}-{len(self.processes)}.log"
-        with log_path.open("wb") as log:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "voteflow", role],
-                env=env,
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # A run interrupted before its teardown (Ctrl-C under
-                # pytest-xdist) must not leave edges and workers behind.
-                preexec_fn=die_with_parent(signal.SIGKILL),
-            )
+        child = spawn(
+            role, [sys.executable, "-m", "voteflow", role], env=env, cwd=REPO, log=log_path
+        )
         url = f"http://127.0.0.1:{port}" if role == "edge" else ""
-        process = Process(role, popen, log_path, url)
+        process = Process(role, child.popen, log_path, url)
         self.processes.append(process)
         return process
 
@@ -178,18 +161,8 @@ class Cluster:
     async def close(self) -> list[str]:
         """SIGTERM what still runs, SIGKILL what outlives STOP_TIMEOUT; report
         every process that did not end on its own with status 0."""
-        running = [p for p in self.processes if p.popen.poll() is None]
-        for process in running:
-            process.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        problems = []
-        for process in running:
-            if await process.wait(max(deadline - time.monotonic(), 0.0)) is None:
-                process.popen.kill()
-                process.popen.wait(timeout=10)
-                problems.append(
-                    f"the {process.role} outlived SIGTERM; killed\n{process.log_tail()}"
-                )
+        killed = await asyncio.to_thread(stop_all, self.processes, STOP_TIMEOUT)
+        problems = [f"the {p.role} outlived SIGTERM; killed\n{p.log_tail()}" for p in killed]
         for process in self.processes:
             assert process.popen.returncode is not None, f"{process.role} {process.pid} still runs"
             if process.popen.returncode not in (0, -signal.SIGKILL):
@@ -282,11 +255,13 @@ async def check_counted_once(
     poll: dict[str, Any],
     accepted: dict[str, dict[str, Any]],
 ) -> None:
-    """The multiple-vote poll holds exactly the accepted votes, each once, and
-    its results equal both their tally and a recount."""
-    stored = await stored_vote_ids(settings.database_url, poll["id"])
-    assert len(stored) == len(set(stored))
-    assert set(stored) == set(accepted)
+    """The multiple-vote poll holds exactly the accepted votes, each once
+    (loadtest.verdict, as the load test and the bench judge theirs), and its
+    results equal both their tally and a recount."""
+    poll_id = uuid.UUID(poll["id"])
+    records = [(uuid.UUID(vote_id), poll_id) for vote_id in accepted]
+    outcome = await verify(settings.database_url, records)
+    assert outcome.passed and not outcome.unexpected, (outcome.line, outcome.details)
     expected = tally_of((body["option_ids"] for body in accepted.values()), option_ids_of(poll))
     result = await get_results(session, edge, poll["id"])
     assert votes_by_option(result) == expected

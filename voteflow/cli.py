@@ -9,12 +9,10 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
@@ -26,11 +24,13 @@ from .settings import Settings, SettingsError
 from .stack import (
     Stack,
     admin_token,
+    prepare,
     private_dir,
     read_stack,
     remember_demo_poll,
     remembered_demo_poll,
     remove_stack,
+    start,
     write_stack,
 )
 
@@ -105,18 +105,6 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
-async def _prepare_database(server_url: str, database: str) -> str:
-    """Create ``database`` on a private server if missing; return its URL."""
-    conn = await asyncpg.connect(server_url)
-    try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
-        if not exists:
-            await conn.execute(f'CREATE DATABASE "{database}"')
-    finally:
-        await conn.close()
-    return server_url.rsplit("/", 1)[0] + "/" + database
-
-
 def _uuid(text: str | None) -> uuid.UUID | None:
     try:
         return None if text is None else uuid.UUID(text)
@@ -150,36 +138,6 @@ async def _demo_poll(database_url: str, remembered: str | None) -> tuple[str, st
     return str(poll_id), str(option_id)
 
 
-def _wait_healthy(url: str, procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args!r} exited with status {proc.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
-            if response.status == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
-
-
-@contextlib.contextmanager
-def _children(env: dict[str, str]) -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield procs
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def edge_processes(private_servers: int) -> int:
     """How many edge processes `up` runs on this machine: a core each, once the
     worker and each private server it started have had one.
@@ -198,9 +156,6 @@ def edge_processes(private_servers: int) -> int:
 
 def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
     """Run the whole stack in the foreground until Ctrl-C or SIGTERM."""
-    from .migrate import migrate
-    from .servers import PostgresServer, RedisServer
-
     signal.signal(signal.SIGTERM, _raise_stop)
     # Started from a script (`voteflow up &`, nohup), the process begins with
     # SIGINT ignored, and Python then leaves it so: Ctrl-C would do nothing.
@@ -211,43 +166,21 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
             private_dir(data_dir)
             # Generated once and kept, so that the token printed last time still works.
             token = settings.admin_token or admin_token(data_dir)
-            database_url, redis_url = settings.database_url, settings.redis_url
-            if not database_url:
-                pg = stack.enter_context(PostgresServer(data_dir / "postgres"))
-                database_url = asyncio.run(_prepare_database(pg.url, "voteflow"))
-                print(f"private PostgreSQL: {database_url} (data in {data_dir / 'postgres'})")
-            if not redis_url:
-                # appendfsync always: a 202 means the vote is on disk, not only in memory.
-                redis = stack.enter_context(
-                    RedisServer(data_dir / "redis", appendonly=True, appendfsync="always")
-                )
-                redis_url = redis.url
-                print(
-                    f"private Redis: {redis_url} (data in {data_dir / 'redis'}, "
-                    f"maxmemory {redis.maxmemory >> 20} MiB)"
-                )
+            database_url, redis_url = prepare(stack, settings, data_dir, print)
             env.update(
                 VOTEFLOW_DATABASE_URL=database_url,
                 VOTEFLOW_REDIS_URL=redis_url,
                 VOTEFLOW_ADMIN_TOKEN=token,
             )
-            asyncio.run(migrate(database_url, vote_partitions=settings.vote_partitions))
             poll_id, option_id = asyncio.run(
                 _demo_poll(database_url, remembered_demo_poll(data_dir))
             )
             remember_demo_poll(data_dir, poll_id)
             private = (not settings.database_url) + (not settings.redis_url)
             processes = processes or edge_processes(private)
-            procs = stack.enter_context(_children(env))
-            command = [sys.executable, "-m", "voteflow"]
-            names = ("worker", "edge")
-            arguments: tuple[list[str], ...] = ([], ["--processes", str(processes)])
-            procs.extend(
-                subprocess.Popen([*command, name, *extra], env=env)
-                for name, extra in zip(names, arguments, strict=True)
-            )
             base = settings.local_url
-            _wait_healthy(f"{base}/health", procs, timeout=60)
+            edge, workers = start(stack, env, base, processes=processes)
+            procs = [*workers, edge]
             # For `voteflow poll` and `voteflow audit` run beside it; removed
             # first on the way out.
             write_stack(
@@ -282,11 +215,13 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
                 f"\nCtrl-C stops everything.",
                 flush=True,
             )
-            while all(proc.poll() is None for proc in procs):
+            while all(proc.popen.poll() is None for proc in procs):
                 time.sleep(0.5)
-            for name, proc in zip(names, procs, strict=True):
-                if proc.returncode is not None:
-                    print(f"{name} exited with status {proc.returncode}", file=sys.stderr)
+            for proc in procs:
+                if proc.popen.returncode is not None:
+                    print(
+                        f"{proc.name} exited with status {proc.popen.returncode}", file=sys.stderr
+                    )
             return 1
     except (KeyboardInterrupt, _Stop, asyncio.CancelledError):
         # A Ctrl-C during asyncio.run() (the migration, say) arrives as
@@ -296,7 +231,8 @@ def cmd_up(settings: Settings, data_dir: Path, processes: int | None) -> int:
         return 0
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
+    """argparse's type of a whole number of at least 1 (the bench's too)."""
     try:
         value = int(text)
     except ValueError:
@@ -329,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     edge = sub.add_parser("edge", help="run the HTTP edge")
     edge.add_argument(
         "--processes",
-        type=_positive,
+        type=positive,
         default=1,
         metavar="N",
         help="edge processes serving the one port, under a supervisor that restarts any that "
@@ -346,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     up.add_argument(
         "--edge-processes",
-        type=_positive,
+        type=positive,
         metavar="N",
         help="edge processes (default: a core each, once the worker and each private server "
         "have had one; at least 1)",

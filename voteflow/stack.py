@@ -1,5 +1,7 @@
-"""What ``voteflow up`` keeps in its data directory (``.voteflow/`` by default)
-for its next run and for the commands run beside it.
+"""How ``voteflow up`` starts a stack (`prepare` its servers, `start` its
+processes: the load test starts its own the same way), and what it keeps in its
+data directory (``.voteflow/`` by default) for its next run and for the
+commands run beside it.
 
 - ``stack.json``: where the running stack is (the edge's base URL, the
   database and Redis URLs, the admin token, the pid of ``up``). Written once
@@ -21,16 +23,21 @@ it can still neither list the directory nor read these files.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
 import stat
+import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import asyncpg
 import orjson
 
-from .settings import SettingsError
+from .children import Child, children, spawn
+from .settings import Settings, SettingsError
 
 STACK = "stack.json"
 ADMIN_TOKEN = "admin-token"
@@ -157,3 +164,70 @@ def read_stack(data_dir: Path) -> Stack | None:
     """The stack ``voteflow up`` runs from ``data_dir``; None if none runs."""
     found = _load(data_dir / STACK)
     return found if found is not None and _running(found.pid) else None
+
+
+def prepare(
+    stack: contextlib.ExitStack, settings: Settings, data_dir: Path, say: Callable[[str], None]
+) -> tuple[str, str]:
+    """The database and Redis URLs of `settings`, or of private servers in
+    `data_dir` started on `stack` where they name none (Redis with appendfsync
+    always: a 202 means the vote is on disk); the database migrated."""
+    from .migrate import migrate
+    from .servers import PostgresServer, RedisServer
+
+    database_url, redis_url = settings.database_url, settings.redis_url
+    if not database_url:
+        pg = stack.enter_context(PostgresServer(data_dir / "postgres"))
+        database_url = asyncio.run(_database(pg.url, "voteflow"))
+        say(f"private PostgreSQL: {database_url} (data in {data_dir / 'postgres'})")
+    if not redis_url:
+        redis = stack.enter_context(
+            RedisServer(data_dir / "redis", appendonly=True, appendfsync="always")
+        )
+        redis_url = redis.url
+        say(
+            f"private Redis: {redis_url} (data in {data_dir / 'redis'}, "
+            f"maxmemory {redis.maxmemory >> 20} MiB)"
+        )
+    asyncio.run(migrate(database_url, vote_partitions=settings.vote_partitions))
+    return database_url, redis_url
+
+
+async def _database(server_url: str, database: str) -> str:
+    """Create ``database`` on a private server if missing; return its URL."""
+    conn = await asyncpg.connect(server_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await conn.close()
+    return server_url.rsplit("/", 1)[0] + "/" + database
+
+
+def start(
+    stack: contextlib.ExitStack,
+    env: dict[str, str],
+    url: str,
+    *,
+    processes: int = 1,
+    workers: int = 1,
+    logs: Path | None = None,
+    cwd: Path | None = None,
+) -> tuple[Child, list[Child]]:
+    """`workers` workers and an edge of `processes` processes with `env`,
+    stopped when `stack` closes; returns once the edge answers `url`/health
+    (their output in `logs`/<name>.log if given)."""
+    started = stack.enter_context(children(timeout=30))
+
+    def one(name: str, *argv: str) -> Child:
+        log = None if logs is None else logs / f"{name}.log"
+        argv_ = [sys.executable, "-m", "voteflow", *argv]
+        started.append(spawn(name, argv_, env=env, cwd=cwd, log=log))
+        return started[-1]
+
+    names = ["worker"] if workers == 1 else [f"worker-{n}" for n in range(workers)]
+    worker_list = [one(name, "worker") for name in names]
+    edge = one("edge", "edge", "--processes", str(processes))
+    edge.wait_http(f"{url}/health", timeout=60, beside=started)
+    return edge, worker_list

@@ -8,17 +8,20 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from types import FrameType
 from typing import Any
 
+from voteflow.cli import positive
+
 from . import compare, goals, report, timing, wrk
 from .ceiling import HttpCeiling
 from .cluster_cost import ClusterCost
 from .cost import Cost
-from .drain import Drain, DrainSettings
+from .drain import Drain
 from .edge import Edge, EdgeProcesses, EdgeVoterTokens
 from .fanout import FanOut
 from .naive import Naive
@@ -54,7 +57,7 @@ STAGES: dict[int, type[Stage]] = {
 FULL = {
     "repeats": 3,
     "duration": 8,
-    "drain_votes": DrainSettings().votes,
+    "drain_votes": 300_000,
     "steady_duration": 20,
     "spike_votes": 50_000,
     "watchers": 10_000,
@@ -88,16 +91,6 @@ def _stages(text: str) -> list[int]:
     return numbers
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
-
-
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     stage_list = "\n".join(f"  {n} {cls.name}: {cls.title}" for n, cls in STAGES.items())
     parser = argparse.ArgumentParser(
@@ -120,75 +113,32 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="every stage once, shorter and smaller: a first look in about 3 minutes",
     )
-    parser.add_argument("--repeats", type=_positive, help=_sized("repeats", "rounds"))
-    parser.add_argument(
-        "--duration", type=_positive, help=_sized("duration", "seconds per measured run")
-    )
-    parser.add_argument(
-        "--warmup",
-        type=_positive,
-        default=None,
-        help="seconds of the warm-up run of each stage (default: a third of --duration, 1-3)",
-    )
-    parser.add_argument(
-        "--connections", type=_positive, default=64, help="wrk's open connections (default: 64)"
-    )
-    parser.add_argument(
-        "--threads",
-        type=_positive,
-        default=1,
-        help="wrk's threads (default: 1; each drives its share of the connections)",
-    )
-    parser.add_argument(
-        "--drain-votes",
-        type=_positive,
-        help=_sized("drain_votes", "stage 4: votes queued before the workers start"),
-    )
-    parser.add_argument(
-        "--drain-workers",
-        type=_positive,
-        default=DrainSettings().workers,
-        help="stage 4: worker processes draining them (default: 1)",
-    )
-    parser.add_argument(
-        "--drain-repeats",
-        type=_positive,
-        default=DrainSettings().repeats,
-        help="stage 4: repeats, at most --repeats; the stage is long (default: 1)",
-    )
-    parser.add_argument(
-        "--steady-rate",
-        type=_positive,
-        default=0,
-        help="stage 5: votes/s offered (default: half of stage 2's rate in this run)",
-    )
-    parser.add_argument(
-        "--steady-duration",
-        type=_positive,
-        help=_sized("steady_duration", "stage 5: seconds of each run"),
-    )
-    parser.add_argument(
-        "--spike-votes",
-        type=_positive,
-        help=_sized("spike_votes", "stage 6: votes in the spike"),
-    )
-    parser.add_argument(
-        "--spike-connections",
-        type=_positive,
-        default=1000,
-        help="stage 6: wrk's connections for the spike (default: 1,000)",
-    )
-    parser.add_argument(
-        "--watchers",
-        type=_positive,
-        help=_sized("watchers", "stage 8: SSE watchers of one poll"),
-    )
-    parser.add_argument(
-        "--fanout-rate",
-        type=_positive,
-        default=200,
-        help="stage 8: votes/s while they watch (default: 200)",
-    )
+    # The whole-number options: (flag, what it sets, its default; None: sized,
+    # the full run's or --quick's).
+    numbers: tuple[tuple[str, str, int | None], ...] = (
+        ("--repeats", "rounds", None),
+        ("--duration", "seconds per measured run", None),
+        ("--warmup", "seconds of the warm-up run of each stage (default: a third of "
+         "--duration, 1-3)", 0),
+        ("--connections", "wrk's open connections", 64),
+        ("--threads", "wrk's threads (each drives its share of the connections)", 1),
+        ("--drain-votes", "stage 4: votes queued before the workers start", None),
+        ("--drain-workers", "stage 4: worker processes draining them", 1),
+        ("--drain-repeats", "stage 4: repeats, at most --repeats; the stage is long", 1),
+        ("--steady-rate", "stage 5: votes/s offered (default: half of stage 2's rate in "
+         "this run)", 0),
+        ("--steady-duration", "stage 5: seconds of each run", None),
+        ("--spike-votes", "stage 6: votes in the spike", None),
+        ("--spike-connections", "stage 6: wrk's connections for the spike", 1000),
+        ("--watchers", "stage 8: SSE watchers of one poll", None),
+        ("--fanout-rate", "stage 8: votes/s while they watch", 200),
+    )  # fmt: skip
+    for flag, what, default in numbers:
+        if default is None:
+            what = _sized(flag[2:].replace("-", "_"), what)
+        elif default:
+            what += f" (default: {default:,})"
+        parser.add_argument(flag, type=positive, default=default, help=what)
     parser.add_argument(
         "--compare",
         nargs=2,
@@ -210,27 +160,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--threads must not exceed --connections nor --spike-connections")
     if args.spike_votes % args.threads:
         parser.error("--spike-votes must split evenly over --threads")
-    if args.warmup is None:
+    if not args.warmup:
         args.warmup = min(3, max(1, args.duration // 3))
     return args
 
 
 def options_of(args: argparse.Namespace, wrk_path: str) -> Options:
-    """The run's options from its command line (stage 4's are its class's)."""
-    Drain.settings = DrainSettings(args.drain_votes, args.drain_workers, args.drain_repeats)
+    """The run's options from its command line."""
     return Options(
-        repeats=args.repeats,
-        duration=args.duration,
-        warmup=args.warmup,
-        connections=args.connections,
-        threads=args.threads,
-        wrk=wrk_path,
-        steady_rate=float(args.steady_rate),
-        steady_duration=args.steady_duration,
-        spike_votes=args.spike_votes,
-        spike_connections=args.spike_connections,
-        watchers=args.watchers,
-        fanout_rate=float(args.fanout_rate),
+        wrk=wrk_path, **{f.name: getattr(args, f.name) for f in fields(Options) if f.name != "wrk"}
     )
 
 
@@ -277,7 +215,7 @@ def _measure(
                     stage.warm_up()
             for round_ in range(1, options.repeats + 1):
                 for stage in stages:
-                    if isinstance(stage, Drain) and round_ > stage.rounds(options.repeats):
+                    if isinstance(stage, Drain) and round_ > stage.rounds(options):
                         continue
                     with timing.timed(took[stage.number], "round"):
                         sample = stage.measure()
@@ -334,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "drain": {
             "votes": args.drain_votes,
             "workers": args.drain_workers,
-            "repeats": Drain.settings.repeats,
+            "repeats": args.drain_repeats,
         },
         "steady": {"rate": args.steady_rate or None, "duration_s": args.steady_duration},
         "spike": {"votes": args.spike_votes, "connections": args.spike_connections},

@@ -1,29 +1,8 @@
-"""Stage 11, the pipeline on a Redis Cluster: what each process spends on a vote
-with one edge and one worker, and with two of each, and whether every vote
-answered 202 is committed exactly once in both.
-
-A private cluster of 3 masters without replicas (VOTEFLOW_REDIS_MIN_REPLICAS=0,
-every master with ``appendfsync always``) and a PostgreSQL of its own. Two
-shapes of voteflow on them, started once, each with a key prefix of its own,
-measured one after the other in each repeat:
-
-- 1 edge + 1 worker (the table's row): wrk against the edge, as in stage 7;
-- 2 edges + 2 workers: the edges on two ports, and a wrk process for each with
-  half the connections, at once (wrk sends to one address).
-
-As in stage 7: rate limits on (the edges trust the bench as their proxy, and
-each voter comes from an address of its own), wrk sends new votes as fast as
-it can for --duration seconds, and the run ends when the last of them is
-committed; its rate is votes committed per second over that whole time. Per
-group of processes (the edges, the workers, the masters, every PostgreSQL
-process, wrk), CPU seconds per 1,000 votes answered 202 and peak memory (the
-sum of each process's peak, as pipeline.Meter reads them). Exactly once:
-vote.lua writes the vote_id of every 202 to a ledger; each must be one row of
-the repeat's poll, and the poll counts as many ballots as it has rows.
-
-Every process of the run shares the machine's cores, so on a small machine
-doubling voteflow's processes adds no throughput: this stage shows what a vote
-costs in each shape and that none is lost or doubled, not how voteflow scales.
+"""Stage 11, the pipeline on a Redis Cluster: 1 edge + 1 worker (the table's
+row) and 2 + 2, each shape with a key prefix of its own on one cluster of 3
+masters, measured as stage 7 (flat out until all is committed): votes/s, CPU
+per vote and peak memory by group of processes, and every 202 of vote.lua's
+ledger checked by loadtest.verdict. docs/benchmarks.md (stage 11) says how.
 """
 
 from __future__ import annotations
@@ -32,26 +11,23 @@ import os
 import resource
 import secrets
 import statistics
-import sys
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-import asyncpg
-
+from loadtest.verdict import counted_once
 from voteflow.keys import Keys
-from voteflow.servers import HOST, RedisClusterServers, free_port
+from voteflow.servers import RedisClusterServers
 
 from . import wrk
 from .cost import DRAIN_AFTER
 from .edge import create_poll
-from .pipeline import PROCESSES, STALL_TIMEOUT, Meter
-from .procs import Child
+from .pipeline import PROCESSES, STALL_TIMEOUT, Meter, cost
 from .redis_cluster import SHARDS, client, cluster_env, node_pids, rewrite_every_aof
-from .stack import Bench, Options, progress, run_sql, wait_drained
+from .report import columns
+from .stack import Bench, Options, progress, wait_drained
 from .stage import Sample, Stage, median_extra
 from .timing import Plan
 
@@ -78,38 +54,13 @@ class Shape:
         prefix = f"bench11-{label(n)}"
         common = cluster_env(servers, database_url, prefix) | {"VOTEFLOW_ADMIN_TOKEN": self.token}
         self.keys = Keys(prefix, SHARDS, cluster=True)
-        self.urls: list[str] = []
-        self.edges: list[Child] = []
-        self.workers: list[Child] = []
-        for i in range(n):
-            port = free_port()
-            env = bench.child_env(
-                **common,
-                VOTEFLOW_HOST=HOST,
-                VOTEFLOW_PORT=str(port),
-                VOTEFLOW_TRUSTED_PROXIES=HOST,
-            )
-            edge = bench.spawn(
-                f"edge-{label(n)}-{i}", [sys.executable, "-m", "voteflow", "edge"], env
-            )
-            self.urls.append(f"http://{HOST}:{port}")
-            self.edges.append(edge)
-        for edge, url in zip(self.edges, self.urls, strict=True):
-            edge.wait_http(f"{url}/health")
-        for i in range(n):
-            env = bench.child_env(**common, VOTEFLOW_WORKER_METRICS_PORT="0")
-            self.workers.append(
-                bench.spawn(
-                    f"worker-{label(n)}-{i}", [sys.executable, "-m", "voteflow", "worker"], env
-                )
-            )
+        self.urls, self.edges, self.workers = bench.voteflow(label(n), common, n)
         self.client = client(servers)
         bench.stack.callback(self.client.close)
         self.redis_pids = node_pids(servers)
 
     def new_poll(self) -> tuple[str, list[str]]:
-        poll = create_poll(self.urls[0], self.token)
-        return poll["id"], [option["id"] for option in poll["options"]]
+        return create_poll(self.urls[0], self.token)
 
     def send(self, poll: tuple[str, list[str]], duration: int, ledger: Path | None) -> wrk.WrkRun:
         """A wrk process per edge, at once, the connections and threads split
@@ -181,13 +132,8 @@ class Outcome:
     peak: dict[str, int]  # bytes, by group
     wall: float  # from the first request until the last vote committed
     rows: int  # the poll's votes in PostgreSQL
-    ballots: int  # the poll's total_ballots
-    missing: int  # ledger vote_ids with no row
-    repeated: int  # vote_ids with more than one row, or twice in the ledger
-
-    @property
-    def exact(self) -> bool:
-        return not self.missing and not self.repeated and self.ballots == self.rows
+    missing: int  # ledger vote_ids not in the poll
+    exact: bool  # loadtest.verdict's: every 202 in the poll once, its tallies a recount
 
     @property
     def rate(self) -> float:
@@ -195,11 +141,7 @@ class Outcome:
 
     def extra(self, prefix: str) -> dict[str, float]:
         found = {f"{prefix}votes_per_s": self.rate}
-        for group in PROCESSES:
-            found[f"{prefix}cpu_s_per_1k.{group}"] = (
-                1000 * self.cpu[group] / max(self.run.accepted, 1)
-            )
-            found[f"{prefix}peak_mib.{group}"] = self.peak[group] / 2**20
+        found |= cost(self.cpu, self.peak, self.run.accepted, prefix)
         found[f"{prefix}p99_ms"] = self.run.p99_ms
         found[f"{prefix}non_2xx"] = float(self.run.non_2xx)
         found[f"{prefix}missing_202"] = float(self.missing)
@@ -274,13 +216,8 @@ class ClusterCost(Stage):
                 run = shape.send(poll, self.bench.options.duration, Path(directory))
                 shape.wait_committed()
             wall = time.monotonic() - started
-            ledger: list[str] = []
-            for path in sorted(Path(directory).glob("accepted-*")):
-                ledger += path.read_text().split()
-        rows, ballots = self._committed(poll[0])
-        counts = Counter(rows)
-        missing = sum(1 for vote_id in ledger if vote_id not in counts)
-        repeated = sum(n - 1 for n in counts.values()) + len(ledger) - len(set(ledger))
+            ledger = wrk.ledger(Path(directory))
+        verdict = counted_once(self.database_url, poll[0], ledger)
         cpu: dict[str, float] = dict.fromkeys(PROCESSES, 0.0)
         peak: dict[str, int] = dict.fromkeys(PROCESSES, 0)
         for name, seconds in meter.cpu.items():
@@ -288,30 +225,17 @@ class ClusterCost(Stage):
         for name, size in meter.peak.items():
             peak[name.split(".")[0]] += size
         cpu["wrk"], peak["wrk"] = run.cpu_seconds, run.peak_rss_bytes
-        outcome = Outcome(run, cpu, peak, wall, len(rows), ballots, missing, repeated)
+        # wrk sends every vote_id once: one answered 202 twice is wrong too.
+        exact = verdict.passed and verdict.answered == verdict.distinct
+        outcome = Outcome(
+            run, cpu, peak, wall, verdict.stored, verdict.missing + verdict.wrong_poll, exact
+        )
         progress(
             f"{self.name} {label(shape.n)}: {outcome.rate:,.0f} votes/s committed, "
             f"{len(ledger):,} answered 202, {run.non_2xx} non-2xx; exactly once: "
-            + (
-                "OK"
-                if outcome.exact
-                else f"WRONG ({missing} missing, {repeated} repeated, "
-                f"{ballots} ballots for {len(rows)} rows)"
-            )
+            + ("OK" if exact else f"WRONG: {verdict.line}")
         )
         return outcome
-
-    def _committed(self, poll_id: str) -> tuple[list[str], int]:
-        """The vote_ids of the poll's rows, and its total_ballots."""
-
-        async def read(conn: asyncpg.Connection) -> tuple[list[str], int]:
-            rows = await conn.fetch("SELECT vote_id::text FROM votes WHERE poll_id = $1", poll_id)
-            ballots = await conn.fetchval(
-                "SELECT total_ballots FROM poll_counters WHERE poll_id = $1", poll_id
-            )
-            return [row[0] for row in rows], int(ballots or 0)
-
-        return run_sql(self.database_url, read)
 
     def summary(self, samples: list[Sample]) -> str:
         header = ("shape", "votes/s", *PROCESSES, "all", "p99 ms", "non-2xx", "exactly once")
@@ -331,20 +255,12 @@ class ClusterCost(Stage):
                     f"{'OK' if exact == len(samples) else 'WRONG'} in {exact} of {len(samples)}",
                 )
             )
-        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        table = [
-            "    "
-            + "  ".join(
-                cell.ljust(w) if i in (0, len(header) - 1) else cell.rjust(w)
-                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-            ).rstrip()
-            for line in lines
-        ]
+        table = columns(lines, left=(0, len(header) - 1), rule=False, indent="    ")
         ratios = [s.extra["rate_ratio"] for s in samples if "rate_ratio" in s.extra]
         text = (
             f"medians of votes committed/s and CPU s per 1,000 votes answered 202, on "
             f"{os.cpu_count()} CPUs shared by every process (so 2 + 2 shows the cost per vote "
-            f"and exactness, not how throughput scales)\n" + "\n".join(table)
+            f"and exactness, not how throughput scales)\n" + table
         )
         if ratios:
             text += (

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import goals
+from .report import columns
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -41,19 +42,6 @@ def _over(a: float | None, b: float | None) -> str:
 def _ratio(stage: dict[str, Any] | None) -> str:
     ratio = stage and stage.get("ratio")
     return f"{ratio['of']} = {ratio['median']:.2f}" if ratio else "-"
-
-
-def _columns(lines: list[tuple[str, ...]]) -> str:
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    text = [
-        "  ".join(
-            cell.ljust(w) if i in (0, 7, 8) else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        ).rstrip()
-        for line in lines
-    ]
-    text.insert(1, "-" * len(text[0]))
-    return "\n".join(text)
 
 
 def describe(name: str, path: Path, document: dict[str, Any]) -> str:
@@ -102,7 +90,7 @@ def compare(path_a: Path, path_b: Path) -> str:
     return "\n\n".join(
         [
             describe("A", path_a, a) + "\n" + describe("B", path_b, b),
-            _columns(lines),
+            columns(lines, left=(0, 7, 8)),
             goals.table([a, b], ["A", "B"]),
         ]
     )

@@ -1,30 +1,8 @@
-"""Stage 4, the drain: votes/s of ``python -m voteflow worker`` emptying a backlog
-already in the streams, against a PostgreSQL ceiling that writes the same rows.
-
-Each repeat, in the bench's private PostgreSQL and Redis (durable, as the other
-stages), with fresh databases so that each repeat starts alike:
-
-1. A database ``drain_<n>`` with the migrations; 1,001 single-vote polls of 4
-   options made by ``create_poll``: one hot poll that gets half of the votes, the
-   other half spread over 1,000 polls.
-2. The backlog, before any worker runs: N votes (``--drain-votes``), every tenth
-   a re-vote (a voter of an earlier vote of the same poll, received later),
-   encoded by ``voteflow.message.Vote`` and XADDed in pipelines into the stream
-   shard the edge would pick, the consumer group created first from id 0.
-3. The drain: ``--drain-workers`` worker processes (VOTEFLOW_BATCH_SIZE 500,
-   VOTEFLOW_CONSUMERS 4, the edge stage's 8 shards) are started and the time
-   taken until every shard's group has lag 0 and nothing pending (worker start-up
-   included) is the drain time; the rate is N / drain time.
-4. Correctness: the votes table holds N rows and the counted ballots
-   (sum of poll_counters.total_ballots) equal the distinct (poll, voter) pairs.
-5. The ceiling: a database ``drain_ceiling_<n>`` with the same migrations and
-   the same polls (same ids), no Redis and none of voteflow's rules: the same
-   rows (poll, vote_id, voter, options, received time) written by bare asyncpg
-   batch upserts of 1,000 rows (``unnest``: INSERT INTO votes ON CONFLICT DO
-   NOTHING, INSERT INTO voter_ballots ON CONFLICT DO UPDATE to the later ballot,
-   tallies and poll_counters incremented by the batch's aggregate), over as many
-   connections as the workers' pools hold (workers x 4), the rows split by shard
-   among the connections as the workers split them.
+"""Stage 4, the drain: votes/s of ``python -m voteflow worker`` emptying a
+backlog queued straight into the streams, against a PostgreSQL ceiling that
+writes the same rows with bare batch upserts (``drain_ceiling.sql``). Each
+repeat starts from fresh databases; docs/benchmarks.md (stage 4) gives the
+backlog's make-up and the checks.
 """
 
 from __future__ import annotations
@@ -32,25 +10,27 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from pathlib import Path
 
 import asyncpg
 import redis
 from redis.exceptions import ResponseError
 
+from loadtest.queries import named
+from voteflow.children import Child
 from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, Vote
 from voteflow.migrate import migrate
 
 from . import timing
 from .edge import SHARDS
-from .procs import Child, cpu_seconds, tree_cpu, tree_cpu_used
+from .procs import cpu_seconds, tree_cpu, tree_cpu_used
 from .stack import (
+    VOTEFLOW,
     Bench,
     Options,
     Servers,
@@ -58,6 +38,7 @@ from .stack import (
     progress,
     rewrite_aof,
     run_sql,
+    sql,
     wait_drained,
 )
 from .stage import Sample, Stage
@@ -80,13 +61,6 @@ CEILING_PER_S = 60_000.0
 ROUND_S = 3.0
 # A drain that makes no progress for this long has failed (a worker stuck).
 STALL_TIMEOUT = 120.0
-
-
-@dataclass(frozen=True, slots=True)
-class DrainSettings:
-    votes: int = 300_000  # the full run's; --quick queues fewer
-    workers: int = 1
-    repeats: int = 1  # at most; never more than --repeats
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,50 +132,8 @@ class Columns:
         return self.polls, self.vote_ids, self.voters, self.options, self.received
 
 
-_ROWS = "unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[]) AS b(p, v, u, o, t)"
-_AT = "timestamptz 'epoch' + b.t * interval '1 microsecond'"
-CEILING_VOTES = f"""
-INSERT INTO votes (poll_id, vote_id, voter, option_ids, received_at, counted)
-SELECT b.p, b.v, b.u, b.o::uuid[], {_AT}, true FROM {_ROWS}
-ON CONFLICT DO NOTHING
-"""
-CEILING_BALLOTS = f"""
-INSERT INTO voter_ballots (poll_id, voter, vote_id, received_at, option_ids)
-SELECT DISTINCT ON (b.p, b.u COLLATE "C") b.p, b.u, b.v, {_AT}, b.o::uuid[] FROM {_ROWS}
-ORDER BY b.p, b.u COLLATE "C", b.t DESC, b.v DESC
-ON CONFLICT (poll_id, voter) DO UPDATE
-SET vote_id = excluded.vote_id, received_at = excluded.received_at,
-    option_ids = excluded.option_ids
-WHERE (excluded.received_at, excluded.vote_id)
-    > (voter_ballots.received_at, voter_ballots.vote_id)
-"""
-_PER_OPTION = """
-WITH d AS (
-    SELECT b.p, x.o, count(*) AS n
-    FROM unnest($1::uuid[], $2::text[]) AS b(p, o)
-    CROSS JOIN LATERAL unnest(b.o::uuid[]) AS x(o)
-    GROUP BY b.p, x.o
-)
-"""
-_PER_POLL = "WITH d AS (SELECT b.p, count(*) AS n FROM unnest($1::uuid[]) AS b(p) GROUP BY b.p)\n"
-# Rows locked in key order first (tallies, then counters, as cast_vote_atomic),
-# so that concurrent batches cannot deadlock.
-CEILING_LOCK_TALLIES = (
-    _PER_OPTION + "SELECT FROM tallies AS t JOIN d ON t.poll_id = d.p AND t.option_id = d.o "
-    "ORDER BY t.poll_id, t.option_id FOR UPDATE OF t"
-)
-CEILING_TALLIES = (
-    _PER_OPTION + "UPDATE tallies AS t SET votes = t.votes + d.n FROM d "
-    "WHERE t.poll_id = d.p AND t.option_id = d.o"
-)
-CEILING_LOCK_COUNTERS = (
-    _PER_POLL + "SELECT FROM poll_counters AS c JOIN d ON c.poll_id = d.p "
-    "ORDER BY c.poll_id FOR UPDATE OF c"
-)
-CEILING_COUNTERS = (
-    _PER_POLL + "UPDATE poll_counters AS c SET total_ballots = c.total_ballots + d.n, "
-    "version = c.version + 1, updated_at = now() FROM d WHERE c.poll_id = d.p"
-)
+# The ceiling's statements, by name (drain_ceiling.sql says what each does).
+CEILING = named(Path(__file__).with_name("drain_ceiling.sql"))
 
 
 class Drain(Stage):
@@ -209,8 +141,6 @@ class Drain(Stage):
     name = "drain"
     title = "voteflow worker draining a backlog in the streams -> PostgreSQL"
     requests = False
-    # Set by the command line before the run.
-    settings: ClassVar[DrainSettings] = DrainSettings()
 
     def start(self, bench: Bench) -> None:
         self.bench = bench
@@ -221,30 +151,30 @@ class Drain(Stage):
         self.repeat = 0
 
     def plan(self, options: Options, started: set[str]) -> timing.Plan:
-        votes = self.settings.votes
+        votes = options.drain_votes
         return timing.Plan(
             start=0.0,
             warm_up=0.0,
             round=ROUND_S + votes / QUEUED_PER_S + votes / DRAINED_PER_S + votes / CEILING_PER_S,
-            rounds=self.rounds(options.repeats),
+            rounds=self.rounds(options),
         )
 
-    def rounds(self, repeats: int) -> int:
+    def rounds(self, options: Options) -> int:
         """How many of the run's rounds measure this stage: it is long."""
-        return min(repeats, self.settings.repeats)
+        return min(options.repeats, options.drain_repeats)
 
     def warm_up(self) -> None:
         """None: each repeat starts from fresh databases and new worker processes."""
 
     def measure(self) -> Sample:
         self.repeat += 1
-        settings = self.settings
-        connections = settings.workers * CONSUMERS
+        options = self.bench.options
+        connections = options.drain_workers * CONSUMERS
         drain_db = f"drain_{self.repeat}"
         ceiling_db = f"drain_ceiling_{self.repeat}"
         drain_url = self._fresh_database(drain_db)
         try:
-            plan = self._plan(drain_url, settings.votes)
+            plan = self._plan(drain_url, options.drain_votes)
             ceiling_url = self._fresh_database(ceiling_db)
             try:
                 self._copy_polls(drain_url, ceiling_url)
@@ -253,12 +183,12 @@ class Drain(Stage):
                 self._fill(plan)
                 progress(
                     f"drain: {plan.votes:,} votes queued in {time.monotonic() - filled:.1f}s; "
-                    f"draining with {settings.workers} worker(s)"
+                    f"draining with {options.drain_workers} worker(s)"
                 )
-                self._checkpoint(drain_url)
-                sample = self._drain(plan, drain_url, settings.workers)
+                sql(drain_url, "CHECKPOINT")
+                sample = self._drain(plan, drain_url, options.drain_workers)
                 self._clear_streams()
-                self._checkpoint(ceiling_url)
+                sql(ceiling_url, "CHECKPOINT")
                 ceiling = asyncio.run(_ceiling(ceiling_url, plan, connections))
             finally:
                 self._drop(ceiling_db)
@@ -278,26 +208,14 @@ class Drain(Stage):
     # The steps of a repeat.
 
     def _fresh_database(self, name: str) -> str:
-        async def create(conn: asyncpg.Connection) -> None:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{name}"')
-
-        run_sql(self.servers.postgres.url, create)
+        self._drop(name)
+        sql(self.servers.postgres.url, f'CREATE DATABASE "{name}"')
         url = _database_url(self.servers.postgres.url, name)
         asyncio.run(migrate(url))
         return url
 
     def _drop(self, name: str) -> None:
-        async def drop(conn: asyncpg.Connection) -> None:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-        run_sql(self.servers.postgres.url, drop)
-
-    def _checkpoint(self, url: str) -> None:
-        async def checkpoint(conn: asyncpg.Connection) -> None:
-            await conn.execute("CHECKPOINT")
-
-        run_sql(url, checkpoint)
+        sql(self.servers.postgres.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def _plan(self, url: str, votes: int) -> Plan:
         async def create(conn: asyncpg.Connection) -> list[tuple[str, tuple[str, ...]]]:
@@ -394,9 +312,7 @@ class Drain(Stage):
         redis_before = cpu_seconds(redis_pid)
         started = time.monotonic()
         children: list[Child] = [
-            self.bench.spawn(
-                f"drain-worker-{self.repeat}-{n}", [sys.executable, "-m", "voteflow", "worker"], env
-            )
+            self.bench.spawn(f"drain-worker-{self.repeat}-{n}", [*VOTEFLOW, "worker"], env)
             for n in range(workers)
         ]
         wait_drained(self.redis, self.keys, children, STALL_TIMEOUT, POLL_EVERY)
@@ -419,15 +335,7 @@ class Drain(Stage):
             rate=plan.votes / seconds,
             requests=plan.votes,
             accepted=plan.votes,
-            non_2xx=0,
-            socket_errors=0,
-            timeouts=0,
             seconds=seconds,
-            p50_ms=0.0,
-            p95_ms=0.0,
-            p99_ms=0.0,
-            max_ms=0.0,
-            wrk_cpu_percent=0.0,
             server_cpu_seconds=worker_cpu,
             server_cpu_percent=100 * worker_cpu / seconds,
             store_cpu_seconds=store_used,
@@ -439,14 +347,13 @@ class Drain(Stage):
         )
 
     def _check(self, url: str) -> tuple[int, int]:
-        async def count(conn: asyncpg.Connection) -> tuple[int, int]:
-            stored = await conn.fetchval("SELECT count(*) FROM votes")
-            ballots = await conn.fetchval(
-                "SELECT coalesce(sum(total_ballots), 0) FROM poll_counters"
-            )
-            return int(stored), int(ballots)
-
-        return run_sql(url, count)
+        stored, ballots = sql(
+            url,
+            "SELECT (SELECT count(*) FROM votes), "
+            "(SELECT coalesce(sum(total_ballots), 0) FROM poll_counters)",
+            answer="fetchrow",
+        )
+        return int(stored), int(ballots)
 
 
 def _batches(plan: Plan, connections: int) -> list[list[Columns]]:
@@ -472,12 +379,12 @@ async def _write(conn: asyncpg.Connection, batches: list[Columns]) -> None:
         for attempt in range(5):
             try:
                 async with conn.transaction():
-                    await conn.execute(CEILING_VOTES, *args)
-                    await conn.execute(CEILING_BALLOTS, *args)
-                    await conn.execute(CEILING_LOCK_TALLIES, batch.polls, batch.options)
-                    await conn.execute(CEILING_TALLIES, batch.polls, batch.options)
-                    await conn.execute(CEILING_LOCK_COUNTERS, batch.polls)
-                    await conn.execute(CEILING_COUNTERS, batch.polls)
+                    await conn.execute(CEILING["votes"], *args)
+                    await conn.execute(CEILING["ballots"], *args)
+                    await conn.execute(CEILING["lock_tallies"], batch.polls, batch.options)
+                    await conn.execute(CEILING["tallies"], batch.polls, batch.options)
+                    await conn.execute(CEILING["lock_counters"], batch.polls)
+                    await conn.execute(CEILING["counters"], batch.polls)
                 break
             except asyncpg.exceptions.DeadlockDetectedError:
                 if attempt == 4:

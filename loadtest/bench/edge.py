@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import sys
 import time
 import urllib.request
 from dataclasses import replace
@@ -27,7 +26,7 @@ from voteflow.keys import Keys
 from voteflow.servers import HOST, free_port
 
 from . import wrk
-from .stack import Bench, rewrite_aof
+from .stack import VOTEFLOW, Bench, rewrite_aof
 from .stage import Sample, WrkStage
 
 KEY_PREFIX = "bench"
@@ -50,35 +49,19 @@ class Edge(WrkStage):
     def start(self, bench: Bench) -> None:
         super().start(bench)
         servers = bench.servers()
-        port = free_port()
-        token = secrets.token_urlsafe(24)
-        env = bench.child_env(
-            VOTEFLOW_DATABASE_URL=servers.database_url,
-            VOTEFLOW_REDIS_URL=servers.redis.url,
-            VOTEFLOW_ADMIN_TOKEN=token,
-            VOTEFLOW_HOST=HOST,
-            VOTEFLOW_PORT=str(port),
-            VOTEFLOW_KEY_PREFIX=KEY_PREFIX,
-            VOTEFLOW_STREAM_SHARDS=str(SHARDS),
-            VOTEFLOW_RATE_LIMIT_PER_IP="0",
-            VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
-            VOTEFLOW_MAX_BACKLOG="0",
-            VOTEFLOW_LOG_LEVEL="WARNING",
-            **self.extra_env,
-        )
-        command = [sys.executable, "-m", "voteflow", "edge", "--processes", str(self.processes)]
-        edge = bench.spawn(self.name, command, env)
-        self.url = f"http://{HOST}:{port}"
-        edge.wait_http(f"{self.url}/health")
-        self.server = edge
+        storage = {
+            "VOTEFLOW_DATABASE_URL": servers.database_url,
+            "VOTEFLOW_REDIS_URL": servers.redis.url,
+            "VOTEFLOW_KEY_PREFIX": KEY_PREFIX,
+            "VOTEFLOW_STREAM_SHARDS": str(SHARDS),
+            "VOTEFLOW_LOG_LEVEL": "WARNING",
+        }
+        start_edge(self, self.name, storage | self.extra_env, self.processes)
         assert servers.redis.pid is not None
         self.store_pid = servers.redis.pid
         self.redis = redis.Redis.from_url(servers.redis.url, socket_timeout=10)
         bench.stack.callback(self.redis.close)
         self.keys = Keys(KEY_PREFIX, SHARDS)
-        poll = create_poll(self.url, token)
-        self.poll_id = poll["id"]
-        self.option_ids = [option["id"] for option in poll["options"]]
 
     def reset(self) -> None:
         # Nothing of the edge's lives in Redis between requests but the
@@ -90,7 +73,7 @@ class Edge(WrkStage):
         """A repeat, and how the edge's appender fared meanwhile (from its /metrics)."""
         before = append_totals(self.url)
         sample = super().measure()
-        used = {k: v - before.get(k, 0.0) for k, v in append_totals(self.url).items()}
+        used = append_totals(self.url, since=before)
         pipelines = used.get("voteflow_append_batch_size_count", 0.0)
         waited = used.get("voteflow_append_seconds_sum", 0.0)
         if not pipelines:
@@ -113,8 +96,30 @@ class Edge(WrkStage):
         return sum(pipe.execute())
 
 
-def append_totals(url: str) -> dict[str, float]:
-    """The appender's histograms' sums and counts, from an edge's /metrics."""
+def start_edge(stage: WrkStage, name: str, env: dict[str, str], processes: int = 1) -> None:
+    """Start `voteflow edge` for `stage` with `env` (where it stores votes),
+    rate limits off and no shedding, and create the poll it is sent votes on."""
+    port = free_port()
+    token = secrets.token_urlsafe(24)
+    env = stage.bench.child_env(
+        **env,
+        VOTEFLOW_ADMIN_TOKEN=token,
+        VOTEFLOW_HOST=HOST,
+        VOTEFLOW_PORT=str(port),
+        VOTEFLOW_RATE_LIMIT_PER_IP="0",
+        VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
+        VOTEFLOW_MAX_BACKLOG="0",
+    )
+    command = [*VOTEFLOW, "edge", "--processes", str(processes)]
+    stage.server = stage.bench.spawn(name, command, env)
+    stage.url = f"http://{HOST}:{port}"
+    stage.server.wait_http(f"{stage.url}/health")
+    stage.poll_id, stage.option_ids = create_poll(stage.url, token)
+
+
+def append_totals(url: str, since: dict[str, float] | None = None) -> dict[str, float]:
+    """The appender's histograms' sums and counts, from an edge's /metrics
+    (less those read `since`, if given)."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
         text = response.read().decode()
     totals = {}
@@ -122,11 +127,12 @@ def append_totals(url: str) -> dict[str, float]:
         if family.name in ("voteflow_append_batch_size", "voteflow_append_seconds"):
             for sample in family.samples:
                 if sample.name.endswith(("_sum", "_count")):
-                    totals[sample.name] = float(sample.value)
+                    totals[sample.name] = float(sample.value) - (since or {}).get(sample.name, 0)
     return totals
 
 
-def create_poll(url: str, token: str) -> dict[str, Any]:
+def create_poll(url: str, token: str) -> tuple[str, list[str]]:
+    """A new poll of four options: its id and its options' ids."""
     body = {"question": "Which one?", "options": ["A", "B", "C", "D"]}
     request = urllib.request.Request(
         f"{url}/api/polls",
@@ -136,7 +142,7 @@ def create_poll(url: str, token: str) -> dict[str, Any]:
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         poll: dict[str, Any] = json.load(response)
-    return poll
+    return poll["id"], [option["id"] for option in poll["options"]]
 
 
 class EdgeProcesses(Edge):
@@ -163,20 +169,10 @@ class EdgeVoterTokens(Edge):
     ratio = (13, 2)
     extra_env: ClassVar[dict[str, str]] = {"VOTEFLOW_VOTER_TOKEN_SECRET": TOKEN_SECRET}
 
-    def _wrk(self, duration: int) -> wrk.WrkRun:
-        options = self.bench.options
+    def _wrk(self, duration: int, load: wrk.Load | None = None) -> wrk.WrkRun:
         prefix = self.bench.work_dir / "voter-tokens"
-        mint_tokens(prefix, options.threads, TOKENS_PER_SECOND * duration)
-        return wrk.run(
-            options.wrk,
-            self.url,
-            duration=duration,
-            connections=options.connections,
-            threads=options.threads,
-            poll_id=self.poll_id,
-            option_ids=self.option_ids,
-            load=wrk.Load(tokens=prefix),
-        )
+        mint_tokens(prefix, self.bench.options.threads, TOKENS_PER_SECOND * duration)
+        return super()._wrk(duration, wrk.Load(tokens=prefix))
 
 
 def mint_tokens(prefix: Path, threads: int, total: int) -> None:

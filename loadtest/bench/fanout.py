@@ -1,12 +1,7 @@
 """Stage 8, fan-out: --watchers SSE streams of one poll on the one edge process
-(held open by a child process of the bench, loadtest/bench/watchers.py) while
-votes flow at --fanout-rate for --duration seconds.
-
-It reports the edge's memory per watcher (its resident set after the streams
-opened, less before, over their number) and the delay from a commit to its
-update reaching the watchers (p50/p95/p99 over every update every watcher
-received), with the watchers' process's own CPU use beside it: it shares the
-machine's cores with the edge.
+(held open by watchers.py in a child process) while votes flow: the edge's
+memory per watcher and the delay from commit to watcher. docs/benchmarks.md
+(stage 8).
 """
 
 from __future__ import annotations
@@ -18,9 +13,11 @@ from dataclasses import replace
 
 import orjson
 
+from voteflow.children import spawn
+
 from . import wrk
 from .pipeline import PipelineStage
-from .procs import cpu_seconds, popen, rss
+from .procs import cpu_seconds, rss
 from .stack import Options, progress
 from .stage import Sample, median_extra
 
@@ -43,9 +40,10 @@ class FanOut(PipelineStage):
         before = rss(self.pipeline.edge.pid)
         argv = [sys.executable, "-m", "loadtest.bench.watchers", self.pipeline.url, poll[0]]
         argv.append(str(options.watchers))
-        child = popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE
-        )
+        child = spawn(
+            "watchers", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, session=True,
+        ).popen  # fmt: skip
         try:
             assert child.stdout is not None and child.stdin is not None
             line = child.stdout.readline().decode()

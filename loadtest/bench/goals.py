@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .report import columns
+
 Document = dict[str, Any]
 
 # The processes of the pipeline whose CPU a vote costs (stage 7's extras);
@@ -143,10 +145,4 @@ def table(documents: list[Document], headers: list[str] | None = None) -> str:
         if len(documents) == 1:
             cells.append(verdicts[0])
         lines.append(tuple(cells))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    text = [
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    ]
-    text.insert(1, "-" * len(text[0]))
-    return "\n".join(text)
+    return columns(lines, left=range(len(lines[0])))

@@ -13,11 +13,9 @@ import sys
 import uuid
 from pathlib import Path
 
-import asyncpg
-
 from voteflow.servers import HOST, free_port
 
-from .stack import Bench, run_sql
+from .stack import Bench, sql
 from .stage import WrkStage
 
 SCHEMA = Path(__file__).with_name("naive.sql")
@@ -36,15 +34,9 @@ class Naive(WrkStage):
         self.poll_id = str(uuid.uuid4())
         self.option_ids = [str(uuid.uuid4()) for _ in range(4)]
 
-        async def create(conn: asyncpg.Connection) -> None:
-            await conn.execute(SCHEMA.read_text(encoding="utf-8"))
-            await conn.execute(
-                "INSERT INTO naive_polls (id, option_ids) VALUES ($1, $2)",
-                self.poll_id,
-                self.option_ids,
-            )
-
-        run_sql(self.database_url, create)
+        sql(self.database_url, SCHEMA.read_text(encoding="utf-8"))
+        insert = "INSERT INTO naive_polls (id, option_ids) VALUES ($1, $2)"
+        sql(self.database_url, insert, self.poll_id, self.option_ids)
         port = free_port()
         argv = [sys.executable, "-m", "loadtest.bench.naive_app", "--port", str(port)]
         argv += ["--database-url", self.database_url]
@@ -56,14 +48,8 @@ class Naive(WrkStage):
         self.store_pid = servers.postgres.pid
 
     def reset(self) -> None:
-        async def empty(conn: asyncpg.Connection) -> None:
-            await conn.execute("TRUNCATE naive_votes")
-            await conn.execute("CHECKPOINT")
-
-        run_sql(self.database_url, empty)
+        sql(self.database_url, "TRUNCATE naive_votes")
+        sql(self.database_url, "CHECKPOINT")
 
     def stored(self) -> int:
-        async def count(conn: asyncpg.Connection) -> int:
-            return int(await conn.fetchval("SELECT count(*) FROM naive_votes"))
-
-        return run_sql(self.database_url, count)
+        return int(sql(self.database_url, "SELECT count(*) FROM naive_votes", answer="fetchval"))

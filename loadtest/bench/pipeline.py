@@ -17,7 +17,6 @@ import contextlib
 import http.client
 import secrets
 import socket
-import sys
 import threading
 import time
 from bisect import bisect_left
@@ -25,19 +24,21 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Self
 
-import asyncpg
 import orjson
 import redis
 
 from voteflow.keys import Keys
-from voteflow.servers import HOST, free_port
+from voteflow.servers import HOST
 
 from . import wrk
 from .edge import SHARDS, create_poll
 from .procs import cpu_seconds, peak_rss, reset_peak_rss, tree_cpu, tree_cpu_used, tree_pss
-from .stack import Bench, Options, progress, rewrite_aof, run_sql, wait_drained
+from .stack import Bench, Options, progress, rewrite_aof, sql, wait_drained
 from .stage import Sample, Stage
 from .timing import Plan
+
+# Re-exported: the steady stage and its tests read lags with it.
+from .watchers import percentiles as percentiles
 
 KEY_PREFIX = "e2e"
 MAX_CONNECTIONS = 50_000
@@ -48,14 +49,6 @@ LIVE_TIMEOUT = 10.0
 POLL_EVERY = 0.05
 # Processes whose cost is measured, in the order reports show them.
 PROCESSES = ("edge", "worker", "redis", "postgresql", "wrk")
-
-
-def percentiles(values: list[float], points: tuple[int, ...] = (50, 95, 99)) -> list[float]:
-    """Nearest-rank percentiles of `values` (NaN for none)."""
-    if not values:
-        return [float("nan")] * len(points)
-    ordered = sorted(values)
-    return [ordered[min(len(ordered) - 1, max(0, -(-p * len(ordered) // 100) - 1))] for p in points]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +72,6 @@ class Pipeline:
         self.redis_pid = servers.redis.pid
         self.keys = Keys(KEY_PREFIX, SHARDS)
         self.token = secrets.token_urlsafe(24)
-        port = free_port()
         common = {
             "VOTEFLOW_DATABASE_URL": servers.database_url,
             "VOTEFLOW_REDIS_URL": servers.redis.url,
@@ -88,44 +80,25 @@ class Pipeline:
             "VOTEFLOW_STREAM_SHARDS": str(SHARDS),
             "VOTEFLOW_LOG_LEVEL": "WARNING",
         }
-        edge_env = bench.child_env(
-            **common,
-            VOTEFLOW_HOST=HOST,
-            VOTEFLOW_PORT=str(port),
-            VOTEFLOW_TRUSTED_PROXIES=HOST,
-            # Stage 8's watchers and the votes beside them; the watchers all
-            # come from the bench's one address.
+        # Stage 8's watchers and the votes beside them; the watchers all come
+        # from the bench's one address.
+        (self.url,), (self.edge,), (self.worker,) = bench.voteflow(
+            "e2e",
+            common,
             VOTEFLOW_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
             VOTEFLOW_LIVE_MAX_PER_ADDRESS=str(MAX_CONNECTIONS),
         )
-        worker_env = bench.child_env(**common, VOTEFLOW_WORKER_METRICS_PORT="0")
-        self.url = f"http://{HOST}:{port}"
-        self.port = port
-        self.edge = bench.spawn("e2e-edge", [sys.executable, "-m", "voteflow", "edge"], edge_env)
-        self.edge.wait_http(f"{self.url}/health")
-        self.worker = bench.spawn(
-            "e2e-worker", [sys.executable, "-m", "voteflow", "worker"], worker_env
-        )
+        self.port = int(self.url.rsplit(":", 1)[1])
         self.redis = redis.Redis.from_url(servers.redis.url, socket_timeout=30)
         bench.stack.callback(self.redis.close)
         self.warmed = False
-
-    @classmethod
-    def of(cls, bench: Bench) -> Pipeline:
-        """The run's pipeline, shared by the stages that use it."""
-        found = bench.shared.get(cls.__name__)
-        if found is None:
-            found = bench.shared[cls.__name__] = cls(bench)
-        assert isinstance(found, cls)
-        return found
 
     def check_alive(self) -> None:
         self.edge.check_alive()
         self.worker.check_alive()
 
     def new_poll(self) -> tuple[str, list[str]]:
-        poll = create_poll(self.url, self.token)
-        return poll["id"], [option["id"] for option in poll["options"]]
+        return create_poll(self.url, self.token)
 
     def rewrite_aof(self) -> None:
         rewrite_aof(self.redis)
@@ -136,27 +109,19 @@ class Pipeline:
         wait_drained(self.redis, self.keys, [self.worker], STALL_TIMEOUT, POLL_EVERY)
 
     def committed(self, poll_id: str) -> list[Committed]:
-        async def read(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-            rows: list[asyncpg.Record] = await conn.fetch(
-                "SELECT vote_id::text, extract(epoch FROM received_at)::float8 AS received, "
-                "extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 AS committed, "
-                "xmin::text::bigint AS xid FROM votes WHERE poll_id = $1",
-                poll_id,
-            )
-            return rows
-
-        rows = run_sql(self.database_url, read)
-        return [Committed(row[0], row[1], row[2], row[3]) for row in rows]
+        rows = sql(
+            self.database_url,
+            "SELECT vote_id::text, extract(epoch FROM received_at)::float8 AS received, "
+            "extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 AS committed, "
+            "xmin::text::bigint AS xid FROM votes WHERE poll_id = $1",
+            poll_id,
+            answer="fetch",
+        )
+        return [Committed(*row) for row in rows]
 
     def total_ballots(self, poll_id: str) -> int:
-        async def read(conn: asyncpg.Connection) -> int:
-            return int(
-                await conn.fetchval(
-                    "SELECT total_ballots FROM poll_counters WHERE poll_id = $1", poll_id
-                )
-            )
-
-        return run_sql(self.database_url, read)
+        query = "SELECT total_ballots FROM poll_counters WHERE poll_id = $1"
+        return int(sql(self.database_url, query, poll_id, answer="fetchval"))
 
     def meter(self) -> Meter:
         assert self.postgres_pid is not None and self.redis_pid is not None
@@ -212,13 +177,19 @@ class Meter:
 
     def extra(self, votes: int, wrk_cpu: float, wrk_peak: int) -> dict[str, float]:
         """Per process: CPU seconds per 1,000 votes and peak MiB, as a Sample's extras."""
-        cpu = self.cpu | {"wrk": wrk_cpu}
-        peak = self.peak | {"wrk": wrk_peak}
-        found = {}
-        for name in PROCESSES:
-            found[f"cpu_s_per_1k.{name}"] = 1000 * cpu[name] / max(votes, 1)
-            found[f"peak_mib.{name}"] = peak[name] / 2**20
-        return found
+        return cost(self.cpu | {"wrk": wrk_cpu}, self.peak | {"wrk": wrk_peak}, votes)
+
+
+def cost(
+    cpu: dict[str, float], peak: dict[str, int], votes: int, prefix: str = ""
+) -> dict[str, float]:
+    """Per process (PROCESSES): CPU seconds per 1,000 votes and peak MiB, as
+    a Sample's extras (their names after `prefix`)."""
+    found = {}
+    for name in PROCESSES:
+        found[f"{prefix}cpu_s_per_1k.{name}"] = 1000 * cpu[name] / max(votes, 1)
+        found[f"{prefix}peak_mib.{name}"] = peak[name] / 2**20
+    return found
 
 
 class LiveWatcher:
@@ -317,7 +288,7 @@ class PipelineStage(Stage):
 
     def start(self, bench: Bench) -> None:
         self.bench = bench
-        self.pipeline = Pipeline.of(bench)
+        self.pipeline = bench.share(Pipeline)
 
     def warm_up(self) -> None:
         """One unmeasured run at full speed, for the first such stage only."""

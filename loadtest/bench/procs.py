@@ -1,119 +1,14 @@
-"""The bench's child processes, and the CPU time and memory they use (psutil;
-the peak resident set from /proc, which psutil does not read).
-
-Every child runs in a session of its own, so a Ctrl-C in the terminal reaches
-only the bench, which then stops its children in order; and the kernel
-signals a child if the bench dies without doing so (PR_SET_PDEATHSIG).
-"""
+"""The CPU time and memory of the bench's child processes (psutil; the peak
+resident set from /proc, which psutil does not read). The children themselves
+are voteflow.children's."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import suppress
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
 
 import psutil
-
-from voteflow.children import die_with_parent
-
-# Seconds a child gets to stop after SIGTERM before it is killed; the edge
-# needs about one (it closes its pools).
-STOP_TIMEOUT = 15.0
-
-
-def popen(
-    argv: Sequence[str],
-    *,
-    stdout: int | IO[bytes],
-    stderr: int | IO[bytes],
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-    stdin: int = subprocess.DEVNULL,
-) -> subprocess.Popen[bytes]:
-    """subprocess.Popen in a session of its own, signalled when the bench dies."""
-    return subprocess.Popen(
-        argv,
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-        env=None if env is None else dict(env),
-        cwd=cwd,
-        start_new_session=True,
-        preexec_fn=die_with_parent(signal.SIGTERM),
-    )
-
-
-class Child:
-    """A long-running process of the bench (an app or the edge), its output in a log file."""
-
-    def __init__(
-        self, name: str, argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Path
-    ) -> None:
-        self.name = name
-        self.log_path = log_path
-        with log_path.open("wb") as log:
-            self._proc = popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    def check_alive(self) -> None:
-        if self._proc.poll() is not None:
-            raise RuntimeError(
-                f"{self.name} exited with status {self._proc.returncode}\n{self.log_tail()}"
-            )
-
-    def wait_http(self, url: str, timeout: float = 30.0) -> None:
-        """Return once `url` answers 200; fail if the process exits or `timeout` passes."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.check_alive()
-            with (
-                suppress(OSError, urllib.error.URLError),
-                urllib.request.urlopen(url, timeout=1) as response,
-            ):
-                if response.status == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: {url} did not answer in {timeout:.0f}s")
-            time.sleep(0.1)
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM, then SIGKILL to its whole session's group after `timeout`. Idempotent."""
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            with suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout)
-        with suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        self._proc.wait()
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return f"last lines of {self.log_path}:\n" + "\n".join(text.splitlines()[-lines:])
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -1,35 +1,20 @@
 """Stages 9 and 10, what a replica's confirmation costs: the edge alone on a
-Redis Cluster, answering 202 once the vote's master holds it (9) or once a
-replica holds it too (10, VOTEFLOW_REDIS_MIN_REPLICAS=1).
-
-One private cluster of 3 masters with a replica each, every node with
-``appendfsync always`` (as `voteflow up` runs Redis), and two edges on it,
-started once, each with a key prefix of its own; as in stage 2, no worker,
-rate limits off and VOTEFLOW_MAX_BACKLOG=0. Stage 10's edge ends each
-pipeline to a master with WAITAOF where every master has it (the replica has
-written the votes to its own append-only file) or else WAIT (it has received
-them). The two run one after the other in each round, so their ratios (rate,
-and p50 latency) are taken within a round.
-
-Before each repeat every master is emptied (FLUSHALL, which its replica
-follows) and every node's append-only file rewritten, so repeats start alike;
-after it the stream entries of the edge's prefix are counted on their
-masters: every 202 must be one. Store CPU: every node, replicas included.
+3-master Redis Cluster with a replica each, answering 202 once the vote's
+master holds it (9) or once a replica holds it too (10,
+VOTEFLOW_REDIS_MIN_REPLICAS=1); measured one after the other in each round,
+so their ratios are taken within it. docs/benchmarks.md (stages 9-10) says how.
 """
 
 from __future__ import annotations
 
-import secrets
 import statistics
-import sys
 from dataclasses import replace
 from typing import ClassVar
 
 from voteflow.keys import Keys
-from voteflow.servers import HOST, free_port
 
 from . import wrk
-from .edge import append_totals, create_poll
+from .edge import append_totals, start_edge
 from .redis_cluster import (
     SHARDS,
     client,
@@ -62,14 +47,6 @@ class ReplicatedCluster:
         # sample stage 9 took just before it, in the same round.
         self.samples: dict[int, list[Sample]] = {}
 
-    @classmethod
-    def of(cls, bench: Bench) -> ReplicatedCluster:
-        found = bench.shared.get(cls.__name__)
-        if found is None:
-            found = bench.shared[cls.__name__] = cls(bench)
-        assert isinstance(found, cls)
-        return found
-
     def empty(self) -> None:
         # FLUSHALL keeps the script cache, where the edges' admit.lua lives.
         self.client.flushall(target_nodes=self.client.PRIMARIES)
@@ -92,39 +69,22 @@ class ReplicaEdge(WrkStage):
 
     def start(self, bench: Bench) -> None:
         super().start(bench)
-        self.cluster = ReplicatedCluster.of(bench)
+        self.cluster = bench.share(ReplicatedCluster)
         prefix = f"bench{self.number}"
-        port = free_port()
-        token = secrets.token_urlsafe(24)
-        env = bench.child_env(
-            **cluster_env(self.cluster.servers, self.cluster.database_url, prefix),
-            VOTEFLOW_REDIS_MIN_REPLICAS=str(self.min_replicas),
-            VOTEFLOW_ADMIN_TOKEN=token,
-            VOTEFLOW_HOST=HOST,
-            VOTEFLOW_PORT=str(port),
-            VOTEFLOW_RATE_LIMIT_PER_IP="0",
-            VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
-            VOTEFLOW_MAX_BACKLOG="0",
-        )
-        self.server = bench.spawn(
-            f"edge-{self.number}", [sys.executable, "-m", "voteflow", "edge"], env
-        )
-        self.url = f"http://{HOST}:{port}"
-        self.server.wait_http(f"{self.url}/health")
+        env = cluster_env(self.cluster.servers, self.cluster.database_url, prefix)
+        env["VOTEFLOW_REDIS_MIN_REPLICAS"] = str(self.min_replicas)
+        start_edge(self, f"edge-{self.number}", env)
         self.keys = Keys(prefix, SHARDS, cluster=True)
         self.redis_pids = node_pids(self.cluster.servers)
         self.redis_used = 0.0
-        poll = create_poll(self.url, token)
-        self.poll_id = poll["id"]
-        self.option_ids = [option["id"] for option in poll["options"]]
 
     def reset(self) -> None:
         self.cluster.empty()
 
-    def _wrk(self, duration: int) -> wrk.WrkRun:
+    def _wrk(self, duration: int, load: wrk.Load | None = None) -> wrk.WrkRun:
         # Every node's CPU over the same run as the edge's (WrkStage reads one store).
         before = cpu(self.redis_pids)
-        run = super()._wrk(duration)
+        run = super()._wrk(duration, load)
         self.redis_used = cpu_used(before)
         return run
 
@@ -138,7 +98,7 @@ class ReplicaEdge(WrkStage):
     def measure(self) -> Sample:
         before = append_totals(self.url)
         sample = super().measure()
-        used = {k: v - before.get(k, 0.0) for k, v in append_totals(self.url).items()}
+        used = append_totals(self.url, since=before)
         extra = {}
         if batches := used.get("voteflow_append_batch_size_count", 0.0):
             extra["votes_per_batch"] = used["voteflow_append_batch_size_sum"] / batches

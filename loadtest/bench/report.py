@@ -13,7 +13,7 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -100,6 +100,25 @@ def rows(stages: Sequence[Stage], samples: dict[int, list[Sample]]) -> list[Row]
     return found
 
 
+def columns(
+    lines: Sequence[Sequence[str]], left: Container[int] = (0,), rule: bool = True, indent: str = ""
+) -> str:
+    """`lines` as aligned columns, the header first: the columns in `left`
+    left-aligned, the others right-aligned; a rule under the header."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = [
+        indent
+        + "  ".join(
+            cell.ljust(w) if i in left else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    ]
+    if rule:
+        text.insert(1, "-" * len(text[0]))
+    return "\n".join(text)
+
+
 def _int(value: float) -> str:
     return f"{value:,.0f}"
 
@@ -133,16 +152,7 @@ def table(found: Sequence[Row]) -> str:
                 str(sum(s.non_2xx for s in row.samples)),
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = []
-    for line in lines:
-        cells = [
-            cell.ljust(width) if i in (0, 4) else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
-        ]
-        text.append("  ".join(cells).rstrip())
-    text.insert(1, "-" * len(text[0]))
-    return "\n".join(text)
+    return columns(lines, left=(0, 4))
 
 
 def notes(found: Sequence[Row]) -> str:
@@ -213,18 +223,9 @@ def cost_table(found: Sequence[Row]) -> str:
             cells.append(f"{cpu:.3f} / {median_extra(row.samples, f'peak_mib.{name}'):,.0f}")
         cells.append(f"{total:.3f}")
         lines.append(tuple(cells))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    text = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        ).rstrip()
-        for line in lines
-    ]
-    text.insert(1, "-" * len(text[0]))
     return (
         "cost by process: CPU seconds per 1,000 votes answered 202 / peak memory MiB "
-        "(medians)\n" + "\n".join(text)
+        "(medians)\n" + columns(lines)
     )
 
 

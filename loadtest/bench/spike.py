@@ -1,14 +1,7 @@
-"""Stage 6, the spike: 50,000 votes offered as fast as wrk can send them over
-1,000 connections, on one new poll; then every vote answered 202 is looked for
-in PostgreSQL.
-
-wrk stops once each of its threads has an answer to each of its share of the
-votes; vote.lua writes the vote_id of every 202 to a ledger. The stage reports
-the share of the votes answered 202, 503 (shed: the streams were full) and
-anything else (there must be none), p95 latency, and the time from the first
-request until the last 202's transaction committed. Then the exactly-once
-check: every ledger vote_id is a row of the poll in PostgreSQL, and the poll
-counts exactly as many ballots as it holds rows (every voter is new).
+"""Stage 6, the spike: --spike-votes votes as fast as wrk can send them on one
+new poll; the shares answered 202, 503 and otherwise, the time until the
+last 202 committed, and every 202 of vote.lua's ledger checked by
+loadtest.verdict. docs/benchmarks.md (stage 6).
 """
 
 from __future__ import annotations
@@ -18,6 +11,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
+
+from loadtest.verdict import counted_once
 
 from . import wrk
 from .pipeline import PipelineStage
@@ -45,38 +40,28 @@ class Spike(PipelineStage):
         poll = self.pipeline.new_poll()
         self.pipeline.rewrite_aof()
         with TemporaryDirectory(prefix="voteflow-spike-") as directory:
-            ledger = Path(directory) / "accepted"
             started = time.time()
             wall_started = time.monotonic()
             with self.pipeline.meter() as meter:
                 run = self.send(
                     poll,
                     LIMIT,
-                    wrk.Load(total=votes, ledger=ledger),
+                    wrk.Load(total=votes, ledger=Path(directory) / "accepted"),
                     connections=options.spike_connections,
                 )
                 self.pipeline.wait_committed()
             wall = time.monotonic() - wall_started
-            accepted: list[str] = []
-            for path in sorted(Path(directory).glob("accepted.*")):
-                accepted += path.read_text().split()
-        rows = self.pipeline.committed(poll[0])
-        ballots = self.pipeline.total_ballots(poll[0])
-        found = {row.vote_id: row for row in rows}
-        missing = [vote_id for vote_id in accepted if vote_id not in found]
-        repeated = len(accepted) - len(set(accepted))
-        exact = not missing and not repeated and ballots == len(rows)
-        last_commit = max((found[v].committed for v in accepted if v in found), default=started)
+            accepted = wrk.ledger(Path(directory))
+        outcome = counted_once(self.pipeline.database_url, poll[0], accepted)
+        # wrk sends every vote_id once: one answered 202 twice is wrong too.
+        exact = outcome.passed and outcome.answered == outcome.distinct
+        rows = {row.vote_id: row for row in self.pipeline.committed(poll[0])}
+        last_commit = max((rows[v].committed for v in accepted if v in rows), default=started)
         answered = run.accepted + (run.shed or 0) + (run.other or 0)
         progress(
             f"spike: {votes:,} offered, {len(accepted):,} answered 202, {run.shed} 503, "
             f"{run.other} other, {votes - answered:,} unanswered; exactly once: "
-            + (
-                "OK"
-                if exact
-                else f"WRONG ({len(missing)} missing, {repeated} repeated, "
-                f"{ballots} ballots for {len(rows)} rows)"
-            )
+            + ("OK" if exact else f"WRONG: {outcome.line}")
         )
         sample = self.sample(run, meter, run.accepted / run.seconds, wall, len(rows))
         extra = dict(sample.extra)
@@ -88,7 +73,7 @@ class Spike(PipelineStage):
             "share_unanswered": (votes - answered) / votes,
             "seconds_to_all_committed": last_commit - started,
             "ledger_202": float(len(accepted)),
-            "missing_202": float(len(missing)),
+            "missing_202": float(outcome.missing + outcome.wrong_poll),
             "exactly_once": 1.0 if exact else 0.0,
         }
         return replace(sample, extra=extra)

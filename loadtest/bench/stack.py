@@ -16,18 +16,20 @@ from typing import Any, TypeVar
 import asyncpg
 import redis
 
-from voteflow.keys import GROUP, Keys
+from loadtest.verdict import backlog
+from voteflow.children import Child, spawn
+from voteflow.keys import Keys
 from voteflow.migrate import migrate
-from voteflow.servers import PostgresServer, RedisClusterServers, RedisServer
-
-from .procs import Child
+from voteflow.servers import HOST, PostgresServer, RedisClusterServers, RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
+VOTEFLOW = [sys.executable, "-m", "voteflow"]
 AOF_REWRITE_TIMEOUT = 60.0
 DATABASE = "bench"
 # Seconds any one statement of the bench's own may take (a CHECKPOINT, say).
 COMMAND_TIMEOUT = 120.0
 T = TypeVar("T")
+S = TypeVar("S")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,9 @@ class Options:
     spike_connections: int = 1000  # stage 6
     watchers: int = 10_000  # stage 8
     fanout_rate: float = 200.0  # stage 8's votes/s while the watchers watch
+    drain_votes: int = 300_000  # stage 4's backlog
+    drain_workers: int = 1  # stage 4's workers draining it
+    drain_repeats: int = 1  # stage 4's repeats, at most --repeats: it is long
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,12 @@ def run_sql(database_url: str, work: Callable[[asyncpg.Connection], Awaitable[T]
             await conn.close()
 
     return asyncio.run(go())
+
+
+def sql(database_url: str, query: str, *args: Any, answer: str = "execute") -> Any:
+    """One statement on a fresh connection, from synchronous code: its status
+    (answer "execute"), its rows ("fetch"), first row ("fetchrow") or value ("fetchval")."""
+    return run_sql(database_url, lambda conn: getattr(conn, answer)(query, *args))
 
 
 def progress(message: str) -> None:
@@ -97,28 +108,6 @@ def _wait_for_rewrite(client: redis.Redis) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("Redis did not finish rewriting its append-only file")
         time.sleep(0.05)
-
-
-def backlog(client: redis.Redis | redis.RedisCluster, keys: Keys) -> int:
-    """Entries of the consumer group not yet delivered, plus those delivered
-    but not yet acknowledged: 0 once every appended vote is committed."""
-    streams = keys.streams()
-    pipe = client.pipeline(transaction=False)
-    for stream in streams:
-        pipe.xinfo_groups(stream)
-        pipe.xlen(stream)
-    replies = pipe.execute()
-    left = 0
-    for groups, length in zip(replies[::2], replies[1::2], strict=True):
-        found = [g for g in groups if g["name"].decode() == GROUP]
-        if not found:  # no worker has created the group yet
-            left += int(length)
-            continue
-        lag = found[0].get("lag")
-        if lag is None:  # unknown to Redis: count from the stream's length
-            lag = int(length) - (found[0].get("entries-read") or 0)
-        left += int(lag) + int(found[0]["pending"])
-    return left
 
 
 def wait_drained(
@@ -156,10 +145,18 @@ class Bench:
         self._servers: dict[str, Servers] = {}
         self._databases: dict[str, tuple[PostgresServer, str]] = {}
         self._clusters: dict[str, RedisClusterServers] = {}
-        # What stages share beyond the servers (the pipeline of stages 5-7), by name.
-        self.shared: dict[str, object] = {}
+        # What stages share beyond the servers (the pipeline of stages 5-8), by class.
+        self._shared: dict[type, object] = {}
         # Each stage's rates measured so far in this run, by stage number.
         self.rates: dict[int, list[float]] = {}
+
+    def share(self, kind: type[S]) -> S:
+        """What several stages share (the pipeline, a cluster): made by the first that asks."""
+        found = self._shared.get(kind)
+        if found is None:
+            found = self._shared[kind] = kind(self)  # type: ignore[call-arg]
+        assert isinstance(found, kind)
+        return found
 
     def servers(self, name: str = "shared") -> Servers:
         """Private servers, started and migrated on first use, by name.
@@ -192,10 +189,7 @@ class Bench:
                 )
             )
 
-            async def create(conn: asyncpg.Connection) -> None:
-                await conn.execute(f'CREATE DATABASE "{DATABASE}"')
-
-            run_sql(postgres.url, create)
+            sql(postgres.url, f'CREATE DATABASE "{DATABASE}"')
             database_url = _database_url(postgres.url, DATABASE)
             asyncio.run(migrate(database_url))
             found = self._databases[name] = (postgres, database_url)
@@ -219,7 +213,32 @@ class Bench:
         env.update(extra)
         return env
 
+    def voteflow(
+        self, name: str, env: dict[str, str], n: int = 1, **edge_env: str
+    ) -> tuple[list[str], list[Child], list[Child]]:
+        """`n` edges (each on a port of its own, trusting the bench as its
+        proxy, with `edge_env` too) and then `n` workers, with `env`; returns
+        (the edges' URLs, the edges, the workers) once every edge answers."""
+        urls, edges = [], []
+        for i in range(n):
+            port = free_port()
+            edge = self.child_env(
+                **env, **edge_env, VOTEFLOW_HOST=HOST, VOTEFLOW_PORT=str(port),
+                VOTEFLOW_TRUSTED_PROXIES=HOST,
+            )  # fmt: skip
+            edges.append(self.spawn(f"{name}-edge-{i}", [*VOTEFLOW, "edge"], edge))
+            urls.append(f"http://{HOST}:{port}")
+        for child, url in zip(edges, urls, strict=True):
+            child.wait_http(f"{url}/health")
+        worker = self.child_env(**env, VOTEFLOW_WORKER_METRICS_PORT="0")
+        workers = [
+            self.spawn(f"{name}-worker-{i}", [*VOTEFLOW, "worker"], worker) for i in range(n)
+        ]
+        return urls, edges, workers
+
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
         """Start a process in the repository; it is stopped when the run ends."""
         log_path = self.work_dir / f"{name}.log"
-        return self.stack.enter_context(Child(name, argv, env, REPO, log_path))
+        return self.stack.enter_context(
+            spawn(name, argv, env=env, cwd=REPO, log=log_path, session=True)
+        )

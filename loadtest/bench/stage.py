@@ -14,8 +14,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from voteflow.children import Child
+
 from . import wrk
-from .procs import Child, tree_cpu, tree_cpu_used
+from .procs import tree_cpu, tree_cpu_used
 from .stack import Bench, Options
 from .timing import Plan
 
@@ -24,22 +26,26 @@ from .timing import Plan
 SETTLE = 0.5
 
 
-@dataclass(frozen=True, slots=True)
+# What a Sample takes from the wrk run it measured (0 for a stage without one).
+FROM_WRK = "requests accepted non_2xx socket_errors timeouts seconds p50_ms p95_ms p99_ms max_ms"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Sample:
     """One measured repeat of a stage."""
 
     rate: float  # answers 202 per second
-    requests: int  # answers of any status
-    accepted: int  # answers 202
-    non_2xx: int
-    socket_errors: int
-    timeouts: int
-    seconds: float
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    max_ms: float
-    wrk_cpu_percent: float  # of one core
+    requests: int = 0  # answers of any status
+    accepted: int = 0  # answers 202
+    non_2xx: int = 0
+    socket_errors: int = 0
+    timeouts: int = 0
+    seconds: float = 0.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    wrk_cpu_percent: float = 0.0  # of one core
     server_cpu_seconds: float  # the process under test
     server_cpu_percent: float  # of one core; 100: the server saturates a core
     store_cpu_seconds: float | None  # Redis, or every PostgreSQL process; None: no store
@@ -63,16 +69,7 @@ class Sample:
         CPU the processes under test used over `wall_seconds`."""
         return cls(
             rate=rate,
-            requests=run.requests,
-            accepted=run.accepted,
-            non_2xx=run.non_2xx,
-            socket_errors=run.socket_errors,
-            timeouts=run.timeouts,
-            seconds=run.seconds,
-            p50_ms=run.p50_ms,
-            p95_ms=run.p95_ms,
-            p99_ms=run.p99_ms,
-            max_ms=run.max_ms,
+            **{name: getattr(run, name) for name in FROM_WRK.split()},
             wrk_cpu_percent=run.cpu_percent,
             server_cpu_seconds=server_cpu_seconds,
             server_cpu_percent=100 * server_cpu_seconds / wall_seconds,
@@ -165,7 +162,7 @@ class WrkStage(Stage):
         """After each repeat: how many votes storage holds (None: not counted)."""
         return None
 
-    def _wrk(self, duration: int) -> wrk.WrkRun:
+    def _wrk(self, duration: int, load: wrk.Load | None = None) -> wrk.WrkRun:
         options = self.bench.options
         return wrk.run(
             options.wrk,
@@ -175,6 +172,7 @@ class WrkStage(Stage):
             threads=options.threads,
             poll_id=self.poll_id,
             option_ids=self.option_ids,
+            load=load or wrk.Load(),
         )
 
     def warm_up(self) -> None:

@@ -1,18 +1,7 @@
-"""Stage 5, end to end at a steady load: a fixed offered rate for 30 s, and how
-long a vote takes from the edge's receipt to its commit and to the live update
-a dashboard sees.
-
-The rate is --steady-rate, or else half of what stage 2 (the edge alone)
-reached in this run's first round, or, without stage 2, half of what the
-pipeline reached in a full-speed run of its own. wrk sends on a fixed schedule
-(vote.lua's delay()) over enough connections that a request finds one free
-unless answers take over 100 ms; requests sent more than 10 ms after their
-slot are counted as late: many would mean the offered rate was not held.
-
-Lag to commit: each vote's transaction's commit timestamp minus the time the
-edge received it, both from PostgreSQL. Lag to the live update: the arrival,
-at an SSE client of the poll held open by the bench, of the first tally that
-counts the vote, minus that same receipt time. One clock (this machine's).
+"""Stage 5, end to end at a steady load: a fixed offered rate (--steady-rate,
+else half of stage 2's in this run) sent on wrk's schedule, and per vote the
+lag from the edge's receipt to its commit and to the first SSE update that
+counts it, both read on this machine's clock. docs/benchmarks.md (stage 5).
 """
 
 from __future__ import annotations

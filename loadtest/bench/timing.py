@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 
@@ -88,17 +88,6 @@ def took_table(rows: Sequence[tuple[str, Plan, Took]]) -> str:
 
 def to_json(plan: Plan, took: Took) -> dict[str, Any]:
     return {
-        "planned_s": {
-            "start": plan.start,
-            "warm_up": plan.warm_up,
-            "round": plan.round,
-            "rounds": plan.rounds,
-            "total": plan.total,
-        },
-        "took_s": {
-            "start": took.start,
-            "warm_up": took.warm_up,
-            "rounds": took.rounds,
-            "total": took.total,
-        },
+        "planned_s": asdict(plan) | {"total": plan.total},
+        "took_s": asdict(took) | {"total": took.total},
     }

@@ -92,10 +92,13 @@ async def _open(host: str, port: int, request: bytes, shared: _Shared) -> _Watch
     return watcher
 
 
-def _percentile(ordered: list[float], p: int) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, -(-p * len(ordered) // 100) - 1))]
+def percentiles(values: list[float], points: tuple[int, ...] = (50, 95, 99)) -> list[float]:
+    """Nearest-rank percentiles of `values` (NaN for none): each one a value
+    observed, where statistics.quantiles would interpolate between two."""
+    if not values:
+        return [float("nan")] * len(points)
+    ordered = sorted(values)
+    return [ordered[min(len(ordered) - 1, max(0, -(-p * len(ordered) // 100) - 1))] for p in points]
 
 
 async def main(url: str, poll_id: str, count: int) -> None:
@@ -119,7 +122,7 @@ async def main(url: str, poll_id: str, count: int) -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     seconds = time.monotonic() - started
     still_open = shared.open
-    delays = sorted(shared.delays)
+    delays = shared.delays
     print(
         orjson.dumps(
             {
@@ -128,7 +131,10 @@ async def main(url: str, poll_id: str, count: int) -> None:
                 "updates": len(delays),
                 "seconds": seconds,
                 "versions": len(shared.as_of),
-                "delay_ms": {f"p{p}": 1000 * _percentile(delays, p) for p in (50, 95, 99)},
+                "delay_ms": {
+                    f"p{p}": 1000 * value
+                    for p, value in zip((50, 95, 99), percentiles(delays), strict=True)
+                },
             }
         ).decode(),
         flush=True,

@@ -21,7 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .procs import peak_rss, popen
+from voteflow.children import spawn
+
+from .procs import peak_rss
 
 SCRIPT = Path(__file__).with_name("vote.lua")
 # wrk gives up on a request after this long and counts a timeout; long enough
@@ -127,7 +129,7 @@ def run(
     # of the bench ends while wrk runs, so the difference is wrk's alone.
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    proc = popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn("wrk", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, session=True).popen
     peak = [0]
     watcher = threading.Thread(target=_watch_memory, args=(proc, peak), daemon=True)
     watcher.start()
@@ -169,6 +171,11 @@ def run(
         late=summary["late"],
         peak_rss_bytes=peak[0],
     )
+
+
+def ledger(directory: Path) -> list[str]:
+    """The vote_ids answered 202 that vote.lua wrote to the ledger files in `directory`."""
+    return [vote_id for path in sorted(directory.iterdir()) for vote_id in path.read_text().split()]
 
 
 def _stop_when_done(proc: subprocess.Popen[bytes], threads: int, timeout: float) -> None:
