@@ -1,3 +1,4 @@
 -- 0003_edge_reads.sql: created poll_get and poll_tally, what the HTTP edge
 -- reads; their bodies are in sql/functions/poll_reads.sql, applied by
--- `voteflow migrate` whenever that file changes. Kept, empty, so that the versions a database has recorded keep their meaning.
+-- `voteflow migrate` whenever that file changes. Kept, empty, so that the
+-- versions a database has recorded keep their meaning.

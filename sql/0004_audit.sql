@@ -1,2 +1,3 @@
--- 0004_audit.sql: created audit_polls, what `voteflow audit` reads; its body is
--- in sql/functions/audit_polls.sql. Kept, empty, so that the versions a database has recorded keep their meaning.
+-- 0004_audit.sql: created audit_polls, what `voteflow audit` reads; its body
+-- is in sql/functions/audit_polls.sql. Kept, empty, so that the versions a
+-- database has recorded keep their meaning.

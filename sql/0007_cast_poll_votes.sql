@@ -2,4 +2,5 @@
 -- cast_votes, for a batch of many polls (cast_vote_atomic) and for the votes
 -- of one poll (cast_poll_votes, what Citus runs on the node of the poll's
 -- rows). Their bodies are in sql/functions/cast_votes.sql and
--- sql/functions/cast_vote_atomic.sql. Kept, empty, so that the versions a database has recorded keep their meaning.
+-- sql/functions/cast_vote_atomic.sql. Kept, empty, so that the versions a
+-- database has recorded keep their meaning.

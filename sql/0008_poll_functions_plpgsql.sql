@@ -1,3 +1,4 @@
 -- 0008_poll_functions_plpgsql.sql: rewrote the one-poll functions (close_poll,
 -- poll_get, poll_tally, poll_recount, poll_recount_ballots) in PL/pgSQL, the
--- form Citus can delegate (sql/functions/ says why in each file). Kept, empty, so that the versions a database has recorded keep their meaning.
+-- form Citus can delegate (sql/functions/ says why in each file). Kept, empty,
+-- so that the versions a database has recorded keep their meaning.

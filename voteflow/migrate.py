@@ -14,13 +14,25 @@ functions come after every numbered file. Function files apply in name
 order; a LANGUAGE sql function is checked against what exists when it is
 created, so it must sort after the files of the functions it calls.
 
+Only when changed, rather than on every run: replacing the trigger of
+tally_history locks poll_counters against the writers' batches, and on Citus
+a distributed function's CREATE OR REPLACE goes to every node. So a run with
+nothing to do writes nothing (``voteflow migrate`` at every deploy is free);
+the digests cost one read of a small table.
+
+The numbered files 0001 to 0011 once created the functions themselves; when
+``sql/functions/`` came, their bodies moved there, the one time landed files
+were edited (a file left with comments alone is still recorded, so versions
+keep their meaning). Applying ``sql/functions/`` reproduces what those files
+created, on a new database and on one migrated before the move:
+tests/integration/test_migrate.py compares the two.
+
 A run applies the files not applied yet in one transaction, recording each in
 ``schema_migrations`` (and ``schema_functions``) in that same transaction: a
 run applies all of them or, should one fail, none (the database keeps the
-schema it had). The transaction
-holds an advisory lock from its first statement: a second process migrating
-the same database at the same time waits for the first, then finds nothing
-left to do.
+schema it had). The transaction holds an advisory lock from its first
+statement: a second process migrating the same database at the same time
+waits for the first, then finds nothing left to do.
 
 Nothing outlives the transaction (a transaction-level lock, SET LOCAL, no
 prepared statements), so migrations run through PgBouncer in transaction

@@ -37,6 +37,8 @@ BEGIN
 END
 $$;
 
+-- CREATE OR REPLACE TRIGGER (PostgreSQL 14 or later): a database migrated
+-- before this file existed has the trigger from 0011 already.
 CREATE OR REPLACE TRIGGER poll_counters_history
 AFTER UPDATE ON poll_counters
 REFERENCING OLD TABLE AS unchanged NEW TABLE AS changed

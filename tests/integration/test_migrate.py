@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import asyncpg
@@ -14,7 +15,15 @@ import pytest
 from tests.support import applied_versions, migration_names
 from voteflow.migrate import function_files, migrate, migration_files, sql_dir
 
-_DEFINES = re.compile(r"^CREATE(?: OR REPLACE)? FUNCTION (\w+)", re.MULTILINE)
+_DEFINES = re.compile(
+    r"^\s*CREATE\s+(?:OR\s+REPLACE\s+)?(?:FUNCTION|PROCEDURE)\s+(\w+)",
+    re.MULTILINE | re.IGNORECASE,
+)
+
+# The last commit at which the numbered files created the functions themselves:
+# a database migrated before sql/functions/ has its functions from them.
+_BEFORE_FUNCTION_FILES = "eabed04"
+_REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def test_sql_dir_holds_the_numbered_files_and_the_function_files() -> None:
@@ -25,23 +34,27 @@ def test_sql_dir_holds_the_numbered_files_and_the_function_files() -> None:
 
 
 def test_each_function_has_one_body_in_one_function_file() -> None:
-    for _, path in migration_files():
-        assert _DEFINES.findall(path.read_text()) == [], f"{path.name} defines a function"
     defined: dict[str, str] = {}
-    for path in function_files():
-        for name in _DEFINES.findall(path.read_text()):
-            assert name not in defined, f"{name} is in {defined[name]} and {path.name}"
-            defined[name] = path.name
+    for path in sorted(sql_dir().rglob("*.sql")):
+        name = str(path.relative_to(sql_dir()))
+        for function in _DEFINES.findall(path.read_text()):
+            assert path.parent.name == "functions", f"{name} defines {function}"
+            assert function not in defined, f"{function} is in {defined[function]} and {name}"
+            defined[function] = name
     assert {"cast_votes", "cast_vote_atomic", "create_poll", "poll_list"} <= set(defined)
 
 
 async def _functions(dsn: str) -> dict[str, str]:
-    """Every function of the schema, by signature, with its definition."""
+    """Every function of the schema, by signature, with its definition, and
+    every trigger, by table and name, with its."""
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
             "SELECT p.oid::regprocedure::text AS name, pg_get_functiondef(p.oid) AS body"
             " FROM pg_proc AS p WHERE p.pronamespace = 'public'::regnamespace"
+            " UNION ALL"
+            " SELECT 'trigger ' || t.tgname || ' ON ' || t.tgrelid::regclass::text,"
+            " pg_get_triggerdef(t.oid) FROM pg_trigger AS t WHERE NOT t.tgisinternal"
         )
         return {row["name"]: row["body"] for row in rows}
     finally:
@@ -101,6 +114,68 @@ async def test_a_broken_function_file_leaves_the_database_as_it_was(
         assert await conn.fetchval("SELECT to_regclass('schema_migrations')") is None
     finally:
         await conn.close()
+
+
+async def test_a_broken_function_file_undoes_the_whole_run_on_a_migrated_database(
+    empty_database_url: str, own_sql: Path
+) -> None:
+    await migrate(empty_database_url, directory=own_sql)
+    before = await _functions(empty_database_url)
+    (own_sql / "9001_more.sql").write_text("CREATE TABLE more (id int);\n")
+    recount = own_sql / "functions" / "poll_recount.sql"
+    recount.write_text(recount.read_text().replace("count(*) FROM votes", "count(*) FROM votes ("))
+    with pytest.raises(asyncpg.PostgresSyntaxError):
+        await migrate(empty_database_url, directory=own_sql)
+    assert await _functions(empty_database_url) == before
+    assert await applied_versions(empty_database_url) == [v for v, _ in migration_files()]
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('more')") is None
+    finally:
+        await conn.close()
+
+
+def _sql_before_function_files(directory: Path) -> Path:
+    """sql/ as it was when the numbered files created the functions, written
+    into `directory`; skips the test where git cannot give it."""
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(_REPOSITORY), "archive", _BEFORE_FUNCTION_FILES, "sql"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        pytest.skip(f"no git history to read sql/ at {_BEFORE_FUNCTION_FILES} from: {error}")
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    return directory / "sql"
+
+
+# Stopped after 0004, the functions of 0001 to 0004 (0008 rewrote some); after
+# 0008, the poll_get and poll_list that 0009 drops; after 0009, the poll_list
+# that 0010 drops; after 0011, every function and the trigger.
+@pytest.mark.parametrize("stopped_after", ["0004", "0008", "0009", "0011"])
+async def test_a_database_migrated_before_function_files_ends_with_the_same_functions(
+    empty_database_url: str, database_url: str, tmp_path: Path, stopped_after: str
+) -> None:
+    # database_url: a new database migrated by today's files (a clone of the
+    # suite's template).
+    old = _sql_before_function_files(tmp_path)
+    assert not (old / "functions").exists()
+    for path in old.glob("[0-9]*.sql"):
+        if path.name[:4] > stopped_after:
+            path.unlink()
+    await migrate(empty_database_url, vote_partitions=2, directory=old)
+    assert (await applied_versions(empty_database_url))[-1:] == [stopped_after]
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        # voteflow migrate at eabed04 had no such table.
+        await conn.execute("DROP TABLE schema_functions")
+    finally:
+        await conn.close()
+    await migrate(empty_database_url, vote_partitions=2)
+    upgraded = await _functions(empty_database_url)
+    assert upgraded == await _functions(database_url)
+    assert "trigger poll_counters_history ON poll_counters" in upgraded
 
 
 async def test_concurrent_migrations_apply_each_file_once(empty_database_url: str) -> None:
