@@ -61,6 +61,40 @@ class Process(Child):
         return await self.wait(timeout)
 
 
+def voteflow_env(settings: Settings, port: int, **extra: str) -> dict[str, str]:
+    """The environment of a test's voteflow process: the test's database, Redis
+    and key prefix, its admin token, `port`, no rate limits, and none of the
+    shell's own VOTEFLOW_* variables; `extra` over all of it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOTEFLOW_")}
+    env.update(
+        VOTEFLOW_DATABASE_URL=settings.database_url,
+        VOTEFLOW_REDIS_URL=settings.redis_url,
+        VOTEFLOW_KEY_PREFIX=settings.key_prefix,
+        VOTEFLOW_ADMIN_TOKEN=ADMIN_TOKEN,
+        VOTEFLOW_PORT=str(port),
+        VOTEFLOW_WORKER_METRICS_PORT="0",
+        VOTEFLOW_RATE_LIMIT_PER_IP="0",
+        VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
+        VOTEFLOW_STREAM_SHARDS=str(settings.stream_shards),
+        VOTEFLOW_BATCH_SIZE=str(settings.batch_size),
+        VOTEFLOW_CLAIM_IDLE_MS=str(settings.claim_idle_ms),
+        VOTEFLOW_MAX_BACKLOG=str(settings.max_backlog),
+    )
+    env.update(extra)
+    return env
+
+
+def start_voteflow(
+    args: list[str], env: dict[str, str], log_path: Path, port: int | None = None
+) -> Process:
+    """`voteflow <args>` (an edge when `port` is given, its URL then known),
+    through the one harness of voteflow.children: it dies with the test."""
+    role = args[0]
+    child = spawn(role, [sys.executable, "-m", "voteflow", *args], env=env, cwd=REPO, log=log_path)
+    url = "" if port is None else f"http://127.0.0.1:{port}"
+    return Process(role, child.popen, log_path, url)
+
+
 class Cluster:
     """The edge and worker processes of one test, and the means to watch them."""
 
@@ -81,28 +115,9 @@ class Cluster:
 
     def _spawn(self, role: str) -> Process:
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VOTEFLOW_")}
-        env.update(
-            VOTEFLOW_DATABASE_URL=self.settings.database_url,
-            VOTEFLOW_REDIS_URL=self.settings.redis_url,
-            VOTEFLOW_KEY_PREFIX=self.settings.key_prefix,
-            VOTEFLOW_ADMIN_TOKEN=ADMIN_TOKEN,
-            VOTEFLOW_PORT=str(port),
-            VOTEFLOW_WORKER_METRICS_PORT="0",
-            VOTEFLOW_RATE_LIMIT_PER_IP="0",
-            VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
-            VOTEFLOW_STREAM_SHARDS=str(self.settings.stream_shards),
-            VOTEFLOW_BATCH_SIZE=str(self.settings.batch_size),
-            VOTEFLOW_CLAIM_IDLE_MS=str(self.settings.claim_idle_ms),
-            VOTEFLOW_MAX_BACKLOG=str(self.settings.max_backlog),
-        )
-        env.update(self.env)
+        env = voteflow_env(self.settings, port, **self.env)
         log_path = self.log_dir / f"{role}-{len(self.processes)}.log"
-        child = spawn(
-            role, [sys.executable, "-m", "voteflow", role], env=env, cwd=REPO, log=log_path
-        )
-        url = f"http://127.0.0.1:{port}" if role == "edge" else ""
-        process = Process(role, child.popen, log_path, url)
+        process = start_voteflow([role], env, log_path, port if role == "edge" else None)
         self.processes.append(process)
         return process
 

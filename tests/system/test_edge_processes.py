@@ -40,9 +40,11 @@ from tests.cluster import (
     check_counted_once,
     create_poll,
     option_ids_of,
+    start_voteflow,
     until,
+    voteflow_env,
 )
-from tests.support import ADMIN_TOKEN, drain
+from tests.support import drain
 from voteflow.servers import free_port
 from voteflow.settings import Settings
 
@@ -114,38 +116,13 @@ class Edges:
         return counts
 
 
-def _env(settings: Settings, port: int, tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOTEFLOW_")}
-    env.update(
-        VOTEFLOW_DATABASE_URL=settings.database_url,
-        VOTEFLOW_REDIS_URL=settings.redis_url,
-        VOTEFLOW_KEY_PREFIX=settings.key_prefix,
-        VOTEFLOW_ADMIN_TOKEN=ADMIN_TOKEN,
-        VOTEFLOW_PORT=str(port),
-        VOTEFLOW_RATE_LIMIT_PER_IP="0",
-        VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
-        VOTEFLOW_STREAM_SHARDS=str(settings.stream_shards),
-        TMPDIR=str(tmp),
-    )
-    env.update(extra)
-    return env
-
-
 def spawn(settings: Settings, tmp_path: Path, port: int = 0, **extra: str) -> Process:
     port = port or free_port()
     tmp = tmp_path / "edge-tmp"
     tmp.mkdir(exist_ok=True)
-    log_path = tmp_path / "edge.log"
-    with log_path.open("wb") as log:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "voteflow", "edge", "--processes", str(PROCESSES)],
-            env=_env(settings, port, tmp, **extra),
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    return Process("edge", popen, log_path, f"http://127.0.0.1:{port}")
+    env = voteflow_env(settings, port, TMPDIR=str(tmp), **extra)
+    args = ["edge", "--processes", str(PROCESSES)]
+    return start_voteflow(args, env, tmp_path / "edge.log", port)
 
 
 @pytest.fixture

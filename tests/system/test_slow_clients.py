@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -25,10 +22,18 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from tests.cluster import REPO, REQUEST_TIMEOUT, STARTUP_TIMEOUT, Process, create_poll
-from tests.support import ADMIN, ADMIN_TOKEN
+from tests.cluster import (
+    REQUEST_TIMEOUT,
+    STARTUP_TIMEOUT,
+    Process,
+    create_poll,
+    start_voteflow,
+    voteflow_env,
+)
+from tests.support import ADMIN
 from voteflow.keys import Keys
 from voteflow.servers import free_port
+from voteflow.settings import Settings
 
 SHARDS = 4
 # Seconds a limit may be late: the edge's timers, the scheduler, a busy machine.
@@ -39,38 +44,15 @@ StartEdge = Callable[..., Awaitable[Process]]
 
 
 @pytest.fixture
-async def start_edge(
-    database_url: str, redis_server_url: str, key_prefix: str, tmp_path: Path
-) -> AsyncIterator[StartEdge]:
+async def start_edge(settings: Settings, tmp_path: Path) -> AsyncIterator[StartEdge]:
     """Start an edge process with extra ``VOTEFLOW_*`` variables; each must stop
     on SIGTERM with status 0 at the end of the test."""
     started: list[Process] = []
 
     def spawn(**extra: str) -> Process:
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VOTEFLOW_")}
-        env.update(
-            VOTEFLOW_DATABASE_URL=database_url,
-            VOTEFLOW_REDIS_URL=redis_server_url,
-            VOTEFLOW_KEY_PREFIX=key_prefix,
-            VOTEFLOW_ADMIN_TOKEN=ADMIN_TOKEN,
-            VOTEFLOW_PORT=str(port),
-            VOTEFLOW_RATE_LIMIT_PER_IP="0",
-            VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
-            VOTEFLOW_STREAM_SHARDS=str(SHARDS),
-            **extra,
-        )
-        log_path = tmp_path / f"edge-{len(started)}.log"
-        with log_path.open("wb") as log:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "voteflow", "edge"],
-                env=env,
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        edge = Process("edge", popen, log_path, f"http://127.0.0.1:{port}")
+        env = voteflow_env(settings, port, VOTEFLOW_STREAM_SHARDS=str(SHARDS), **extra)
+        edge = start_voteflow(["edge"], env, tmp_path / f"edge-{len(started)}.log", port)
         started.append(edge)
         return edge
 
