@@ -26,22 +26,9 @@ from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, Vote
 from voteflow.migrate import migrate
 
-from . import timing
-from .edge import SHARDS
 from .procs import cpu_seconds, tree_cpu, tree_cpu_used
-from .stack import (
-    VOTEFLOW,
-    Bench,
-    Options,
-    Servers,
-    _database_url,
-    progress,
-    rewrite_aof,
-    run_sql,
-    sql,
-    wait_drained,
-)
-from .stage import Sample, Stage
+from .stack import SHARDS, VOTEFLOW, Bench, Options, database_url, progress, sql, wait_drained
+from .stage import Plan, Sample, Stage
 
 KEY_PREFIX = "drain"
 BATCH_SIZE = 500  # VOTEFLOW_BATCH_SIZE's default
@@ -64,7 +51,7 @@ STALL_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class Backlog:
     """What the backlog of one repeat is made of; the votes are generated from it
     (twice: for the streams and for the ceiling), never all held at once."""
 
@@ -144,15 +131,15 @@ class Drain(Stage):
 
     def start(self, bench: Bench) -> None:
         self.bench = bench
-        self.servers: Servers = bench.servers()
+        self.store = bench.store()
         self.keys = Keys(KEY_PREFIX, SHARDS)
-        self.redis = redis.Redis.from_url(self.servers.redis.url, socket_timeout=60)
+        self.redis = redis.Redis.from_url(self.store.redis_url, socket_timeout=60)
         bench.stack.callback(self.redis.close)
         self.repeat = 0
 
-    def plan(self, options: Options, started: set[str]) -> timing.Plan:
+    def plan(self, options: Options, started: set[str]) -> Plan:
         votes = options.drain_votes
-        return timing.Plan(
+        return Plan(
             start=0.0,
             warm_up=0.0,
             round=ROUND_S + votes / QUEUED_PER_S + votes / DRAINED_PER_S + votes / CEILING_PER_S,
@@ -209,31 +196,26 @@ class Drain(Stage):
 
     def _fresh_database(self, name: str) -> str:
         self._drop(name)
-        sql(self.servers.postgres.url, f'CREATE DATABASE "{name}"')
-        url = _database_url(self.servers.postgres.url, name)
+        sql(self.store.postgres.url, f'CREATE DATABASE "{name}"')
+        url = database_url(self.store.postgres.url, name)
         asyncio.run(migrate(url))
         return url
 
     def _drop(self, name: str) -> None:
-        sql(self.servers.postgres.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        sql(self.store.postgres.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    def _plan(self, url: str, votes: int) -> Plan:
-        async def create(conn: asyncpg.Connection) -> list[tuple[str, tuple[str, ...]]]:
-            polls = []
-            async with conn.transaction():
-                for n in range(OTHER_POLLS + 1):
-                    poll_id = await conn.fetchval(
-                        "SELECT create_poll($1, $2, false, 1, NULL)", f"Drain poll {n}?", OPTIONS
-                    )
-                    options = await conn.fetch(
-                        "SELECT id FROM options WHERE poll_id = $1 ORDER BY position", poll_id
-                    )
-                    polls.append((str(poll_id), tuple(str(row["id"]) for row in options)))
-            return polls
-
-        polls = run_sql(url, create)
+    def _plan(self, url: str, votes: int) -> Backlog:
+        created = sql(
+            url,
+            "SELECT create_poll('Drain poll ' || n || '?', $2, false, 1, NULL)::text "
+            "FROM generate_series(0, $1) AS n ORDER BY n",
+            OTHER_POLLS, list(OPTIONS), answer="fetch",
+        )  # fmt: skip
+        query = "SELECT poll_id::text, array_agg(id::text ORDER BY position) FROM options"
+        options = dict(sql(url, query + " GROUP BY 1", answer="fetch"))
+        polls = [(row[0], tuple(options[row[0]])) for row in created]
         rng = random.SystemRandom()
-        return Plan(
+        return Backlog(
             votes=votes,
             hot=polls[0],
             others=polls[1:],
@@ -269,9 +251,9 @@ class Drain(Stage):
         keys = list(self.redis.scan_iter(match=f"{KEY_PREFIX}:*", count=1000))
         for start in range(0, len(keys), 500):
             self.redis.delete(*keys[start : start + 500])
-        rewrite_aof(self.redis)
+        self.store.compact()
 
-    def _fill(self, plan: Plan) -> None:
+    def _fill(self, plan: Backlog) -> None:
         for stream in self.keys.streams():
             try:
                 self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -294,10 +276,10 @@ class Drain(Stage):
             pipe.xlen(stream)
         return [int(n) for n in pipe.execute()]
 
-    def _drain(self, plan: Plan, url: str, workers: int) -> Sample:
+    def _drain(self, plan: Backlog, url: str, workers: int) -> Sample:
         env = self.bench.child_env(
             VOTEFLOW_DATABASE_URL=url,
-            VOTEFLOW_REDIS_URL=self.servers.redis.url,
+            VOTEFLOW_REDIS_URL=self.store.redis_url,
             VOTEFLOW_ADMIN_TOKEN=secrets.token_urlsafe(24),
             VOTEFLOW_KEY_PREFIX=KEY_PREFIX,
             VOTEFLOW_STREAM_SHARDS=str(SHARDS),
@@ -306,8 +288,7 @@ class Drain(Stage):
             VOTEFLOW_WORKER_METRICS_PORT="0",
             VOTEFLOW_LOG_LEVEL="WARNING",
         )
-        postgres_pid, redis_pid = self.servers.postgres.pid, self.servers.redis.pid
-        assert postgres_pid is not None and redis_pid is not None
+        postgres_pid, (redis_pid,) = self.store.postgres_pid, self.store.redis_pids
         store_before = tree_cpu(postgres_pid)
         redis_before = cpu_seconds(redis_pid)
         started = time.monotonic()
@@ -356,7 +337,7 @@ class Drain(Stage):
         return int(stored), int(ballots)
 
 
-def _batches(plan: Plan, connections: int) -> list[list[Columns]]:
+def _batches(plan: Backlog, connections: int) -> list[list[Columns]]:
     """The plan's rows in batches of CEILING_BATCH, split among the connections by
     stream shard (one voter's rows on one connection, as in the workers)."""
     literals: dict[tuple[str, ...], str] = {}
@@ -391,7 +372,7 @@ async def _write(conn: asyncpg.Connection, batches: list[Columns]) -> None:
                     raise
 
 
-async def _ceiling(url: str, plan: Plan, connections: int) -> float:
+async def _ceiling(url: str, plan: Backlog, connections: int) -> float:
     """Seconds the bare upserts of the plan's rows take over `connections`."""
     work = _batches(plan, connections)
     conns = [await asyncpg.connect(url, command_timeout=120) for _ in range(connections)]

@@ -9,14 +9,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import orjson
 
 from voteflow.children import spawn
 
 from . import wrk
-from .pipeline import PipelineStage
+from .pipeline import PipelineStage, Run
 from .procs import cpu_seconds, rss
 from .stack import Options, progress
 from .stage import Sample, median_extra
@@ -37,7 +36,7 @@ class FanOut(PipelineStage):
     def measure(self) -> Sample:
         options = self.bench.options
         poll = self.pipeline.new_poll()
-        before = rss(self.pipeline.edge.pid)
+        before = rss(self.pipeline.edges[0].pid)
         argv = [sys.executable, "-m", "loadtest.bench.watchers", self.pipeline.url, poll[0]]
         argv.append(str(options.watchers))
         child = spawn(
@@ -50,12 +49,12 @@ class FanOut(PipelineStage):
             if not line.startswith("CONNECTED"):
                 raise RuntimeError(f"the watchers did not all connect: {line!r}")
             time.sleep(1.0)  # let the edge settle its buffers
-            after = rss(self.pipeline.edge.pid)
+            after = rss(self.pipeline.edges[0].pid)
             progress(f"fan-out: {options.watchers:,} watchers open; votes for {options.duration}s")
             watchers_cpu = cpu_seconds(child.pid)
             started = time.monotonic()
             with self.pipeline.meter() as meter:
-                run = self.send(poll, options.duration, wrk.Load(rate=options.fanout_rate))
+                run = self.pipeline.send(poll, options.duration, wrk.Load(rate=options.fanout_rate))
                 self.pipeline.wait_committed()
                 time.sleep(1.0)  # the last update's way to the watchers
             wall = time.monotonic() - started
@@ -67,10 +66,9 @@ class FanOut(PipelineStage):
                 child.wait()
         report = orjson.loads(out.splitlines()[-1])
         stored = self.pipeline.total_ballots(poll[0])
-        sample = self.sample(run, meter, run.accepted / run.seconds, wall, stored)
-        extra = dict(sample.extra)
-        extra |= {
+        extra = {
             "watchers": float(options.watchers),
+            "offered_per_s": float(options.fanout_rate),
             "watchers_open_at_end": float(report["still_open"]),
             "edge_kib_per_watcher": (after - before) / 1024 / options.watchers,
             "updates_received": float(report["updates"]),
@@ -78,7 +76,7 @@ class FanOut(PipelineStage):
             "watchers_cpu_percent": 100 * watchers_cpu / wall,
         }
         extra |= {f"delay_{p}_ms": value for p, value in report["delay_ms"].items()}
-        return replace(sample, extra=extra)
+        return Run(run, meter, wall).sample(run.accepted / run.seconds, stored, extra)
 
     def summary(self, samples: list[Sample]) -> str:
         delay = "/".join(f"{median_extra(samples, f'delay_p{p}_ms'):.0f}" for p in (50, 95, 99))

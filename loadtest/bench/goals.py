@@ -90,7 +90,7 @@ def fanout_votes_answered(document: Document) -> float | None:
     share answered 202: the rate reached over the rate offered, and none
     answered otherwise or lost to an error."""
     fanout = _stage(document, 8)
-    offered = document.get("settings", {}).get("fanout", {}).get("rate")
+    offered = fanout and _extra(fanout, "offered_per_s")
     if fanout is None or not offered:
         return None
     failed = sum(s["non_2xx"] + s["socket_errors"] + s["timeouts"] for s in fanout["samples"])

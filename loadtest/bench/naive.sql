@@ -1,4 +1,4 @@
--- naive.sql: the tables of stage 3's naive baseline (loadtest/bench/naive_app.py),
+-- naive.sql: the tables of stage 3's naive baseline (loadtest/bench/baselines.py),
 -- created by the bench in its own private database. Not a voteflow migration.
 --
 -- The design voteflow replaces: a vote is written straight to PostgreSQL by

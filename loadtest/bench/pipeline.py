@@ -1,10 +1,10 @@
-"""The whole of voteflow for stages 5-7: one edge and one worker, as `voteflow up`
-runs them, on the bench's private servers, and what those stages read off it.
+"""The whole of voteflow for stages 5-8 and 11: edges and workers, as `voteflow
+up` runs them, on a store of the bench's, and what those stages read off it.
 
-The edge trusts the bench as its proxy (VOTEFLOW_TRUSTED_PROXIES=127.0.0.1) and
-wrk sends each voter from an address of its own, so the rate limits run as in
-a deployment: on, and never hit by a voter who votes once. Each repeat votes on
-a poll of its own, so its votes are told apart in PostgreSQL.
+The edges trust the bench as their proxy (VOTEFLOW_TRUSTED_PROXIES=127.0.0.1)
+and wrk sends each voter from an address of its own, so the rate limits run
+as in a deployment: on, and never hit by a voter who votes once. Each repeat
+votes on a poll of its own, so its votes are told apart in PostgreSQL.
 
 When a vote was committed is read from PostgreSQL itself: the bench's server
 tracks commit timestamps, and ``pg_xact_commit_timestamp(xmin)`` of a vote's
@@ -21,26 +21,24 @@ import threading
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import orjson
-import redis
 
-from voteflow.keys import Keys
+from loadtest.verdict import counted_once
 from voteflow.servers import HOST
 
 from . import wrk
-from .edge import SHARDS, create_poll
+from .edge import create_poll
 from .procs import cpu_seconds, peak_rss, reset_peak_rss, tree_cpu, tree_cpu_used, tree_pss
-from .stack import Bench, Options, progress, rewrite_aof, sql, wait_drained
-from .stage import Sample, Stage
-from .timing import Plan
+from .stack import Bench, Options, Store, progress, sql, wait_drained
+from .stage import Plan, Sample, Stage
 
 # Re-exported: the steady stage and its tests read lags with it.
 from .watchers import percentiles as percentiles
 
-KEY_PREFIX = "e2e"
 MAX_CONNECTIONS = 50_000
 # Seconds without any progress after which waiting for commits has failed.
 STALL_TIMEOUT = 60.0
@@ -62,55 +60,53 @@ class Committed:
 
 
 class Pipeline:
-    """One edge and one worker on the bench's servers, started on first use."""
+    """`n` edges and `n` workers on `store`, their keys under `prefix`."""
 
-    def __init__(self, bench: Bench) -> None:
-        servers = bench.servers("pipeline")
-        self.bench = bench
-        self.database_url = servers.database_url
-        self.postgres_pid = servers.postgres.pid
-        self.redis_pid = servers.redis.pid
-        self.keys = Keys(KEY_PREFIX, SHARDS)
+    def __init__(self, bench: Bench, store: Store, prefix: str, n: int = 1, **edge_env: str):
+        self.bench, self.store, self.prefix, self.n = bench, store, prefix, n
         self.token = secrets.token_urlsafe(24)
-        common = {
-            "VOTEFLOW_DATABASE_URL": servers.database_url,
-            "VOTEFLOW_REDIS_URL": servers.redis.url,
-            "VOTEFLOW_ADMIN_TOKEN": self.token,
-            "VOTEFLOW_KEY_PREFIX": KEY_PREFIX,
-            "VOTEFLOW_STREAM_SHARDS": str(SHARDS),
-            "VOTEFLOW_LOG_LEVEL": "WARNING",
-        }
-        # Stage 8's watchers and the votes beside them; the watchers all come
-        # from the bench's one address.
-        (self.url,), (self.edge,), (self.worker,) = bench.voteflow(
-            "e2e",
-            common,
-            VOTEFLOW_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
-            VOTEFLOW_LIVE_MAX_PER_ADDRESS=str(MAX_CONNECTIONS),
-        )
-        self.port = int(self.url.rsplit(":", 1)[1])
-        self.redis = redis.Redis.from_url(servers.redis.url, socket_timeout=30)
-        bench.stack.callback(self.redis.close)
+        env = store.env(prefix) | {"VOTEFLOW_ADMIN_TOKEN": self.token}
+        self.urls, self.edges, self.workers = bench.voteflow(prefix, env, n, **edge_env)
+        self.keys = store.keys(prefix)
+        self.client = store.client(bench.stack)
         self.warmed = False
 
-    def check_alive(self) -> None:
-        self.edge.check_alive()
-        self.worker.check_alive()
+    @property
+    def url(self) -> str:
+        return self.urls[0]
 
     def new_poll(self) -> tuple[str, list[str]]:
         return create_poll(self.url, self.token)
 
-    def rewrite_aof(self) -> None:
-        rewrite_aof(self.redis)
+    def send(
+        self,
+        poll: tuple[str, list[str]],
+        duration: int,
+        load: wrk.Load | None = None,
+        connections: int | None = None,
+    ) -> wrk.WrkRun:
+        """wrk against the edges (one wrk process for each), new voters of `poll`."""
+        options = self.bench.options
+        return wrk.run_each(
+            options.wrk,
+            self.urls,
+            duration=duration,
+            connections=connections or options.connections,
+            threads=options.threads,
+            poll_id=poll[0],
+            option_ids=poll[1],
+            load=replace(load or wrk.Load(), forwarded=True),
+        )
 
     def wait_committed(self) -> None:
         """Wait until every vote in the streams is committed."""
-        self.edge.check_alive()
-        wait_drained(self.redis, self.keys, [self.worker], STALL_TIMEOUT, POLL_EVERY)
+        for edge in self.edges:
+            edge.check_alive()
+        wait_drained(self.client, self.keys, self.workers, STALL_TIMEOUT, POLL_EVERY)
 
     def committed(self, poll_id: str) -> list[Committed]:
         rows = sql(
-            self.database_url,
+            self.store.database_url,
             "SELECT vote_id::text, extract(epoch FROM received_at)::float8 AS received, "
             "extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 AS committed, "
             "xmin::text::bigint AS xid FROM votes WHERE poll_id = $1",
@@ -121,83 +117,123 @@ class Pipeline:
 
     def total_ballots(self, poll_id: str) -> int:
         query = "SELECT total_ballots FROM poll_counters WHERE poll_id = $1"
-        return int(sql(self.database_url, query, poll_id, answer="fetchval"))
+        return int(sql(self.store.database_url, query, poll_id, answer="fetchval"))
+
+    def exactly_once(self, poll_id: str, ledger: list[str]) -> tuple[bool, str, int]:
+        """loadtest.verdict's check of wrk's ledger of 202s for `poll_id`:
+        (passed, its line, the vote_ids answered 202 missing from the poll).
+        wrk sends every vote_id once: one answered 202 twice is wrong too."""
+        outcome = counted_once(self.store.database_url, poll_id, ledger)
+        exact = outcome.passed and outcome.answered == outcome.distinct
+        return exact, outcome.line, outcome.missing + outcome.wrong_poll
 
     def meter(self) -> Meter:
-        assert self.postgres_pid is not None and self.redis_pid is not None
         return Meter(
-            singles={"edge": self.edge.pid, "worker": self.worker.pid, "redis": self.redis_pid},
-            trees={"postgresql": self.postgres_pid},
+            {
+                "edge": [edge.pid for edge in self.edges],
+                "worker": [worker.pid for worker in self.workers],
+                "redis": self.store.redis_pids,
+            },
+            postgres=self.store.postgres_pid,
         )
+
+    def flat_out(self, duration: int, ledger: Path | None = None) -> tuple[Run, str]:
+        """New votes as fast as wrk sends them for `duration` s on a new poll,
+        measured until the last of them is committed."""
+        poll = self.new_poll()
+        self.store.compact()
+        started = time.monotonic()
+        with self.meter() as meter:
+            sent = self.send(poll, duration, wrk.Load(ledger=ledger))
+            self.wait_committed()
+        return Run(sent, meter, time.monotonic() - started), poll[0]
 
 
 class Meter:
-    """CPU seconds and peak memory of the pipeline's processes over one measured run.
+    """CPU seconds and peak memory of the pipeline's processes over one
+    measured run, by group.
 
-    Peak memory: the largest resident set (VmHWM) of the edge, the worker and
-    Redis during the run (their high-water marks are reset at its start);
-    PostgreSQL's, the largest sum of its processes' proportional set sizes,
-    sampled while the run lasts.
+    Peak memory: the sum of the largest resident sets (VmHWM) of the group's
+    processes during the run (their high-water marks are reset at its start);
+    PostgreSQL's, the largest sum of its processes' proportional set sizes
+    (their shared buffers counted once), sampled while the run lasts.
     """
 
-    def __init__(self, singles: dict[str, int], trees: dict[str, int]) -> None:
-        self.singles = singles
-        self.trees = trees
-        self.peak: dict[str, int] = dict.fromkeys(trees, 0)
+    def __init__(self, groups: dict[str, list[int]], postgres: int) -> None:
+        self.groups = groups
+        self.postgres = postgres
+        self.peak = {"postgresql": 0}
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
 
     def __enter__(self) -> Self:
-        for pid in self.singles.values():
+        for pid in (pid for pids in self.groups.values() for pid in pids):
             reset_peak_rss(pid)
-        self._cpu = {name: cpu_seconds(pid) for name, pid in self.singles.items()}
-        self._tree_cpu = {name: tree_cpu(pid) for name, pid in self.trees.items()}
+        self._cpu = {name: sum(map(cpu_seconds, pids)) for name, pids in self.groups.items()}
+        self._postgres_cpu = tree_cpu(self.postgres)
         self._sampler.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.wait(0.25):
-            for name, pid in self.trees.items():
-                self.peak[name] = max(self.peak[name], tree_pss(pid))
+            self.peak["postgresql"] = max(self.peak["postgresql"], tree_pss(self.postgres))
 
     def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._stop.set()
         self._sampler.join()
-        self.cpu = {name: cpu_seconds(pid) - self._cpu[name] for name, pid in self.singles.items()}
-        for name, pid in self.trees.items():
-            self.cpu[name] = tree_cpu_used(self._tree_cpu[name], tree_cpu(pid))
-            self.peak[name] = max(self.peak[name], tree_pss(pid))
-        for name, pid in self.singles.items():
-            self.peak[name] = peak_rss(pid)
-
-    def extra(self, votes: int, wrk_cpu: float, wrk_peak: int) -> dict[str, float]:
-        """Per process: CPU seconds per 1,000 votes and peak MiB, as a Sample's extras."""
-        return cost(self.cpu | {"wrk": wrk_cpu}, self.peak | {"wrk": wrk_peak}, votes)
+        self.cpu = {
+            name: sum(map(cpu_seconds, pids)) - self._cpu[name]
+            for name, pids in self.groups.items()
+        }
+        self.cpu["postgresql"] = tree_cpu_used(self._postgres_cpu, tree_cpu(self.postgres))
+        self.peak["postgresql"] = max(self.peak["postgresql"], tree_pss(self.postgres))
+        self.peak |= {name: sum(map(peak_rss, pids)) for name, pids in self.groups.items()}
 
 
-def cost(
-    cpu: dict[str, float], peak: dict[str, int], votes: int, prefix: str = ""
-) -> dict[str, float]:
-    """Per process (PROCESSES): CPU seconds per 1,000 votes and peak MiB, as
-    a Sample's extras (their names after `prefix`)."""
-    found = {}
-    for name in PROCESSES:
-        found[f"{prefix}cpu_s_per_1k.{name}"] = 1000 * cpu[name] / max(votes, 1)
-        found[f"{prefix}peak_mib.{name}"] = peak[name] / 2**20
-    return found
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A measured run of the pipeline: what wrk saw, what each process spent,
+    and the seconds from its first request until its last commit."""
+
+    sent: wrk.WrkRun
+    meter: Meter
+    wall: float
+
+    def cost(self, prefix: str = "") -> dict[str, float]:
+        """Per process (PROCESSES): CPU seconds per 1,000 votes answered 202 and
+        peak MiB, as a Sample's extras (their names after `prefix`)."""
+        cpu = self.meter.cpu | {"wrk": self.sent.cpu_seconds}
+        peak = self.meter.peak | {"wrk": self.sent.peak_rss_bytes}
+        found = {}
+        for name in PROCESSES:
+            found[f"{prefix}cpu_s_per_1k.{name}"] = 1000 * cpu[name] / max(self.sent.accepted, 1)
+            found[f"{prefix}peak_mib.{name}"] = peak[name] / 2**20
+        return found
+
+    def sample(self, rate: float, stored: int, extra: dict[str, float] | None = None) -> Sample:
+        """A repeat's Sample: voteflow's own processes (edges and workers) as
+        the server, Redis and PostgreSQL as the store; each process's cost
+        and `extra` in its extras."""
+        cpu = self.meter.cpu
+        return Sample.of_run(
+            self.sent,
+            rate=rate,
+            server_cpu_seconds=cpu["edge"] + cpu["worker"],
+            wall_seconds=self.wall,
+            store_cpu_seconds=cpu["redis"] + cpu["postgresql"],
+            stored=stored,
+            extra=self.cost() | (extra or {}),
+        )
 
 
 class LiveWatcher:
     """A dashboard: the SSE stream of one poll, each tally's arrival time noted."""
 
-    def __init__(self, port: int, poll_id: str) -> None:
+    def __init__(self, url: str, poll_id: str) -> None:
         self.events: list[tuple[float, int]] = []  # (Unix s, total_ballots)
-        self._conn = http.client.HTTPConnection(HOST, port, timeout=30)
+        self._conn = http.client.HTTPConnection(HOST, int(url.rsplit(":", 1)[1]), timeout=30)
         self._conn.request(
             "GET", f"/api/polls/{poll_id}/live", headers={"Accept": "text/event-stream"}
         )
@@ -264,7 +300,9 @@ class LiveWatcher:
 
 
 class PipelineStage(Stage):
-    """A stage measured on the pipeline, end to end: from wrk to PostgreSQL."""
+    """A stage of stages 5-8, on their one pipeline: one edge and one worker
+    on a store of their own (so that the memory the drain took is not
+    counted as theirs), with default settings and rate limits on."""
 
     # Starting the pipeline and warming it up, paid by the first such stage.
     start_s = 1.5
@@ -288,7 +326,16 @@ class PipelineStage(Stage):
 
     def start(self, bench: Bench) -> None:
         self.bench = bench
-        self.pipeline = bench.share(Pipeline)
+        # Stage 8's watchers, and the votes beside them, all come from the
+        # bench's one address.
+        self.pipeline = bench.share(
+            "pipeline",
+            lambda: Pipeline(
+                bench, bench.store("pipeline"), "e2e",
+                VOTEFLOW_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
+                VOTEFLOW_LIVE_MAX_PER_ADDRESS=str(MAX_CONNECTIONS),
+            ),
+        )  # fmt: skip
 
     def warm_up(self) -> None:
         """One unmeasured run at full speed, for the first such stage only."""
@@ -296,39 +343,5 @@ class PipelineStage(Stage):
             return
         self.pipeline.warmed = True
         progress(f"warming up the pipeline ({self.bench.options.warmup}s)")
-        self.send(self.pipeline.new_poll(), self.bench.options.warmup)
+        self.pipeline.send(self.pipeline.new_poll(), self.bench.options.warmup)
         self.pipeline.wait_committed()
-
-    def send(
-        self,
-        poll: tuple[str, list[str]],
-        duration: int,
-        load: wrk.Load | None = None,
-        connections: int | None = None,
-    ) -> wrk.WrkRun:
-        options = self.bench.options
-        return wrk.run(
-            options.wrk,
-            self.pipeline.url,
-            duration=duration,
-            connections=connections or options.connections,
-            threads=options.threads,
-            poll_id=poll[0],
-            option_ids=poll[1],
-            load=replace(load or wrk.Load(), forwarded=True),
-        )
-
-    def sample(
-        self, run: wrk.WrkRun, meter: Meter, rate: float, wall: float, stored: int
-    ) -> Sample:
-        """A repeat's Sample: voteflow's own processes (edge and worker) as the
-        server, Redis and PostgreSQL as the store; each process's cost in extra."""
-        return Sample.of_run(
-            run,
-            rate=rate,
-            server_cpu_seconds=meter.cpu["edge"] + meter.cpu["worker"],
-            wall_seconds=wall,
-            store_cpu_seconds=meter.cpu["redis"] + meter.cpu["postgresql"],
-            stored=stored,
-            extra=meter.extra(run.accepted, run.cpu_seconds, run.peak_rss_bytes),
-        )

@@ -28,10 +28,10 @@ def tree_pids(root: int) -> set[int]:
         return {root}
 
 
-def tree_cpu(root: int) -> dict[int, float]:
-    """CPU seconds of `root` and of every live process below it."""
+def tree_cpu(*roots: int) -> dict[int, float]:
+    """CPU seconds of each of `roots` and of every live process below them."""
     found = {}
-    for pid in tree_pids(root):
+    for pid in set().union(*map(tree_pids, roots)):
         with suppress(RuntimeError):
             found[pid] = cpu_seconds(pid)
     return found

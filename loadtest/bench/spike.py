@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from loadtest.verdict import counted_once
-
 from . import wrk
-from .pipeline import PipelineStage
+from .pipeline import PipelineStage, Run
 from .stack import Options, progress
 from .stage import Sample, median_extra
 
@@ -38,12 +35,12 @@ class Spike(PipelineStage):
         options = self.bench.options
         votes = options.spike_votes
         poll = self.pipeline.new_poll()
-        self.pipeline.rewrite_aof()
+        self.pipeline.store.compact()
         with TemporaryDirectory(prefix="voteflow-spike-") as directory:
             started = time.time()
             wall_started = time.monotonic()
             with self.pipeline.meter() as meter:
-                run = self.send(
+                run = self.pipeline.send(
                     poll,
                     LIMIT,
                     wrk.Load(total=votes, ledger=Path(directory) / "accepted"),
@@ -52,20 +49,16 @@ class Spike(PipelineStage):
                 self.pipeline.wait_committed()
             wall = time.monotonic() - wall_started
             accepted = wrk.ledger(Path(directory))
-        outcome = counted_once(self.pipeline.database_url, poll[0], accepted)
-        # wrk sends every vote_id once: one answered 202 twice is wrong too.
-        exact = outcome.passed and outcome.answered == outcome.distinct
+        exact, line, missing = self.pipeline.exactly_once(poll[0], accepted)
         rows = {row.vote_id: row for row in self.pipeline.committed(poll[0])}
         last_commit = max((rows[v].committed for v in accepted if v in rows), default=started)
         answered = run.accepted + (run.shed or 0) + (run.other or 0)
         progress(
             f"spike: {votes:,} offered, {len(accepted):,} answered 202, {run.shed} 503, "
             f"{run.other} other, {votes - answered:,} unanswered; exactly once: "
-            + ("OK" if exact else f"WRONG: {outcome.line}")
+            + ("OK" if exact else f"WRONG: {line}")
         )
-        sample = self.sample(run, meter, run.accepted / run.seconds, wall, len(rows))
-        extra = dict(sample.extra)
-        extra |= {
+        extra = {
             "offered": float(votes),
             "share_202": run.accepted / votes,
             "share_503": (run.shed or 0) / votes,
@@ -73,10 +66,10 @@ class Spike(PipelineStage):
             "share_unanswered": (votes - answered) / votes,
             "seconds_to_all_committed": last_commit - started,
             "ledger_202": float(len(accepted)),
-            "missing_202": float(outcome.missing + outcome.wrong_poll),
+            "missing_202": float(missing),
             "exactly_once": 1.0 if exact else 0.0,
         }
-        return replace(sample, extra=extra)
+        return Run(run, meter, wall).sample(run.accepted / run.seconds, len(rows), extra)
 
     def summary(self, samples: list[Sample]) -> str:
         exact = sum(1 for s in samples if s.extra["exactly_once"] == 1.0)

@@ -1,5 +1,6 @@
-"""What the stages share: the run's options, its private PostgreSQL and Redis,
-and every process it starts, each stopped at the end in reverse order."""
+"""What the stages share: the run's options, its private servers (a Store:
+one Redis or a Redis Cluster, and a PostgreSQL), and every process it starts,
+each stopped at the end in reverse order."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import redis
@@ -22,63 +23,68 @@ from voteflow.keys import Keys
 from voteflow.migrate import migrate
 from voteflow.servers import HOST, PostgresServer, RedisClusterServers, RedisServer, free_port
 
+if TYPE_CHECKING:
+    from .stage import Sample
+
+
 REPO = Path(__file__).resolve().parents[2]
 VOTEFLOW = [sys.executable, "-m", "voteflow"]
+SHARDS = 8  # VOTEFLOW_STREAM_SHARDS' default: 3, 3 and 2 on a cluster's three masters
 AOF_REWRITE_TIMEOUT = 60.0
-DATABASE = "bench"
 # Seconds any one statement of the bench's own may take (a CHECKPOINT, say).
 COMMAND_TIMEOUT = 120.0
-T = TypeVar("T")
 S = TypeVar("S")
+
+
+def option(what: str, default: float | None = None, quick: float | None = None) -> Any:
+    """An option of the bench's command line: its help, and its default in a
+    full run and in a --quick one (the full run's when `quick` is None)."""
+    metadata = {"help": what, "full": default, "quick": default if quick is None else quick}
+    return field(default=0, metadata=metadata)
 
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    repeats: int
-    duration: int  # seconds of each measured wrk run
-    warmup: int  # seconds of the unmeasured run before a stage's first repeat
-    connections: int
-    threads: int  # wrk's
-    wrk: str  # wrk's path
-    steady_rate: float = 0.0  # stage 5's offered votes/s; 0: half of stage 2's
-    steady_duration: int = 30  # seconds of each stage 5 run
-    spike_votes: int = 50_000  # stage 6
-    spike_connections: int = 1000  # stage 6
-    watchers: int = 10_000  # stage 8
-    fanout_rate: float = 200.0  # stage 8's votes/s while the watchers watch
-    drain_votes: int = 300_000  # stage 4's backlog
-    drain_workers: int = 1  # stage 4's workers draining it
-    drain_repeats: int = 1  # stage 4's repeats, at most --repeats: it is long
+    """A run's options, each a flag of `python -m loadtest.bench` (cli.py).
+    A default of 0 is worked out from the others when the run starts."""
+
+    repeats: int = option("rounds", 3, 1)
+    duration: int = option("seconds per measured run", 8, 5)
+    warmup: int = option(
+        "seconds of the warm-up run of each stage (default: a third of --duration, 1-3)"
+    )
+    connections: int = option("wrk's open connections", 64)
+    threads: int = option("wrk's threads (each drives its share of the connections)", 1)
+    drain_votes: int = option("stage 4: votes queued before the workers start", 300_000, 100_000)
+    drain_workers: int = option("stage 4: worker processes draining them", 1)
+    drain_repeats: int = option("stage 4: repeats, at most --repeats; the stage is long", 1)
+    steady_rate: int = option(
+        "stage 5: votes/s offered (default: half of stage 2's rate in this run)"
+    )
+    steady_duration: int = option("stage 5: seconds of each run", 20, 10)
+    spike_votes: int = option("stage 6: votes in the spike", 50_000, 20_000)
+    spike_connections: int = option("stage 6: wrk's connections for the spike", 1000)
+    watchers: int = option("stage 8: SSE watchers of one poll", 10_000, 5_000)
+    fanout_rate: int = option("stage 8: votes/s while they watch", 200)
+    wrk: str = ""  # wrk's path: only the stages measured by wrk use it
 
 
-@dataclass(frozen=True, slots=True)
-class Servers:
-    postgres: PostgresServer
-    redis: RedisServer
-    database_url: str  # the migrated database "bench" on `postgres`
+def sql(database_url: str, query: str, *args: Any, answer: str = "execute") -> Any:
+    """One statement on a fresh connection, from synchronous code: its status
+    (answer "execute"), its rows ("fetch"), first row ("fetchrow") or value ("fetchval")."""
 
-
-def _database_url(server_url: str, database: str) -> str:
-    return server_url.rsplit("/", 1)[0] + "/" + database
-
-
-def run_sql(database_url: str, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    """Run `work` on one fresh connection to `database_url`, from synchronous code."""
-
-    async def go() -> T:
+    async def go() -> Any:
         conn = await asyncpg.connect(database_url, timeout=10, command_timeout=COMMAND_TIMEOUT)
         try:
-            return await work(conn)
+            return await getattr(conn, answer)(query, *args)
         finally:
             await conn.close()
 
     return asyncio.run(go())
 
 
-def sql(database_url: str, query: str, *args: Any, answer: str = "execute") -> Any:
-    """One statement on a fresh connection, from synchronous code: its status
-    (answer "execute"), its rows ("fetch"), first row ("fetchrow") or value ("fetchval")."""
-    return run_sql(database_url, lambda conn: getattr(conn, answer)(query, *args))
+def database_url(server_url: str, database: str) -> str:
+    return server_url.rsplit("/", 1)[0] + "/" + database
 
 
 def progress(message: str) -> None:
@@ -87,27 +93,26 @@ def progress(message: str) -> None:
 
 
 def rewrite_aof(client: redis.Redis) -> None:
-    """Let Redis compact its append-only file and wait for it, so that each
-    repeat starts alike (with appendfsync always, a long file slows appends)."""
-    _wait_for_rewrite(client)
+    """Let Redis compact its append-only file, and wait for it."""
+
+    def wait() -> None:
+        deadline = time.monotonic() + AOF_REWRITE_TIMEOUT
+        while True:
+            info: dict[str, Any] = client.info("persistence")  # type: ignore[assignment]
+            if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("Redis did not finish rewriting its append-only file")
+            time.sleep(0.05)
+
+    wait()
     try:
         client.bgrewriteaof()  # type: ignore[no-untyped-call]
     except redis.ResponseError as exc:
         # Redis began one of its own (auto-aof-rewrite) in between: as good.
         if "already in progress" not in str(exc):
             raise
-    _wait_for_rewrite(client)
-
-
-def _wait_for_rewrite(client: redis.Redis) -> None:
-    deadline = time.monotonic() + AOF_REWRITE_TIMEOUT
-    while True:
-        info: dict[str, Any] = client.info("persistence")  # type: ignore[assignment]
-        if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError("Redis did not finish rewriting its append-only file")
-        time.sleep(0.05)
+    wait()
 
 
 def wait_drained(
@@ -135,6 +140,69 @@ def wait_drained(
         left = now_left
 
 
+@dataclass(frozen=True, slots=True)
+class Store:
+    """Where the voteflow processes of a stage keep votes: one Redis or a
+    Redis Cluster (every node with ``appendfsync always``, as `voteflow up`
+    runs its Redis), and a PostgreSQL with the migrated database "bench"."""
+
+    postgres: PostgresServer
+    database_url: str
+    redis_url: str
+    redis_nodes: list[RedisServer]  # a cluster's every node, replicas included
+    cluster: bool
+
+    @property
+    def postgres_pid(self) -> int:
+        assert self.postgres.pid is not None
+        return self.postgres.pid
+
+    @property
+    def redis_pids(self) -> list[int]:
+        pids = [node.pid for node in self.redis_nodes]
+        if None in pids:
+            raise RuntimeError("a Redis server of the bench is not running")
+        return [pid for pid in pids if pid is not None]
+
+    def env(self, prefix: str) -> dict[str, str]:
+        """The VOTEFLOW_* settings of a voteflow process on this store, its keys under `prefix`."""
+        return {
+            "VOTEFLOW_DATABASE_URL": self.database_url,
+            "VOTEFLOW_REDIS_URL": self.redis_url,
+            "VOTEFLOW_REDIS_CLUSTER": "true" if self.cluster else "false",
+            "VOTEFLOW_KEY_PREFIX": prefix,
+            "VOTEFLOW_STREAM_SHARDS": str(SHARDS),
+            "VOTEFLOW_LOG_LEVEL": "WARNING",
+        }
+
+    def keys(self, prefix: str) -> Keys:
+        return Keys(prefix, SHARDS, cluster=self.cluster)
+
+    def client(self, stack: ExitStack) -> redis.Redis | redis.RedisCluster:
+        """A client for the bench's own reads (stream lengths, backlogs), closed with `stack`."""
+        kind = redis.RedisCluster if self.cluster else redis.Redis
+        client = kind.from_url(self.redis_url, socket_timeout=60)
+        stack.callback(client.close)
+        return client
+
+    def compact(self, empty: bool = False) -> None:
+        """Let every Redis node rewrite its append-only file, emptied first
+        with `empty`, so that each repeat starts alike (with appendfsync
+        always, a long file slows appends). FLUSHALL keeps the script cache,
+        where the edges' admit.lua lives; a replica follows its master."""
+        for node in self.redis_nodes:
+            with redis.Redis.from_url(node.url, socket_timeout=60) as plain:
+                if empty and plain.info("replication")["role"] == "master":
+                    plain.flushall()
+                rewrite_aof(plain)
+
+    def stream_entries(self, client: redis.Redis | redis.RedisCluster, prefix: str) -> int:
+        pipe = client.pipeline(transaction=False)
+        for stream in self.keys(prefix).streams():
+            pipe.xlen(stream)
+        return sum(pipe.execute())
+
+
 class Bench:
     """One run's shared state. Everything it starts is registered on `stack`."""
 
@@ -142,69 +210,58 @@ class Bench:
         self.options = options
         self.stack = stack
         self.work_dir = work_dir
-        self._servers: dict[str, Servers] = {}
+        self._stores: dict[str, Store] = {}
         self._databases: dict[str, tuple[PostgresServer, str]] = {}
-        self._clusters: dict[str, RedisClusterServers] = {}
-        # What stages share beyond the servers (the pipeline of stages 5-8), by class.
-        self._shared: dict[type, object] = {}
-        # Each stage's rates measured so far in this run, by stage number.
-        self.rates: dict[int, list[float]] = {}
+        self._shared: dict[str, object] = {}
+        # Each stage's samples so far in this run, by stage number.
+        self.samples: dict[int, list[Sample]] = {}
 
-    def share(self, kind: type[S]) -> S:
-        """What several stages share (the pipeline, a cluster): made by the first that asks."""
-        found = self._shared.get(kind)
-        if found is None:
-            found = self._shared[kind] = kind(self)  # type: ignore[call-arg]
-        assert isinstance(found, kind)
-        return found
+    def share(self, name: str, make: Callable[[], S]) -> S:
+        """What several stages share (the pipeline of stages 5-8), made by the first that asks."""
+        if name not in self._shared:
+            self._shared[name] = make()
+        return self._shared[name]  # type: ignore[return-value]
 
-    def servers(self, name: str = "shared") -> Servers:
-        """Private servers, started and migrated on first use, by name.
+    def store(self, name: str = "shared", masters: int = 0, replicas: int = 0) -> Store:
+        """Private servers, started and migrated on first use, by name: one
+        Redis, or with `masters` a Redis Cluster of that many masters with
+        `replicas` each.
 
-        Stages 1-4 share one pair; stages 5-7 have their own, so that the
-        memory the drain's million votes took does not count as theirs.
-        Durable as a deployment runs them: PostgreSQL with fsync and
-        synchronous commit, Redis with ``appendfsync always`` as `voteflow up`.
+        Stages 1-4 share one; stages 5-8 have their own, so that the memory
+        the drain's votes took does not count as theirs. Durable as a
+        deployment runs them: PostgreSQL with fsync and synchronous commit.
         """
-        found = self._servers.get(name)
+        found = self._stores.get(name)
         if found is None:
-            postgres, database_url = self.database(name)
-            redis = self.stack.enter_context(
-                RedisServer(self.work_dir / f"{name}-redis", appendonly=True, appendfsync="always")
-            )
-            found = self._servers[name] = Servers(postgres, redis, database_url)
+            postgres, url = self.database(name)
+            data = self.work_dir / f"{name}-redis"
+            if masters:
+                cluster = RedisClusterServers(data, masters=masters, replicas=replicas)
+                self.stack.enter_context(cluster)
+                found = Store(postgres, url, cluster.url, cluster.servers, cluster=True)
+            else:
+                one = RedisServer(data, appendonly=True, appendfsync="always")
+                self.stack.enter_context(one)
+                found = Store(postgres, url, one.url, [one], cluster=False)
+            self._stores[name] = found
         return found
 
     def database(self, name: str) -> tuple[PostgresServer, str]:
         """A private PostgreSQL and the URL of its migrated database "bench",
-        started on first use, by name (servers(name) uses the same one)."""
+        started on first use, by name (store(name) uses the same one)."""
         found = self._databases.get(name)
         if found is None:
             # Commit timestamps let the end-to-end stages read when each
             # vote's transaction committed (pg_xact_commit_timestamp).
             postgres = self.stack.enter_context(
                 PostgresServer(
-                    self.work_dir / f"{name}-postgres",
-                    settings={"track_commit_timestamp": "on"},
+                    self.work_dir / f"{name}-postgres", settings={"track_commit_timestamp": "on"}
                 )
             )
-
-            sql(postgres.url, f'CREATE DATABASE "{DATABASE}"')
-            database_url = _database_url(postgres.url, DATABASE)
-            asyncio.run(migrate(database_url))
-            found = self._databases[name] = (postgres, database_url)
-        return found
-
-    def redis_cluster(self, name: str, masters: int, replicas: int) -> RedisClusterServers:
-        """A private Redis Cluster, started on first use, by name: every node
-        with ``appendfsync always``, as `voteflow up` runs its Redis."""
-        found = self._clusters.get(name)
-        if found is None:
-            found = self._clusters[name] = self.stack.enter_context(
-                RedisClusterServers(
-                    self.work_dir / f"{name}-redis-cluster", masters=masters, replicas=replicas
-                )
-            )
+            sql(postgres.url, 'CREATE DATABASE "bench"')
+            url = database_url(postgres.url, "bench")
+            asyncio.run(migrate(url))
+            found = self._databases[name] = (postgres, url)
         return found
 
     def child_env(self, **extra: str) -> dict[str, str]:

@@ -19,7 +19,6 @@ from voteflow.children import Child
 from . import wrk
 from .procs import tree_cpu, tree_cpu_used
 from .stack import Bench, Options
-from .timing import Plan
 
 # Seconds after wrk stops before its last requests are counted in storage:
 # the server finishes the ones wrk stopped waiting for.
@@ -89,6 +88,20 @@ class Sample:
         return 1000 * self.store_cpu_seconds / max(self.requests, 1)
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A stage's expected seconds (timing.py)."""
+
+    start: float
+    warm_up: float
+    round: float
+    rounds: int
+
+    @property
+    def total(self) -> float:
+        return self.start + self.warm_up + self.round * self.rounds
+
+
 class Stage(ABC):
     number: ClassVar[int]
     name: ClassVar[str]
@@ -115,6 +128,14 @@ class Stage(ABC):
             round=options.duration + self.round_overhead_s,
             rounds=options.repeats,
         )
+
+    @property
+    def label(self) -> str:
+        return f"{self.number} {self.name}"
+
+    def rounds(self, options: Options) -> int:
+        """How many of the run's rounds measure this stage."""
+        return options.repeats
 
     @abstractmethod
     def start(self, bench: Bench) -> None:
@@ -150,10 +171,12 @@ class WrkStage(Stage):
     poll_id: str
     option_ids: list[str]
     server: Child  # the process under test
-    store_pid: int | None = None  # Redis, or the postmaster (its backends are counted too)
+    # Its store's processes (each with those below it: PostgreSQL's backends).
+    store_pids: list[int]
 
     def start(self, bench: Bench) -> None:
         self.bench = bench
+        self.store_pids = []
 
     def reset(self) -> None:
         """Before each repeat: bring storage back to where the first repeat found it."""
@@ -184,13 +207,13 @@ class WrkStage(Stage):
         # The server's process tree: `voteflow edge --processes N` is a
         # supervisor and N edge processes.
         server_before = tree_cpu(self.server.pid)
-        store_before = tree_cpu(self.store_pid) if self.store_pid else {}
+        store_before = tree_cpu(*self.store_pids)
         run = self._wrk(self.bench.options.duration)
         self.server.check_alive()  # else its CPU cannot be read, and the run means nothing
         server_used = tree_cpu_used(server_before, tree_cpu(self.server.pid))
         store_used = None
-        if self.store_pid:
-            store_used = tree_cpu_used(store_before, tree_cpu(self.store_pid))
+        if self.store_pids:
+            store_used = tree_cpu_used(store_before, tree_cpu(*self.store_pids))
         time.sleep(SETTLE)
         return Sample.of_run(
             run,

@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import replace
 
 from . import wrk
-from .pipeline import LiveWatcher, PipelineStage, percentiles
+from .pipeline import LiveWatcher, PipelineStage, Run, percentiles
 from .stack import Options, progress
 from .stage import Sample, median_extra
 
@@ -34,11 +33,10 @@ class Steady(PipelineStage):
         options = self.bench.options
         if options.steady_rate:
             return options.steady_rate
-        edge = self.bench.rates.get(2)
-        if edge:
-            return statistics.median(edge) / 2
+        if edge := self.bench.samples.get(2):
+            return statistics.median(s.rate for s in edge) / 2
         progress("steady: no stage 2 in this run; measuring the pipeline at full speed")
-        run = self.send(self.pipeline.new_poll(), max(options.warmup, 3))
+        run = self.pipeline.send(self.pipeline.new_poll(), max(options.warmup, 3))
         self.pipeline.wait_committed()
         return run.accepted / run.seconds / 2
 
@@ -53,12 +51,13 @@ class Steady(PipelineStage):
             progress(f"steady: offering {self.rate:,.0f} votes/s")
         duration = self.bench.options.steady_duration
         poll = self.pipeline.new_poll()
-        self.pipeline.rewrite_aof()
-        watcher = LiveWatcher(self.pipeline.port, poll[0])
+        self.pipeline.store.compact()
+        watcher = LiveWatcher(self.pipeline.url, poll[0])
         try:
             started = time.monotonic()
             with self.pipeline.meter() as meter:
-                run = self.send(poll, duration, wrk.Load(rate=self.rate), self._connections())
+                load = wrk.Load(rate=self.rate)
+                run = self.pipeline.send(poll, duration, load, self._connections())
                 self.pipeline.wait_committed()
                 stored = self.pipeline.total_ballots(poll[0])
                 live = watcher.wait_for(stored)
@@ -68,10 +67,7 @@ class Steady(PipelineStage):
         votes = self.pipeline.committed(poll[0])
         commit_lags = [v.committed - v.received for v in votes]
         live_lags, missed = watcher.lags(votes)
-        sample = self.sample(run, meter, run.accepted / run.seconds, wall, len(votes))
-        extra = dict(sample.extra)
-        extra["offered_per_s"] = self.rate
-        extra["late_sends"] = float(run.late)
+        extra = {"offered_per_s": self.rate, "late_sends": float(run.late)}
         for name, lags in (("commit_lag", commit_lags), ("sse_lag", live_lags)):
             for point, value in zip((50, 95, 99), percentiles(lags), strict=True):
                 extra[f"{name}_p{point}_ms"] = 1000 * value
@@ -79,7 +75,7 @@ class Steady(PipelineStage):
         extra["votes_no_sse_update"] = float(missed)
         if not live:
             progress(f"steady: the live stream never showed all {stored:,} ballots")
-        return replace(sample, extra=extra)
+        return Run(run, meter, wall).sample(run.accepted / run.seconds, len(votes), extra)
 
     def summary(self, samples: list[Sample]) -> str:
         def lags(name: str) -> str:

@@ -1,7 +1,6 @@
 """How long a run of the bench will take, said before it starts, and how long it took.
 
-Each stage plans its own time from the run's options (Stage.plan): the seconds
-it takes to start what it measures, its warm-up, and one round. The plans'
+Each stage plans its own time from the run's options (Stage.plan). The plans'
 constants were read off this kind of machine (2 cores); a busy machine takes
 longer, so the bench keeps what each stage really took next to its plan, in
 the JSON and at the end of its output, where a stale plan shows.
@@ -15,19 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """A stage's expected seconds."""
-
-    start: float
-    warm_up: float
-    round: float
-    rounds: int
-
-    @property
-    def total(self) -> float:
-        return self.start + self.warm_up + self.round * self.rounds
+from .stage import Plan, Stage
 
 
 @dataclass(slots=True)
@@ -62,28 +49,25 @@ def minutes(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def plan_table(rows: Sequence[tuple[str, Plan]]) -> str:
+def plan_table(rows: Sequence[tuple[Stage, Plan]]) -> str:
     """The plan, one line per stage and the total, before the run starts."""
-    lines = []
-    for label, plan in rows:
-        lines.append(
-            f"  {label:<27} start {minutes(plan.start):>6}, warm-up {minutes(plan.warm_up):>5}, "
-            f"{plan.rounds} x {minutes(plan.round):>6} = {minutes(plan.total):>6}"
-        )
+    lines = [
+        f"  {stage.label:<27} start {minutes(plan.start):>6}, warm-up {minutes(plan.warm_up):>5}, "
+        f"{plan.rounds} x {minutes(plan.round):>6} = {minutes(plan.total):>6}"
+        for stage, plan in rows
+    ]
     total = sum(plan.total for _, plan in rows)
-    lines.append(f"  {'all stages':<27} about {minutes(total)}")
-    return "\n".join(lines)
+    return "\n".join([*lines, f"  {'all stages':<27} about {minutes(total)}"])
 
 
-def took_table(rows: Sequence[tuple[str, Plan, Took]]) -> str:
+def took_table(rows: Sequence[tuple[Stage, Plan, Took]]) -> str:
     """What each stage took next to its plan, after the run."""
-    lines = []
-    for label, plan, took in rows:
-        lines.append(f"  {label:<27} took {minutes(took.total):>6} (planned {minutes(plan.total)})")
-    took_all = sum(took.total for _, _, took in rows)
-    plan_all = sum(plan.total for _, plan, _ in rows)
-    lines.append(f"  {'all stages':<27} took {minutes(took_all):>6} (planned {minutes(plan_all)})")
-    return "\n".join(lines)
+    lines = [(stage.label, took.total, plan.total) for stage, plan, took in rows]
+    lines.append(("all stages", sum(t for _, t, _ in lines), sum(p for _, _, p in lines)))
+    return "\n".join(
+        f"  {label:<27} took {minutes(took):>6} (planned {minutes(plan)})"
+        for label, took, plan in lines
+    )
 
 
 def to_json(plan: Plan, took: Took) -> dict[str, Any]:

@@ -18,8 +18,10 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from voteflow.children import spawn
 
@@ -81,6 +83,11 @@ class WrkRun:
     def cpu_percent(self) -> float:
         """wrk's CPU use, in percent of one core."""
         return 100.0 * self.cpu_seconds / self.wall_seconds
+
+
+# How run_each() makes one run of several.
+SUMMED = ("requests", "non_2xx", "socket_errors", "timeouts", "late", "peak_rss_bytes")
+WORST = ("seconds", "p50_ms", "p95_ms", "p99_ms", "max_ms", "wall_seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +178,33 @@ def run(
         late=summary["late"],
         peak_rss_bytes=peak[0],
     )
+
+
+def run_each(wrk: str, urls: list[str], *, connections: int, threads: int, **common: Any) -> WrkRun:
+    """One wrk run per URL, at once, the connections and threads split among
+    them (each with a ledger file of its own), as one run: answers summed,
+    latencies the worst of them."""
+    if len(urls) == 1:
+        return run(wrk, urls[0], connections=connections, threads=threads, **common)
+    load: Load = common.pop("load", Load())
+    threads = max(1, threads // len(urls))
+    connections = max(threads, connections // len(urls))
+
+    def one(i: int) -> WrkRun:
+        ledger = load.ledger and load.ledger.with_name(f"{load.ledger.name}-{i}")
+        each = replace(load, ledger=ledger)
+        return run(wrk, urls[i], connections=connections, threads=threads, load=each, **common)
+
+    # run() reads wrk's CPU from the reaped children's counters, which the
+    # other wrk processes' would cloud: read them around all of them.
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with ThreadPoolExecutor(len(urls)) as pool:
+        runs = list(pool.map(one, range(len(urls))))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = {name: sum(getattr(r, name) for r in runs) for name in SUMMED}
+    worst = {name: max(getattr(r, name) for r in runs) for name in WORST}
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return WrkRun(**total, **worst, cpu_seconds=cpu)
 
 
 def ledger(directory: Path) -> list[str]:

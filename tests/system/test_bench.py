@@ -301,9 +301,8 @@ def test_goals_are_met_not_met_or_not_measured() -> None:
             _stage(1, 10_000, 0.05),
             _stage(2, 7_000, 0.1, ratio={"of": "2/1", "median": 0.7}),
             _stage(7, 3_000, 0.2, extra=pipeline | {"cpu_s_per_1k.wrk": 9.0}),
-            _stage(8, 150, 0.3, extra={"delay_p99_ms": 250.0}),
-        ],
-        fanout={"rate": 200},
+            _stage(8, 150, 0.3, extra={"delay_p99_ms": 250.0, "offered_per_s": 200.0}),
+        ]
     )
     verdicts = {goal["goal"]: (goal["value"], goal["verdict"]) for goal in judged(run)}
     assert verdicts["edge over the HTTP ceiling (2/1)"] == (0.7, "met")

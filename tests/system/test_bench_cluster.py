@@ -46,7 +46,7 @@ def test_bench_cluster_stages_measure_replica_confirmation_and_cost(tmp_path: Pa
         assert sample["stored"] >= sample["accepted"] > 0, sample
         # Every node's CPU is counted, replicas included.
         assert sample["store_cpu_seconds"] > 0, sample
-        assert sample["extra"]["master_pipeline_ms"] > 0, sample
+        assert sample["extra"]["pipeline_ms"] > 0, sample
     assert confirmed["ratio"]["of"] == "10/9" and confirmed["ratio"]["median"] > 0
     assert confirmed["samples"][0]["extra"]["p50_ratio"] > 0
 
