@@ -27,13 +27,13 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import orjson
 import uvloop
 from aiohttp import web
 
+from ingest.validate import Invalid, parse_ballot, require_voter
 from voteflow.servers import HOST, free_port
 
 from .stack import Bench, sql
@@ -112,32 +112,19 @@ async def ceiling_vote(request: web.Request) -> web.Response:
     return _json({"vote_id": vote_id or str(uuid.uuid4()), "status": "queued"}, 202)
 
 
-def _uuid(value: Any) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(value) if isinstance(value, str) else None
-    except ValueError:
-        return None
-
-
 async def naive_vote(request: web.Request) -> web.Response:
-    try:
-        data = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        return _json({"error": "body is not valid JSON"}, 400)
-    if not isinstance(data, dict):
-        return _json({"error": "body must be a JSON object"}, 422)
-    poll_id = _uuid(data.get("poll_id"))
-    raw_options = data.get("option_ids")
-    options = [_uuid(o) for o in raw_options] if isinstance(raw_options, list) else []
-    voter = data.get("user_id") or data.get("voter_fingerprint")
-    vote_id = _uuid(data["vote_id"]) if "vote_id" in data else uuid.uuid4()
-    if poll_id is None or vote_id is None or not isinstance(voter, str):
-        return _json({"error": "poll_id, vote_id or the voter is missing or malformed"}, 422)
-    if not options or None in options or len(set(options)) != len(options):
-        return _json({"error": "option_ids must be distinct option ids"}, 422)
+    try:  # the edge's own parsing, so that the two differ in storage only
+        ballot = parse_ballot(await request.read())
+        require_voter(ballot, None)
+    except Invalid as exc:
+        return _json({"error": exc.message}, exc.status)
+    voter = ballot.user_id or ballot.voter_fingerprint
+    vote_id = ballot.vote_id or str(uuid.uuid4())
+    options = list(ballot.option_ids)
     async with request.app[POOL].acquire() as conn:
         poll = await conn.fetchrow(
-            "SELECT option_ids, max_choices, closed_at FROM naive_polls WHERE id = $1", poll_id
+            "SELECT option_ids::text[], max_choices, closed_at FROM naive_polls WHERE id = $1",
+            ballot.poll_id,
         )
         if poll is None:
             return _json({"error": "no such poll"}, 404)
@@ -146,13 +133,13 @@ async def naive_vote(request: web.Request) -> web.Response:
         if len(options) > poll["max_choices"] or not set(options) <= set(poll["option_ids"]):
             return _json({"error": "not options of this poll"}, 422)
         await conn.execute(
-            "DELETE FROM naive_votes WHERE poll_id = $1 AND voter = $2", poll_id, voter
+            "DELETE FROM naive_votes WHERE poll_id = $1 AND voter = $2", ballot.poll_id, voter
         )
         await conn.execute(
             "INSERT INTO naive_votes (vote_id, poll_id, voter, option_ids) VALUES ($1, $2, $3, $4)",
-            vote_id, poll_id, voter, options,
+            vote_id, ballot.poll_id, voter, options,
         )  # fmt: skip
-    return _json({"vote_id": str(vote_id), "status": "queued"}, 202)
+    return _json({"vote_id": vote_id, "status": "queued"}, 202)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
