@@ -41,8 +41,9 @@ class Cost(PipelineStage):
         return options.duration * DRAIN_AFTER
 
     def measure(self) -> Sample:
-        run, poll_id = self.pipeline.flat_out(self.bench.options.duration)
-        stored = self.pipeline.total_ballots(poll_id)
+        poll = self.pipeline.new_poll()
+        run = self.pipeline.measured(poll, self.bench.options.duration)
+        stored = self.pipeline.total_ballots(poll[0])
         return run.sample(stored / run.wall, stored)
 
 
@@ -85,8 +86,10 @@ class ClusterCost(Stage):
     def measure(self) -> Sample:
         extra: dict[str, float] = {}
         for shape in self.shapes:
+            poll_id, options = shape.new_poll()
             with TemporaryDirectory(prefix="voteflow-cluster-cost-") as directory:
-                run, poll_id = shape.flat_out(self.bench.options.duration, Path(directory) / "a")
+                load = wrk.Load(ledger=Path(directory) / "accepted")
+                run = shape.measured((poll_id, options), self.bench.options.duration, load)
                 ledger = wrk.ledger(Path(directory))
             exact, line, missing = shape.exactly_once(poll_id, ledger)
             stored = shape.total_ballots(poll_id)

@@ -15,7 +15,7 @@ import orjson
 from voteflow.children import spawn
 
 from . import wrk
-from .pipeline import PipelineStage, Run
+from .pipeline import PipelineStage
 from .procs import cpu_seconds, rss
 from .stack import Options, progress
 from .stage import Sample, median_extra
@@ -39,12 +39,12 @@ class FanOut(PipelineStage):
         before = rss(self.pipeline.edges[0].pid)
         argv = [sys.executable, "-m", "loadtest.bench.watchers", self.pipeline.url, poll[0]]
         argv.append(str(options.watchers))
-        child = spawn(
+        with spawn(
             "watchers", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, session=True,
-        ).popen  # fmt: skip
-        try:
-            assert child.stdout is not None and child.stdin is not None
+        ) as watchers:  # fmt: skip
+            child = watchers.popen
+            assert child.stdout is not None
             line = child.stdout.readline().decode()
             if not line.startswith("CONNECTED"):
                 raise RuntimeError(f"the watchers did not all connect: {line!r}")
@@ -52,18 +52,11 @@ class FanOut(PipelineStage):
             after = rss(self.pipeline.edges[0].pid)
             progress(f"fan-out: {options.watchers:,} watchers open; votes for {options.duration}s")
             watchers_cpu = cpu_seconds(child.pid)
-            started = time.monotonic()
-            with self.pipeline.meter() as meter:
-                run = self.pipeline.send(poll, options.duration, wrk.Load(rate=options.fanout_rate))
-                self.pipeline.wait_committed()
-                time.sleep(1.0)  # the last update's way to the watchers
-            wall = time.monotonic() - started
+            load = wrk.Load(rate=options.fanout_rate)
+            # The last update's way to the watchers, within the measured time.
+            run = self.pipeline.measured(poll, options.duration, load, then=lambda: time.sleep(1))
             watchers_cpu = cpu_seconds(child.pid) - watchers_cpu
             out, _ = child.communicate(input=b"", timeout=60)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
         report = orjson.loads(out.splitlines()[-1])
         stored = self.pipeline.total_ballots(poll[0])
         extra = {
@@ -73,10 +66,10 @@ class FanOut(PipelineStage):
             "edge_kib_per_watcher": (after - before) / 1024 / options.watchers,
             "updates_received": float(report["updates"]),
             "updates_per_watcher": report["updates"] / options.watchers,
-            "watchers_cpu_percent": 100 * watchers_cpu / wall,
+            "watchers_cpu_percent": 100 * watchers_cpu / run.wall,
         }
         extra |= {f"delay_{p}_ms": value for p, value in report["delay_ms"].items()}
-        return Run(run, meter, wall).sample(run.accepted / run.seconds, stored, extra)
+        return run.sample(run.sent.accepted / run.sent.seconds, stored, extra)
 
     def summary(self, samples: list[Sample]) -> str:
         delay = "/".join(f"{median_extra(samples, f'delay_p{p}_ms'):.0f}" for p in (50, 95, 99))

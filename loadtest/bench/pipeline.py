@@ -20,8 +20,8 @@ import socket
 import threading
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -137,16 +137,23 @@ class Pipeline:
             postgres=self.store.postgres_pid,
         )
 
-    def flat_out(self, duration: int, ledger: Path | None = None) -> tuple[Run, str]:
-        """New votes as fast as wrk sends them for `duration` s on a new poll,
-        measured until the last of them is committed."""
-        poll = self.new_poll()
+    def measured(
+        self,
+        poll: tuple[str, list[str]],
+        duration: int,
+        load: wrk.Load | None = None,
+        connections: int | None = None,
+        then: Callable[[], object] = lambda: None,
+    ) -> Run:
+        """A measured repeat on `poll`: wrk for `duration` s, until every vote is
+        committed and `then` has run, each Redis node's file compacted first."""
         self.store.compact()
-        started = time.monotonic()
+        began, started = time.time(), time.monotonic()
         with self.meter() as meter:
-            sent = self.send(poll, duration, wrk.Load(ledger=ledger))
+            sent = self.send(poll, duration, load, connections)
             self.wait_committed()
-        return Run(sent, meter, time.monotonic() - started), poll[0]
+            then()
+        return Run(sent, meter, time.monotonic() - started, began)
 
 
 class Meter:
@@ -200,6 +207,7 @@ class Run:
     sent: wrk.WrkRun
     meter: Meter
     wall: float
+    began: float  # Unix seconds
 
     def cost(self, prefix: str = "") -> dict[str, float]:
         """Per process (PROCESSES): CPU seconds per 1,000 votes answered 202 and

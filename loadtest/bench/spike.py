@@ -7,12 +7,11 @@ loadtest.verdict. docs/benchmarks.md (stage 6).
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from . import wrk
-from .pipeline import PipelineStage, Run
+from .pipeline import PipelineStage
 from .stack import Options, progress
 from .stage import Sample, median_extra
 
@@ -35,41 +34,32 @@ class Spike(PipelineStage):
         options = self.bench.options
         votes = options.spike_votes
         poll = self.pipeline.new_poll()
-        self.pipeline.store.compact()
         with TemporaryDirectory(prefix="voteflow-spike-") as directory:
-            started = time.time()
-            wall_started = time.monotonic()
-            with self.pipeline.meter() as meter:
-                run = self.pipeline.send(
-                    poll,
-                    LIMIT,
-                    wrk.Load(total=votes, ledger=Path(directory) / "accepted"),
-                    connections=options.spike_connections,
-                )
-                self.pipeline.wait_committed()
-            wall = time.monotonic() - wall_started
+            load = wrk.Load(total=votes, ledger=Path(directory) / "accepted")
+            run = self.pipeline.measured(poll, LIMIT, load, options.spike_connections)
             accepted = wrk.ledger(Path(directory))
         exact, line, missing = self.pipeline.exactly_once(poll[0], accepted)
         rows = {row.vote_id: row for row in self.pipeline.committed(poll[0])}
-        last_commit = max((rows[v].committed for v in accepted if v in rows), default=started)
-        answered = run.accepted + (run.shed or 0) + (run.other or 0)
+        last_commit = max((rows[v].committed for v in accepted if v in rows), default=run.began)
+        sent = run.sent
+        answered = sent.accepted + (sent.shed or 0) + (sent.other or 0)
         progress(
-            f"spike: {votes:,} offered, {len(accepted):,} answered 202, {run.shed} 503, "
-            f"{run.other} other, {votes - answered:,} unanswered; exactly once: "
+            f"spike: {votes:,} offered, {len(accepted):,} answered 202, {sent.shed} 503, "
+            f"{sent.other} other, {votes - answered:,} unanswered; exactly once: "
             + ("OK" if exact else f"WRONG: {line}")
         )
         extra = {
             "offered": float(votes),
-            "share_202": run.accepted / votes,
-            "share_503": (run.shed or 0) / votes,
-            "share_other": (run.other or 0) / votes,
+            "share_202": sent.accepted / votes,
+            "share_503": (sent.shed or 0) / votes,
+            "share_other": (sent.other or 0) / votes,
             "share_unanswered": (votes - answered) / votes,
-            "seconds_to_all_committed": last_commit - started,
+            "seconds_to_all_committed": last_commit - run.began,
             "ledger_202": float(len(accepted)),
             "missing_202": float(missing),
             "exactly_once": 1.0 if exact else 0.0,
         }
-        return Run(run, meter, wall).sample(run.accepted / run.seconds, len(rows), extra)
+        return run.sample(sent.accepted / sent.seconds, len(rows), extra)
 
     def summary(self, samples: list[Sample]) -> str:
         exact = sum(1 for s in samples if s.extra["exactly_once"] == 1.0)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 
 from . import wrk
-from .pipeline import LiveWatcher, PipelineStage, Run, percentiles
+from .pipeline import LiveWatcher, PipelineStage, percentiles
 from .stack import Options, progress
 from .stage import Sample, median_extra
 
@@ -51,31 +50,27 @@ class Steady(PipelineStage):
             progress(f"steady: offering {self.rate:,.0f} votes/s")
         duration = self.bench.options.steady_duration
         poll = self.pipeline.new_poll()
-        self.pipeline.store.compact()
         watcher = LiveWatcher(self.pipeline.url, poll[0])
+
+        def shown() -> None:  # the last update, within the measured time
+            if not watcher.wait_for(self.pipeline.total_ballots(poll[0])):
+                progress("steady: the live stream never showed every ballot")
+
         try:
-            started = time.monotonic()
-            with self.pipeline.meter() as meter:
-                load = wrk.Load(rate=self.rate)
-                run = self.pipeline.send(poll, duration, load, self._connections())
-                self.pipeline.wait_committed()
-                stored = self.pipeline.total_ballots(poll[0])
-                live = watcher.wait_for(stored)
-            wall = time.monotonic() - started
+            load = wrk.Load(rate=self.rate)
+            run = self.pipeline.measured(poll, duration, load, self._connections(), shown)
         finally:
             watcher.close()
         votes = self.pipeline.committed(poll[0])
         commit_lags = [v.committed - v.received for v in votes]
         live_lags, missed = watcher.lags(votes)
-        extra = {"offered_per_s": self.rate, "late_sends": float(run.late)}
+        extra = {"offered_per_s": self.rate, "late_sends": float(run.sent.late)}
         for name, lags in (("commit_lag", commit_lags), ("sse_lag", live_lags)):
             for point, value in zip((50, 95, 99), percentiles(lags), strict=True):
                 extra[f"{name}_p{point}_ms"] = 1000 * value
         extra["sse_updates"] = float(len(watcher.events))
         extra["votes_no_sse_update"] = float(missed)
-        if not live:
-            progress(f"steady: the live stream never showed all {stored:,} ballots")
-        return Run(run, meter, wall).sample(run.accepted / run.seconds, len(votes), extra)
+        return run.sample(run.sent.accepted / run.sent.seconds, len(votes), extra)
 
     def summary(self, samples: list[Sample]) -> str:
         def lags(name: str) -> str:
