@@ -64,24 +64,18 @@ INVALID_KINDS = (
     "unknown poll",
 )
 
-# locust.contrib.fasthttp.ResponseContextManager, whose methods are untyped.
-Response = Any
-
 
 @dataclass(frozen=True, slots=True)
 class Poll:
     id: str
     options: tuple[str, ...]
-    allow_multiple_votes: bool
     max_choices: int
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Poll:
         """A poll as the admin API answers it, or as the master sends it (asdict)."""
         options = tuple(o if isinstance(o, str) else o["id"] for o in body["options"])
-        return cls(
-            body["id"], options, bool(body["allow_multiple_votes"]), int(body["max_choices"])
-        )
+        return cls(body["id"], options, int(body["max_choices"]))
 
 
 @dataclass
@@ -163,13 +157,7 @@ def _create_polls(host: str, token: str, count: int) -> list[Poll]:
     if not token:
         raise ValueError("no admin token: pass --admin-token or set VOTEFLOW_ADMIN_TOKEN")
 
-    def create(question: str, labels: list[str], multiple: bool, max_choices: int) -> Poll:
-        body = {
-            "question": question,
-            "options": labels,
-            "allow_multiple_votes": multiple,
-            "max_choices": max_choices,
-        }
+    def create(**body: Any) -> Poll:
         request = urllib.request.Request(
             f"{host.rstrip('/')}/api/polls",
             data=json.dumps(body).encode(),
@@ -182,13 +170,20 @@ def _create_polls(host: str, token: str, count: int) -> list[Poll]:
         except urllib.error.HTTPError as exc:
             raise ValueError(f"POST /api/polls answered {exc.code}: {exc.read()[:200]!r}") from exc
 
-    polls = [create("Load test: the hot poll", ["Blue", "Green", "Orange", "Purple"], False, 1)]
+    hot = ["Blue", "Green", "Orange", "Purple"]
+    polls = [create(question="Load test: the hot poll", options=hot, max_choices=1)]
     rng = random.Random()
     for n in range(count):
         labels = [f"option {k}" for k in range(1, rng.randint(2, 6) + 1)]
         multiple = n % 3 == 0
-        max_choices = min(len(labels), 2 if multiple else 1 + n % 2)
-        polls.append(create(f"Load test: small poll {n}", labels, multiple, max_choices))
+        polls.append(
+            create(
+                question=f"Load test: small poll {n}",
+                options=labels,
+                allow_multiple_votes=multiple,
+                max_choices=min(len(labels), 2 if multiple else 1 + n % 2),
+            )
+        )
     return polls
 
 
@@ -357,10 +352,12 @@ class Voter(Visitor):
     def _send(self, poll: Poll, body: dict[str, Any], name: str, retry: bool = True) -> None:
         with self.client.post("/api/vote", json=body, name=name, catch_response=True) as response:
             status = response.status_code
-            answer = _json(response)
-            vote_id = answer.get("vote_id")
+            answer: Any = None
+            with contextlib.suppress(ValueError, TypeError):
+                answer = response.json()
+            vote_id = answer.get("vote_id") if isinstance(answer, dict) else None
             if status == 202:
-                if answer.get("status") != "queued" or not isinstance(vote_id, str):
+                if not isinstance(vote_id, str) or answer.get("status") != "queued":
                     response.failure(f"202 with an unexpected body: {(response.text or '')[:200]}")
                 elif body.get("vote_id", vote_id) != vote_id:
                     response.failure(f"202 for vote_id {vote_id}, sent {body['vote_id']}")
@@ -389,14 +386,6 @@ class Voter(Visitor):
             self._send(poll, body, f"{VOTE} (retry after 503)", retry=False)
 
 
-def _json(response: Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except (ValueError, TypeError):
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
 class Watcher(Visitor):
     """A dashboard: the live tallies of one poll, for a while, then again."""
 
@@ -416,32 +405,28 @@ class Watcher(Visitor):
             catch_response=True,
         ) as response:
             content_type = (response.headers or {}).get("Content-Type", "")
-            if response.status_code != 200 or not content_type.startswith("text/event-stream"):
+            ok = response.status_code == 200 and content_type.startswith("text/event-stream")
+            if not ok:
                 response.failure(f"{response.status_code} {content_type}")
-                _close(response)
-                return
         try:
-            self._read(response, poll, started, max(seconds, 1.0))
+            if ok:
+                self._read(response._response, poll, started, max(seconds, 1.0))
         finally:
-            _close(response)
+            # Drop the connection: an unfinished stream must not go back to
+            # the pool (release() closes the socket, the message being incomplete).
+            if response._response is not None:
+                response._response.release()
 
-    def _read(self, response: Response, poll: Poll, started: float, seconds: float) -> None:
-        stream = response._response
+    def _read(self, stream: Any, poll: Poll, started: float, seconds: float) -> None:
+        """Tally events for ``seconds``: the first at once, then in version order.
+        The edge sends each event's JSON on one ``data:`` line."""
         events_seen = 0
         version = -1
-        data = ""
         try:
             with gevent.Timeout(seconds, False):
-                while True:
-                    line = stream.readline(b"\n")
-                    if not line:
-                        break  # the edge ended the stream
-                    text = line.decode("utf-8", "replace").rstrip("\r\n")
-                    if text.startswith("data:"):
-                        data = text[5:].strip()
-                    elif text == "" and data:
-                        tally = json.loads(data)
-                        data = ""
+                while line := stream.readline(b"\n"):  # empty: the edge ended the stream
+                    if line.startswith(b"data:"):
+                        tally = json.loads(line[5:])
                         if events_seen == 0:
                             self._fire("first tally event", started, None)
                         events_seen += 1
@@ -467,13 +452,6 @@ class Watcher(Visitor):
             exception=exception,
             context={},
         )
-
-
-def _close(response: Response) -> None:
-    """Drop the connection: an unfinished stream must not go back to the pool."""
-    stream = response._response
-    if stream is not None:
-        stream.release()  # closes the socket, the message being incomplete
 
 
 class VoteflowShape(LoadTestShape):
