@@ -1,13 +1,7 @@
 """What the Locust run is measured against: the load shape, the thresholds, the ledger.
 
-Plain Python, no Locust import (importing Locust monkey-patches the process
-with gevent), so the test suite and the driver can use it as they are.
-
-- :class:`Profile`: the reference stages (30 s ramp to 1,000 users, 60 s to
-  10,000, a 30 s spike to 50,000, 60 s hold, 30 s down to 0), scaled in users
-  (``VOTEFLOW_LOADTEST_SCALE``) and in time (``VOTEFLOW_LOADTEST_TIME_SCALE``).
-- :class:`Thresholds`: p95, failure share and 503 share that decide the exit code.
-- :class:`Ledger`: one JSON-lines file per Locust process, one line per 202.
+No Locust import here (importing Locust monkey-patches the process with
+gevent), so the driver and the tests use these as they are.
 """
 
 from __future__ import annotations
@@ -18,14 +12,11 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 ENV_SCALE = "VOTEFLOW_LOADTEST_SCALE"
 ENV_TIME_SCALE = "VOTEFLOW_LOADTEST_TIME_SCALE"
 ENV_LEDGER = "VOTEFLOW_LOADTEST_LEDGER"
-ENV_MAX_P95_MS = "VOTEFLOW_LOADTEST_MAX_P95_MS"
-ENV_MAX_FAILURES = "VOTEFLOW_LOADTEST_MAX_FAILURES"
-ENV_MAX_SHED = "VOTEFLOW_LOADTEST_MAX_SHED"
 
 DEFAULT_LEDGER = Path("loadtest/results/ledger")
 
@@ -42,7 +33,7 @@ class Stage:
     users: int  # target at the end of the stage, unscaled
 
 
-# The reference profile of issue 5: 3.5 minutes, 50,000 users at the top.
+# The reference profile: 3.5 minutes, 50,000 users at the top.
 REFERENCE_STAGES: tuple[Stage, ...] = (
     Stage(30, 1_000),
     Stage(60, 10_000),
@@ -54,12 +45,12 @@ REFERENCE_STAGES: tuple[Stage, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """The stages, scaled: ``tick(t)`` is what a LoadTestShape returns at run time t.
+    """The stages scaled in users and in time; ``tick(t)`` is what a
+    LoadTestShape returns at run time t.
 
     Each stage asks Locust for its end target at the spawn rate that reaches
-    it when the stage ends (Locust's ``start()`` ramps at that rate and returns
-    when there), so the ramps are linear, like k6 stages. ``max_run_time``, when
-    set, ends the run early whatever the stages say: a hard bound.
+    it when the stage ends, so the ramps are linear, like k6 stages.
+    ``max_run_time`` (Locust's --run-time) ends the run whatever the stages say.
     """
 
     stages: tuple[Stage, ...] = REFERENCE_STAGES
@@ -79,7 +70,6 @@ class Profile:
 
     @property
     def duration(self) -> float:
-        """Seconds from the first tick to the end of the last stage."""
         return sum(stage.duration for stage in self.stages) * self.time_scale
 
     @property
@@ -105,23 +95,34 @@ class Profile:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """What makes the run fail. Shares are fractions (0.05 is 5%)."""
+    """What makes the run fail. Shares are fractions (0.05 is 5%). 503 answers
+    to votes (shed, or Redis away) are not failures up to ``max_shed`` of the
+    vote requests."""
 
     max_p95_ms: float = 500.0
     max_failures: float = 0.05
-    # 503 answers to votes (shed or Redis away) are not failures up to this
-    # share of vote requests; beyond it the run fails.
     max_shed: float = 0.01
+
+    # Each limit's environment variable and what its --flag means: the
+    # locustfile makes its options from this table.
+    OPTIONS: ClassVar[dict[str, tuple[str, str]]] = {
+        "max_p95_ms": ("VOTEFLOW_LOADTEST_MAX_P95_MS", "p95 response time limit in ms"),
+        "max_failures": ("VOTEFLOW_LOADTEST_MAX_FAILURES", "share of requests that may fail"),
+        "max_shed": ("VOTEFLOW_LOADTEST_MAX_SHED", "share of votes that may be answered 503"),
+    }
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Thresholds:
         env = dict(os.environ) if env is None else env
-        default = cls()
-        return cls(
-            max_p95_ms=_number(env, ENV_MAX_P95_MS, default.max_p95_ms),
-            max_failures=_number(env, ENV_MAX_FAILURES, default.max_failures),
-            max_shed=_number(env, ENV_MAX_SHED, default.max_shed),
-        )
+        limits: dict[str, float] = {}
+        for name, (variable, _) in cls.OPTIONS.items():
+            raw = env.get(variable, "").strip()
+            if raw:
+                try:
+                    limits[name] = float(raw)
+                except ValueError:
+                    raise ValueError(f"{variable} must be a number, got {raw!r}") from None
+        return cls(**limits)
 
     def check(
         self, *, requests: int, failures: int, p95_ms: float, votes: int, shed: int
@@ -129,45 +130,32 @@ class Thresholds:
         """One line per threshold, each starting with PASS or FAIL."""
         failure_share = failures / requests if requests else 1.0
         shed_share = shed / votes if votes else 0.0
-        return [
-            _verdict(
+        verdicts = (
+            (
                 requests > 0 and p95_ms <= self.max_p95_ms,
                 f"p95 {p95_ms:,.0f} ms (limit {self.max_p95_ms:,.0f} ms), {requests:,} requests",
             ),
-            _verdict(
+            (
                 requests > 0 and failure_share <= self.max_failures,
                 f"failures {failures:,} = {failure_share:.2%} (limit {self.max_failures:.2%}; "
                 "expected 4xx and 503 sheds are not failures)",
             ),
-            _verdict(
+            (
                 shed_share <= self.max_shed,
                 f"503 shed {shed:,} of {votes:,} votes = {shed_share:.2%} "
                 f"(limit {self.max_shed:.2%})",
             ),
-        ]
-
-
-def _verdict(ok: bool, text: str) -> str:
-    return f"{'PASS' if ok else 'FAIL'} {text}"
-
-
-def _number(env: dict[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+        )
+        return [f"{'PASS' if ok else 'FAIL'} {text}" for ok, text in verdicts]
 
 
 class Ledger:
     """The votes this process saw answered 202: one JSON object per line,
     ``{"vote_id", "poll_id", "body"}``, in a file of its own in ``directory``.
 
-    Line-buffered: a line is written out when the 202 is counted, so a Locust
-    worker that dies loses no line it wrote. The file is opened at the first
-    line, so processes that send no vote (a Locust master) leave no file.
+    Line-buffered, so a Locust worker that dies loses no line it wrote. The
+    file is opened at the first line: a process that sends no vote (a Locust
+    master) leaves no file.
     """
 
     def __init__(self, directory: Path) -> None:

@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any, cast
 
 import asyncpg
@@ -40,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 RESULTS = REPO / "loadtest" / "results"
 STARTUP_TIMEOUT = 60.0
-STOP_TIMEOUT = 30.0
 # Beyond the shape's own duration: Locust's start-up and its last ramp-down.
 RUN_TIME_SLACK = 30.0
 # The driver's own bound on Locust, past --run-time: SIGTERM, then SIGKILL.
@@ -48,23 +46,29 @@ LOCUST_GRACE = 30.0
 
 # What the driver decides for the stack; any other VOTEFLOW_* of the caller's
 # environment (shards, batch size, backlog...) reaches the edge and workers.
-_OWN = ("DATABASE_URL", "REDIS_URL", "HOST", "PORT", "ADMIN_TOKEN", "WORKER_METRICS_PORT")
+_OWN = {
+    f"VOTEFLOW_{name}"
+    for name in ("DATABASE_URL", "REDIS_URL", "HOST", "PORT", "ADMIN_TOKEN", "WORKER_METRICS_PORT")
+}
 
 
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop
-
-
-def _wait_ready(url: str, edge: Child, workers: list[Child], keys: Keys, redis_url: str) -> None:
-    """Until the edge answers /ready and every worker consumes every shard."""
-    edge.wait_http(f"{url}/ready", STARTUP_TIMEOUT, beside=workers)
+def _wait_consuming(workers: list[Child], keys: Keys, redis_url: str) -> None:
+    """Until every worker's consumers (named with its pid) joined every shard's group."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
+
+    def consumers(client: redis.Redis, stream: str) -> str:
+        with contextlib.suppress(redis.ResponseError):  # no group yet
+            # redis-py types the sync client's answers as Awaitable | Any.
+            found = cast(list[dict[str, Any]], client.xinfo_consumers(stream, GROUP))
+            return " ".join(str(c["name"]) for c in found)
+        return ""
+
     with redis.Redis.from_url(redis_url, decode_responses=True) as client:
-        while not all(_consumes(client, keys, worker.pid) for worker in workers):
+        while not all(
+            f":{worker.pid}:" in consumers(client, stream)
+            for worker in workers
+            for stream in keys.streams()
+        ):
             for worker in workers:
                 worker.check_alive()
             if time.monotonic() > deadline:
@@ -72,41 +76,11 @@ def _wait_ready(url: str, edge: Child, workers: list[Child], keys: Keys, redis_u
             time.sleep(0.2)
 
 
-def _consumes(client: redis.Redis, keys: Keys, pid: int) -> bool:
-    """Whether a worker's consumers (named with its pid) joined every shard's group."""
-    for stream in keys.streams():
-        try:
-            # redis-py types the sync client's answers as Awaitable | Any.
-            consumers = cast(list[dict[str, Any]], client.xinfo_consumers(stream, GROUP))
-        except redis.ResponseError:
-            return False
-        if not any(f":{pid}:" in str(c["name"]) for c in consumers):
-            return False
-    return True
-
-
-def _stack_env(port: int, token: str) -> dict[str, str]:
-    own = {f"VOTEFLOW_{name}" for name in _OWN}
-    env = {k: v for k, v in os.environ.items() if k not in own}
-    env.update(
-        VOTEFLOW_HOST="127.0.0.1",
-        VOTEFLOW_PORT=str(port),
-        VOTEFLOW_ADMIN_TOKEN=token,
-        VOTEFLOW_WORKER_METRICS_PORT="0",
-        # Every simulated user comes from 127.0.0.1.
-        VOTEFLOW_RATE_LIMIT_PER_IP="0",
-        VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
-        VOTEFLOW_LIVE_MAX_PER_ADDRESS="1000000",
-    )
-    return env
-
-
 def run(args: argparse.Namespace) -> int:
     profile = Profile(scale=args.scale, time_scale=args.time_scale)
     run_time = args.run_time or int(profile.duration + RUN_TIME_SLACK)
     out = args.results / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    ledger = out / "ledger"
     print(
         f"loadtest: peak {profile.peak:,} users, shape {profile.duration:.0f}s "
         f"(scale {args.scale:g}, time scale {args.time_scale:g}), at most {run_time}s; "
@@ -115,25 +89,31 @@ def run(args: argparse.Namespace) -> int:
     )
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="voteflow-loadtest-")))
+        env = {k: v for k, v in os.environ.items() if k not in _OWN}
+        env.update(
+            VOTEFLOW_HOST="127.0.0.1",
+            VOTEFLOW_PORT=str(free_port()),
+            VOTEFLOW_ADMIN_TOKEN=secrets.token_urlsafe(24),
+            VOTEFLOW_WORKER_METRICS_PORT="0",
+            # Every simulated user comes from 127.0.0.1.
+            VOTEFLOW_RATE_LIMIT_PER_IP="0",
+            VOTEFLOW_RATE_LIMIT_PER_VOTER="0",
+            VOTEFLOW_LIVE_MAX_PER_ADDRESS="1000000",
+        )
         # Private servers, migrated, and the processes, as `voteflow up` starts them.
-        env = _stack_env(free_port(), secrets.token_urlsafe(24))
         settings = Settings.from_env(env)
         database_url, redis_url = prepare(stack, settings, work, lambda line: None)
         env.update(VOTEFLOW_DATABASE_URL=database_url, VOTEFLOW_REDIS_URL=redis_url)
         url = f"http://127.0.0.1:{settings.port}"
         edge, workers = start(stack, env, url, workers=args.workers, logs=out, cwd=REPO)
+        edge.wait_http(f"{url}/ready", STARTUP_TIMEOUT, beside=workers)
         keys = Keys(settings.key_prefix, settings.stream_shards)
-        _wait_ready(url, edge, workers, keys, redis_url)
+        _wait_consuming(workers, keys, redis_url)
         print(f"loadtest: stack up at {url} (1 edge, {args.workers} worker(s))", flush=True)
 
-        locust_env = dict(env)
-        locust_env.update(
-            {
-                ENV_SCALE: str(args.scale),
-                ENV_TIME_SCALE: str(args.time_scale),
-                ENV_LEDGER: str(ledger),
-            }
-        )
+        ledger = out / "ledger"
+        env |= {ENV_SCALE: str(args.scale), ENV_TIME_SCALE: str(args.time_scale)}
+        env[ENV_LEDGER] = str(ledger)
         argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless"]
         argv += ["--host", url, "--run-time", f"{run_time}s", "--stop-timeout", "5"]
         argv += ["--csv", str(out / "locust"), "--html", str(out / "report.html")]
@@ -141,9 +121,14 @@ def run(args: argparse.Namespace) -> int:
             argv += ["--processes", str(args.processes)]
         if args.quiet:
             argv += ["--only-summary", "--loglevel", "WARNING"]
-        locust = spawn("locust", argv, env=locust_env, cwd=REPO)
-        stack.enter_context(children(STOP_TIMEOUT)).append(locust)
-        thresholds_code = _wait_locust(locust, run_time)
+        locust = spawn("locust", argv, env=env, cwd=REPO)
+        stack.enter_context(children(LOCUST_GRACE)).append(locust)
+        try:
+            thresholds_code = locust.popen.wait(timeout=run_time + LOCUST_GRACE)
+        except subprocess.TimeoutExpired:
+            print("loadtest: Locust outlived its run time; stopping it", file=sys.stderr)
+            locust.stop(LOCUST_GRACE)
+            thresholds_code = 1
 
         outcome = asyncio.run(
             verdict.check(
@@ -166,16 +151,6 @@ def run(args: argparse.Namespace) -> int:
     thresholds = "PASS" if thresholds_code == 0 else f"FAIL (locust exit {thresholds_code})"
     print(f"loadtest: thresholds {thresholds}; verdict {'PASS' if outcome.passed else 'FAIL'}")
     return 0 if thresholds_code == 0 and outcome.passed else 1
-
-
-def _wait_locust(locust: Child, run_time: int) -> int:
-    """Locust's exit status; past its own --run-time and a grace, it is stopped."""
-    try:
-        return int(locust.popen.wait(timeout=run_time + LOCUST_GRACE))
-    except subprocess.TimeoutExpired:
-        print("loadtest: Locust outlived its run time; stopping it", file=sys.stderr)
-    locust.stop(LOCUST_GRACE)
-    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,18 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         help="hard bound on Locust in seconds (default: the shape's duration + 30 s)",
     )
     parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=120.0,
-        help="seconds the verdict waits for the streams to drain",
+        "--drain-timeout", type=float, default=120.0, help="seconds the verdict waits for the drain"
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where run directories go")
     parser.add_argument("--quiet", action="store_true", help="Locust's summary only")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_stop)
+    # SIGTERM as Ctrl-C: the ExitStack in run() stops everything it started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return run(args)
-    except (KeyboardInterrupt, _Stop):
+    except KeyboardInterrupt:
         print("\nloadtest: interrupted; everything it started is stopped", file=sys.stderr)
         return 1
     except (RuntimeError, OSError, asyncpg.PostgresError, verdict.VerdictError) as exc:

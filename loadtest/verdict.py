@@ -3,14 +3,12 @@
     python -m loadtest.verdict --database-url postgresql://... --ledger loadtest/results/ledger \\
         [--redis-url redis://...] [--timeout 120]
 
-Reads every ledger file (``*.jsonl``, one per Locust process, one line per
-202) in ``--ledger``, copies the distinct vote_ids into a temporary table
-with one COPY, then waits until the streams are drained (with ``--redis-url``:
-no entry undelivered or unacknowledged in any shard) and every ledger vote is
-in the ``votes`` table, or ``--timeout`` passes. Then, set-based, in one
-statement: each vote_id must be in ``votes`` exactly once, in the poll it was
-sent to. And the tallies of each poll the run voted on must equal a recount
-(``audit_polls``, rule 7). Prints one line:
+Copies every ledger file (one per Locust process, one line per 202) into a
+temporary table with one COPY, waits until the streams are drained and every
+ledger vote is in PostgreSQL (or ``--timeout`` passes), then checks, set-based
+(verdict.sql), that each vote_id is in ``votes`` exactly once, in the poll it
+was sent to, and that the tallies of each poll voted on equal a recount
+(rule 7). Prints one line:
 
     VERDICT: PASS 12,345 votes answered 202 (12,001 distinct vote_ids, 51 polls),
     all counted exactly once; every poll's tallies equal a recount
@@ -35,6 +33,7 @@ import asyncpg
 import redis
 from redis.exceptions import RedisError, ResponseError
 
+from loadtest.profile import DEFAULT_LEDGER
 from loadtest.queries import named
 from voteflow.keys import GROUP, Keys
 from voteflow.settings import Settings, SettingsError
@@ -47,16 +46,10 @@ class VerdictError(Exception):
     """The check could not run (no ledger, a server unreachable...)."""
 
 
-@dataclass
-class LedgerStats:
-    files: int = 0
-
-
-def ledger_records(directory: Path, stats: LedgerStats) -> Iterator[tuple[uuid.UUID, uuid.UUID]]:
-    """(vote_id, poll_id) of every line of every ledger file, streamed: a run's
-    ledger may hold millions of lines, and none is held in memory."""
-    for path in sorted(directory.glob("*.jsonl")):
-        stats.files += 1
+def ledger_records(paths: list[Path]) -> Iterator[tuple[uuid.UUID, uuid.UUID]]:
+    """(vote_id, poll_id) of every line of the ledger files, streamed: a run's
+    ledger may hold millions of lines."""
+    for path in paths:
         with path.open(encoding="utf-8") as lines:
             for number, line in enumerate(lines, 1):
                 if not line.strip():
@@ -105,7 +98,7 @@ def backlog(client: redis.Redis | redis.RedisCluster, keys: Keys) -> int:
     for groups, length in zip(replies[::2], replies[1::2], strict=True):
         if isinstance(groups, ResponseError):  # no such stream yet
             continue
-        found = [g for g in groups if _text(g["name"]) == GROUP]
+        found = [g for g in groups if g["name"] in (GROUP, GROUP.encode())]
         if not found:  # no worker has created the group yet
             left += int(length)
             continue
@@ -114,10 +107,6 @@ def backlog(client: redis.Redis | redis.RedisCluster, keys: Keys) -> int:
             lag = int(length) - (found[0].get("entries-read") or 0)
         left += int(lag) + int(found[0]["pending"])
     return left
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def check(
@@ -131,16 +120,16 @@ async def check(
     """The verdict on a load test's ledger directory (one file per Locust process)."""
     if not await asyncio.to_thread(ledger_dir.is_dir):
         return Outcome(False, f"VERDICT: FAIL no vote was answered 202 (no ledger {ledger_dir})")
-    stats = LedgerStats()
+    paths = await asyncio.to_thread(lambda: sorted(ledger_dir.glob("*.jsonl")))
     outcome = await verify(
         database_url,
-        ledger_records(ledger_dir, stats),
+        ledger_records(paths),
         redis_url=redis_url,
         keys=keys,
         drain_timeout=drain_timeout,
         what=f"ledger {ledger_dir}",
     )
-    outcome.details.insert(0, f"ledger: {stats.files} file(s)")
+    outcome.details.insert(0, f"ledger: {len(paths)} file(s)")
     return outcome
 
 
@@ -172,7 +161,7 @@ async def verify(
         summary = await conn.fetchrow(SQL["summary"])
         if not summary["distinct_votes"]:
             return Outcome(False, f"VERDICT: FAIL no vote was answered 202 ({what})")
-        waited, drained = await _wait(conn, client, keys, drain_timeout)
+        drain = await _wait(conn, client, keys, drain_timeout)
         row = await conn.fetchrow(SQL["check"], SAMPLES)
         one_poll = summary["first_poll"] if summary["polls"] == 1 else None
         unequal = [str(r["poll_id"]) for r in await conn.fetch(SQL["recount"], one_poll)]
@@ -180,7 +169,7 @@ async def verify(
         await conn.close()
         if client is not None:
             client.close()
-    return _judge(summary, row, unequal, waited, drained, drain_timeout)
+    return _judge(summary, row, unequal, drain)
 
 
 def counted_once(database_url: str, poll_id: str, vote_ids: Iterable[str]) -> Outcome:
@@ -193,8 +182,8 @@ def counted_once(database_url: str, poll_id: str, vote_ids: Iterable[str]) -> Ou
 
 async def _wait(
     conn: asyncpg.Connection, client: redis.Redis | None, keys: Keys | None, limit: float
-) -> tuple[float, bool]:
-    """Until the streams are drained and no ledger vote is missing; (seconds, drained)."""
+) -> str:
+    """Until the streams are drained and no ledger vote is missing; says how long."""
     started = time.monotonic()
     while True:
         missing = await conn.fetchval(SQL["missing"])
@@ -206,41 +195,26 @@ async def _wait(
                 pending = -1  # unknown: keep waiting until the timeout
         waited = time.monotonic() - started
         if missing == 0 and pending == 0:
-            return waited, True
+            return f"drained after {waited:.1f}s"
         if waited >= limit:
-            return waited, False
+            return f"not drained after {limit:.0f}s (streams or PostgreSQL still behind)"
         await asyncio.sleep(POLL_INTERVAL)
 
 
-def _judge(
-    summary: Any,
-    row: Any,
-    unequal: list[str],
-    waited: float,
-    drained: bool,
-    timeout: float,
-) -> Outcome:
-    head = (
-        f"{summary['answered']:,} votes answered 202 "
-        f"({summary['distinct_votes']:,} distinct vote_ids, {summary['polls']} polls)"
-    )
+def _judge(summary: Any, row: Any, unequal: list[str], drain: str) -> Outcome:
     conflicts = summary["conflicts"] or []
-    problems = []
-    if row["missing"]:
-        problems.append(f"{row['missing']:,} not in PostgreSQL")
-    if row["duplicated"]:
-        problems.append(f"{row['duplicated']:,} more than once")
-    if row["wrong_poll"]:
-        problems.append(f"{row['wrong_poll']:,} in another poll")
-    if conflicts:
-        problems.append(f"{len(conflicts):,} answered 202 for two polls")
-    if unequal:
-        problems.append(f"tallies of {len(unequal)} poll(s) differ from a recount")
-    details = []
-    if drained:
-        details.append(f"drained after {waited:.1f}s")
-    else:
-        details.append(f"not drained after {timeout:.0f}s (streams or PostgreSQL still behind)")
+    problems = [
+        text
+        for found, text in (
+            (row["missing"], f"{row['missing']:,} not in PostgreSQL"),
+            (row["duplicated"], f"{row['duplicated']:,} more than once"),
+            (row["wrong_poll"], f"{row['wrong_poll']:,} in another poll"),
+            (conflicts, f"{len(conflicts):,} answered 202 for two polls"),
+            (unequal, f"tallies of {len(unequal)} poll(s) differ from a recount"),
+        )
+        if found
+    ]
+    details = [drain]
     if row["samples"]:
         details.append("e.g. vote_ids " + ", ".join(str(s) for s in row["samples"]))
     if conflicts:
@@ -249,20 +223,23 @@ def _judge(
         details.append("polls whose tallies differ from a recount: " + ", ".join(unequal[:SAMPLES]))
     if row["unexpected"]:
         details.append(f"{row['unexpected']:,} vote(s) of these polls whose 202 was not seen")
-    figures = {
-        "answered": summary["answered"],
-        "distinct": summary["distinct_votes"],
-        "missing": row["missing"],
-        "duplicated": row["duplicated"],
-        "wrong_poll": row["wrong_poll"],
-        "unexpected": row["unexpected"],
-        "stored": row["stored"],
-    }
+    line = (
+        f"VERDICT: {'FAIL' if problems else 'PASS'} {summary['answered']:,} votes answered 202 "
+        f"({summary['distinct_votes']:,} distinct vote_ids, {summary['polls']} polls)"
+    )
     if problems:
-        line = f"VERDICT: FAIL {head}: " + "; ".join(problems)
-        return Outcome(False, line, details, **figures)
-    line = f"VERDICT: PASS {head}, all counted exactly once; every poll's tallies equal a recount"
-    return Outcome(True, line, details, **figures)
+        line += ": " + "; ".join(problems)
+    else:
+        line += ", all counted exactly once; every poll's tallies equal a recount"
+    figures = ("missing", "duplicated", "wrong_poll", "stored", "unexpected")
+    return Outcome(
+        not problems,
+        line,
+        details,
+        answered=summary["answered"],
+        distinct=summary["distinct_votes"],
+        **{name: row[name] for name in figures},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ledger",
         type=Path,
-        default=Path("loadtest/results/ledger"),
-        help="directory of the ledger files (default: loadtest/results/ledger)",
+        default=DEFAULT_LEDGER,
+        help=f"directory of the ledger files (default: {DEFAULT_LEDGER})",
     )
     parser.add_argument(
         "--redis-url",
@@ -299,16 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         print("verdict: --database-url or VOTEFLOW_DATABASE_URL is needed", file=sys.stderr)
         return 2
     keys = Keys(settings.key_prefix, settings.stream_shards)
+    verdict = check(
+        args.database_url,
+        args.ledger,
+        redis_url=args.redis_url,
+        keys=keys,
+        drain_timeout=args.timeout,
+    )
     try:
-        outcome = asyncio.run(
-            check(
-                args.database_url,
-                args.ledger,
-                redis_url=args.redis_url,
-                keys=keys,
-                drain_timeout=args.timeout,
-            )
-        )
+        outcome = asyncio.run(verdict)
     except (VerdictError, OSError, asyncpg.PostgresError, RedisError) as exc:
         print(f"VERDICT: ERROR {exc}", flush=True)
         return 2
