@@ -30,7 +30,7 @@ import redis
 from loadtest import verdict
 from loadtest.profile import ENV_LEDGER, ENV_SCALE, ENV_TIME_SCALE, Profile
 from voteflow.children import Child, children, spawn
-from voteflow.keys import GROUP, Keys
+from voteflow.keys import GROUP, Keys, consumer_of
 from voteflow.servers import free_port
 from voteflow.settings import Settings
 from voteflow.stack import prepare, start
@@ -56,18 +56,16 @@ def _wait_consuming(workers: list[Child], keys: Keys, redis_url: str) -> None:
     """Until every worker's consumers (named with its pid) joined every shard's group."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
 
-    def consumers(client: redis.Redis, stream: str) -> str:
+    def consumes(client: redis.Redis, stream: str, pid: int) -> bool:
         with contextlib.suppress(redis.ResponseError):  # no group yet
             # redis-py types the sync client's answers as Awaitable | Any.
             found = cast(list[dict[str, Any]], client.xinfo_consumers(stream, GROUP))
-            return " ".join(str(c["name"]) for c in found)
-        return ""
+            return any(consumer_of(c["name"], pid) for c in found)
+        return False
 
     with redis.Redis.from_url(redis_url, decode_responses=True) as client:
         while not all(
-            f":{worker.pid}:" in consumers(client, stream)
-            for worker in workers
-            for stream in keys.streams()
+            consumes(client, stream, worker.pid) for worker in workers for stream in keys.streams()
         ):
             for worker in workers:
                 worker.check_alive()

@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from loadtest.verdict import verify
 from tests.support import ADMIN, ADMIN_TOKEN, recount, votes_by_option
 from voteflow.children import STOP_TIMEOUT, Child, spawn, stop_all
-from voteflow.keys import GROUP, Keys
+from voteflow.keys import GROUP, Keys, consumer_of
 from voteflow.servers import free_port
 from voteflow.settings import Settings
 
@@ -161,7 +161,7 @@ class Cluster:
                 consumers = await self.redis.xinfo_consumers(stream, GROUP)
             except aioredis.ResponseError:  # no stream or no group yet
                 consumers = []
-            mine = [c for c in consumers if f":{worker.pid}:" in _text(c["name"])]
+            mine = [c for c in consumers if consumer_of(c["name"], worker.pid)]
             found.append(mine[0] if mine else None)
         return found
 
@@ -186,10 +186,6 @@ class Cluster:
                     f"{process.log_tail()}"
                 )
         return problems
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 # -- talking to the edges ---------------------------------------------------

@@ -24,6 +24,18 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 GROUP = "writers"
 
 
+def consumer(host: str, pid: int, tag: str) -> str:
+    """A worker's consumer name in GROUP: its host and process id, and a tag
+    that sets apart two workers of one process (tests run them so)."""
+    return f"{host}:{pid}:{tag}"
+
+
+def consumer_of(name: str | bytes, pid: int) -> bool:
+    """Whether a consumer (as XINFO CONSUMERS names it) is process `pid`'s."""
+    text = name.decode() if isinstance(name, bytes) else name
+    return text.split(":")[1:2] == [str(pid)]
+
+
 def shard_tag(shard: int, shards: int) -> str:
     """The hash tag of a stream shard: "s<shard>", or "s<shard>.<n>" for the
     first n whose slot is nearest the middle of the shard's 1/shards of the

@@ -39,7 +39,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from voteflow.keys import GROUP, Keys
+from voteflow.keys import GROUP, Keys, consumer
 from voteflow.message import FIELD, MessageError, Vote, decode
 from voteflow.outages import REDIS_DOWN, is_bad_data, is_postgres_outage, sqlstate
 from voteflow.redisconn import AnyRedis, Nodes, RoutedPipeline
@@ -115,8 +115,7 @@ class Writer:
 
 
 def consumer_name() -> str:
-    # Unique per worker, even for two workers in one process (tests do that).
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    return consumer(socket.gethostname(), os.getpid(), secrets.token_hex(3))
 
 
 async def ensure_groups(redis: AnyRedis, keys: Keys) -> None:

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from voteflow.keys import Keys
+from voteflow.keys import Keys, consumer, consumer_of
 
 
 def _slot(key: str) -> int:
@@ -83,3 +83,11 @@ def test_two_deployments_with_their_own_prefixes_share_no_key() -> None:
 
     for cluster in (False, True):
         assert not every_key(Keys("room-a", 8, cluster)) & every_key(Keys("room-b", 8, cluster))
+
+
+def test_a_consumer_name_says_whose_it_is() -> None:
+    name = consumer("host-1", 4242, "a1b2c3")
+    assert consumer_of(name, 4242) and consumer_of(name.encode(), 4242)
+    # Another process, even one whose pid is a part of this one's.
+    assert not consumer_of(name, 424) and not consumer_of(name, 42421)
+    assert not consumer_of(consumer("4242", 1, "4242"), 4242)
