@@ -29,6 +29,7 @@ from voteflow.keys import Keys
 from voteflow.outages import POSTGRES_DOWN, REDIS_DOWN, is_postgres_outage
 from voteflow.redisconn import AnyRedis, Nodes, has_sharded_pubsub, has_waitaof, open_redis
 from voteflow.settings import Settings
+from voteflow.tally import Tally
 from voteflow.timeutil import from_us, now_us
 
 from . import live, pages
@@ -490,19 +491,26 @@ def _export_name(poll: Poll) -> str:
 
 
 async def get_live(request: web.Request) -> web.StreamResponse:
-    edge = request.app[EDGE]
-    with edge.live_slots.hold(_live_client(request, edge)):
-        poll = await _poll(edge, request)
-        initial = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
-        return await live.stream(request, edge.hub, poll, initial, _pace(edge.settings))
+    return await _watch(request, live.stream)
 
 
 async def get_live_ws(request: web.Request) -> web.StreamResponse:
+    return await _watch(request, live.websocket)
+
+
+async def _watch(
+    request: web.Request,
+    serve: Callable[
+        [web.Request, live.TallyHub, Poll, Tally, live.Pace], Awaitable[web.StreamResponse]
+    ],
+) -> web.StreamResponse:
+    """A watcher of a poll's live tallies, over SSE or a WebSocket, in one of
+    the live slots (held until it leaves), from the current tally on."""
     edge = request.app[EDGE]
     with edge.live_slots.hold(_live_client(request, edge)):
         poll = await _poll(edge, request)
         initial = await current_tally(edge.redis, edge.pool, edge.keys, poll.id)
-        return await live.websocket(request, edge.hub, poll, initial, _pace(edge.settings))
+        return await serve(request, edge.hub, poll, initial, _pace(edge.settings))
 
 
 def _live_client(request: web.Request, edge: Edge) -> str:
