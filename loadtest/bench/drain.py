@@ -144,16 +144,13 @@ class Drain(Stage):
         finally:
             self._drop(ceiling_db)
             self._drop(drain_db)
-        ceiling_rate = backlog.votes / ceiling
+        rate = backlog.votes / ceiling
         progress(
-            f"drain: ceiling: {backlog.votes:,} rows in {ceiling:.1f}s = {ceiling_rate:,.0f} "
-            f"rows/s over {connections} connections; drain/ceiling "
-            f"{sample.rate / ceiling_rate:.2f}"
+            f"drain: ceiling: {backlog.votes:,} rows in {ceiling:.1f}s = {rate:,.0f} rows/s "
+            f"over {connections} connections; drain/ceiling {sample.rate / rate:.2f}"
         )
-        extra = dict(sample.extra)
-        extra["ceiling_rows_per_s"] = ceiling_rate
-        extra["drain_over_ceiling"] = sample.rate / ceiling_rate
-        return replace(sample, extra=extra)
+        extra = {"ceiling_rows_per_s": rate, "drain_over_ceiling": sample.rate / rate}
+        return replace(sample, extra=sample.extra | extra)
 
     # The steps of a repeat.
 
@@ -172,15 +169,11 @@ class Drain(Stage):
         sql(self.store.postgres.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def _backlog(self, url: str, votes: int) -> Backlog:
-        created = sql(
-            url,
-            "SELECT create_poll('Drain poll ' || n || '?', $2, false, 1, NULL)::text "
-            "FROM generate_series(0, $1) AS n ORDER BY n",
-            OTHER_POLLS, list(OPTIONS), answer="fetch",
-        )  # fmt: skip
+        create = "SELECT create_poll('Drain poll ' || n || '?', $2, false, 1, NULL)"
+        sql(url, create + " FROM generate_series(0, $1) AS n", OTHER_POLLS, list(OPTIONS))
         query = "SELECT poll_id::text, array_agg(id::text ORDER BY position) FROM options"
-        options = dict(sql(url, query + " GROUP BY 1", answer="fetch"))
-        polls = [(row[0], tuple(options[row[0]])) for row in created]
+        rows = sql(url, query + " GROUP BY 1", answer="fetch")
+        polls = [(poll_id, tuple(options)) for poll_id, options in rows]
         rng = random.SystemRandom()
         return Backlog(
             votes=votes,
@@ -280,21 +273,17 @@ def _columns(votes: list[Vote]) -> Columns:
 
 
 async def _write(conn: asyncpg.Connection, batches: list[Columns]) -> None:
+    """One connection's batches, each in a transaction of its own. No retry on a
+    deadlock: none can happen (drain_ceiling.sql says why)."""
     for batch in batches:
         polls, options = batch[0], batch[3]
-        for attempt in range(5):
-            try:
-                async with conn.transaction():
-                    await conn.execute(CEILING["votes"], *batch)
-                    await conn.execute(CEILING["ballots"], *batch)
-                    await conn.execute(CEILING["lock_tallies"], polls, options)
-                    await conn.execute(CEILING["tallies"], polls, options)
-                    await conn.execute(CEILING["lock_counters"], polls)
-                    await conn.execute(CEILING["counters"], polls)
-                break
-            except asyncpg.exceptions.DeadlockDetectedError:
-                if attempt == 4:
-                    raise
+        async with conn.transaction():
+            await conn.execute(CEILING["votes"], *batch)
+            await conn.execute(CEILING["ballots"], *batch)
+            await conn.execute(CEILING["lock_tallies"], polls, options)
+            await conn.execute(CEILING["tallies"], polls, options)
+            await conn.execute(CEILING["lock_counters"], polls)
+            await conn.execute(CEILING["counters"], polls)
 
 
 async def _ceiling(url: str, backlog: Backlog, connections: int) -> float:
@@ -303,14 +292,12 @@ async def _ceiling(url: str, backlog: Backlog, connections: int) -> float:
     conns = [await asyncpg.connect(url, command_timeout=120) for _ in range(connections)]
     try:
         started = time.monotonic()
-        await asyncio.gather(
-            *(_write(conn, batches) for conn, batches in zip(conns, work, strict=True))
-        )
+        await asyncio.gather(*map(_write, conns, work))
         seconds = time.monotonic() - started
         written = await conns[0].fetchval("SELECT count(*) FROM votes")
-        if written != backlog.votes:
-            raise RuntimeError(f"drain ceiling: {written} vote rows, {backlog.votes} expected")
-        return seconds
     finally:
         for conn in conns:
             await conn.close()
+    if written != backlog.votes:
+        raise RuntimeError(f"drain ceiling: {written} vote rows, {backlog.votes} expected")
+    return seconds
