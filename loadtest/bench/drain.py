@@ -13,16 +13,13 @@ import secrets
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 
 import asyncpg
-import redis
-from redis.exceptions import ResponseError
 
 from loadtest.queries import named
-from voteflow.children import Child
-from voteflow.keys import GROUP, Keys
 from voteflow.message import FIELD, Vote
 from voteflow.migrate import migrate
 
@@ -36,7 +33,7 @@ CONSUMERS = 4  # VOTEFLOW_CONSUMERS' default: each worker's pool of connections
 OTHER_POLLS = 1000
 OPTIONS = ("A", "B", "C", "D")
 REVOTE_EVERY = 10  # every tenth vote is a re-vote
-CHUNK = 10_000  # votes generated, and XADDed in one pipeline, at a time
+CHUNK = 10_000  # votes XADDed in one pipeline
 CEILING_BATCH = 1000  # rows per unnest call of the ceiling
 POLL_EVERY = 0.1  # seconds between two looks at the backlog
 # Votes per second queued, drained by one worker, and written by the ceiling,
@@ -49,11 +46,17 @@ ROUND_S = 3.0
 # A drain that makes no progress for this long has failed (a worker stuck).
 STALL_TIMEOUT = 120.0
 
+# The ceiling's statements, by name (drain_ceiling.sql says what each does).
+CEILING = named(Path(__file__).with_name("drain_ceiling.sql"))
+# One ceiling batch as unnest's arrays: polls, vote ids, voters, option-id
+# array literals, received times in microseconds.
+Columns = tuple[list[str], list[str], list[str], list[str], list[int]]
+
 
 @dataclass(frozen=True, slots=True)
 class Backlog:
-    """What the backlog of one repeat is made of; the votes are generated from it
-    (twice: for the streams and for the ceiling), never all held at once."""
+    """What the backlog of one repeat is made of: its votes are generated from
+    it, once for the streams and once again for the ceiling."""
 
     votes: int
     hot: tuple[str, tuple[str, ...]]  # (poll id, option ids)
@@ -63,18 +66,14 @@ class Backlog:
     start_us: int  # vote i was received at start_us + 10 * i
 
     @property
-    def revotes(self) -> int:
-        return self.votes // REVOTE_EVERY  # positions 9, 19, 29 ...
-
-    @property
     def distinct_voters(self) -> int:
-        # Every vote that is not a re-vote has a voter of its own.
-        return self.votes - self.revotes
+        # Every vote that is not a re-vote (positions 9, 19, 29 ...) has a voter of its own.
+        return self.votes - self.votes // REVOTE_EVERY
 
-    def chunks(self, size: int = CHUNK) -> Iterator[list[Vote]]:
+    def __iter__(self) -> Iterator[Vote]:
+        """The votes in the order they are queued, the same on every call."""
         rng = random.Random(self.seed)
         originals = 0
-        chunk: list[Vote] = []
         for i in range(self.votes):
             if i % REVOTE_EVERY == REVOTE_EVERY - 1:
                 j = rng.randrange(originals)  # an earlier voter, again
@@ -82,45 +81,13 @@ class Backlog:
                 j = originals
                 originals += 1
             poll_id, options = self.hot if j % 2 == 0 else self.others[(j // 2) % len(self.others)]
-            chunk.append(
-                Vote(
-                    vote_id=str(uuid.UUID(int=self.id_base + i)),
-                    poll_id=poll_id,
-                    voter=f"f:drain-{j}",
-                    option_ids=(options[rng.randrange(len(options))],),
-                    received_us=self.start_us + 10 * i,
-                )
+            yield Vote(
+                vote_id=str(uuid.UUID(int=self.id_base + i)),
+                poll_id=poll_id,
+                voter=f"f:drain-{j}",
+                option_ids=(options[rng.randrange(len(options))],),
+                received_us=self.start_us + 10 * i,
             )
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-
-
-@dataclass(slots=True)
-class Columns:
-    """One ceiling batch as unnest's arrays."""
-
-    polls: list[str] = field(default_factory=list)
-    vote_ids: list[str] = field(default_factory=list)
-    voters: list[str] = field(default_factory=list)
-    options: list[str] = field(default_factory=list)  # uuid[] literals
-    received: list[int] = field(default_factory=list)
-
-    def add(self, vote: Vote, literal: str) -> None:
-        self.polls.append(vote.poll_id)
-        self.vote_ids.append(vote.vote_id)
-        self.voters.append(vote.voter)
-        self.options.append(literal)
-        self.received.append(vote.received_us)
-
-    def args(self) -> tuple[list[str], list[str], list[str], list[str], list[int]]:
-        return self.polls, self.vote_ids, self.voters, self.options, self.received
-
-
-# The ceiling's statements, by name (drain_ceiling.sql says what each does).
-CEILING = named(Path(__file__).with_name("drain_ceiling.sql"))
 
 
 class Drain(Stage):
@@ -132,9 +99,8 @@ class Drain(Stage):
     def start(self, bench: Bench) -> None:
         self.bench = bench
         self.store = bench.store()
-        self.keys = Keys(KEY_PREFIX, SHARDS)
-        self.redis = redis.Redis.from_url(self.store.redis_url, socket_timeout=60)
-        bench.stack.callback(self.redis.close)
+        self.keys = self.store.keys(KEY_PREFIX)
+        self.redis = self.store.client(bench.stack)
         self.repeat = 0
 
     def plan(self, options: Options, started: set[str]) -> Plan:
@@ -157,63 +123,57 @@ class Drain(Stage):
         self.repeat += 1
         options = self.bench.options
         connections = options.drain_workers * CONSUMERS
-        drain_db = f"drain_{self.repeat}"
-        ceiling_db = f"drain_ceiling_{self.repeat}"
-        drain_url = self._fresh_database(drain_db)
+        drain_db, ceiling_db = f"drain_{self.repeat}", f"drain_ceiling_{self.repeat}"
         try:
-            plan = self._plan(drain_url, options.drain_votes)
-            ceiling_url = self._fresh_database(ceiling_db)
-            try:
-                self._copy_polls(drain_url, ceiling_url)
-                self._clear_streams()
-                filled = time.monotonic()
-                self._fill(plan)
-                progress(
-                    f"drain: {plan.votes:,} votes queued in {time.monotonic() - filled:.1f}s; "
-                    f"draining with {options.drain_workers} worker(s)"
-                )
-                sql(drain_url, "CHECKPOINT")
-                sample = self._drain(plan, drain_url, options.drain_workers)
-                self._clear_streams()
-                sql(ceiling_url, "CHECKPOINT")
-                ceiling = asyncio.run(_ceiling(ceiling_url, plan, connections))
-            finally:
-                self._drop(ceiling_db)
+            drain_url = self._database(drain_db)
+            backlog = self._backlog(drain_url, options.drain_votes)
+            # The same polls (ids and all, tallies at zero) in a database of its own.
+            ceiling_url = self._database(ceiling_db, template=drain_db)
+            self.store.compact(empty=True)
+            filled = time.monotonic()
+            self._fill(backlog)
+            progress(
+                f"drain: {backlog.votes:,} votes queued in {time.monotonic() - filled:.1f}s; "
+                f"draining with {options.drain_workers} worker(s)"
+            )
+            sql(drain_url, "CHECKPOINT")
+            sample = self._drain(backlog, drain_url, options.drain_workers)
+            self.store.compact(empty=True)
+            sql(ceiling_url, "CHECKPOINT")
+            ceiling = asyncio.run(_ceiling(ceiling_url, backlog, connections))
         finally:
+            self._drop(ceiling_db)
             self._drop(drain_db)
-        ceiling_rate = plan.votes / ceiling
+        rate = backlog.votes / ceiling
         progress(
-            f"drain: ceiling: {plan.votes:,} rows in {ceiling:.1f}s = {ceiling_rate:,.0f} "
-            f"rows/s over {connections} connections; drain/ceiling "
-            f"{sample.rate / ceiling_rate:.2f}"
+            f"drain: ceiling: {backlog.votes:,} rows in {ceiling:.1f}s = {rate:,.0f} rows/s "
+            f"over {connections} connections; drain/ceiling {sample.rate / rate:.2f}"
         )
-        extra = dict(sample.extra)
-        extra["ceiling_rows_per_s"] = ceiling_rate
-        extra["drain_over_ceiling"] = sample.rate / ceiling_rate
-        return replace(sample, extra=extra)
+        extra = {"ceiling_rows_per_s": rate, "drain_over_ceiling": sample.rate / rate}
+        return replace(sample, extra=sample.extra | extra)
 
     # The steps of a repeat.
 
-    def _fresh_database(self, name: str) -> str:
+    def _database(self, name: str, template: str | None = None) -> str:
+        """A new database: migrated, or with `template` a copy of that one."""
         self._drop(name)
-        sql(self.store.postgres.url, f'CREATE DATABASE "{name}"')
-        url = database_url(self.store.postgres.url, name)
-        asyncio.run(migrate(url))
-        return url
+        server = self.store.postgres.url
+        if template is None:
+            sql(server, f'CREATE DATABASE "{name}"')
+            asyncio.run(migrate(database_url(server, name)))
+        else:
+            sql(server, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        return database_url(server, name)
 
     def _drop(self, name: str) -> None:
         sql(self.store.postgres.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    def _plan(self, url: str, votes: int) -> Backlog:
-        created = sql(
-            url,
-            "SELECT create_poll('Drain poll ' || n || '?', $2, false, 1, NULL)::text "
-            "FROM generate_series(0, $1) AS n ORDER BY n",
-            OTHER_POLLS, list(OPTIONS), answer="fetch",
-        )  # fmt: skip
+    def _backlog(self, url: str, votes: int) -> Backlog:
+        create = "SELECT create_poll('Drain poll ' || n || '?', $2, false, 1, NULL)"
+        sql(url, create + " FROM generate_series(0, $1) AS n", OTHER_POLLS, list(OPTIONS))
         query = "SELECT poll_id::text, array_agg(id::text ORDER BY position) FROM options"
-        options = dict(sql(url, query + " GROUP BY 1", answer="fetch"))
-        polls = [(row[0], tuple(options[row[0]])) for row in created]
+        rows = sql(url, query + " GROUP BY 1", answer="fetch")
+        polls = [(poll_id, tuple(options)) for poll_id, options in rows]
         rng = random.SystemRandom()
         return Backlog(
             votes=votes,
@@ -224,75 +184,32 @@ class Drain(Stage):
             start_us=time.time_ns() // 1000,
         )
 
-    def _copy_polls(self, source: str, target: str) -> None:
-        """The polls of `source` (ids and all, tallies at zero) into `target`."""
-        tables = ("polls", "options", "tallies", "poll_counters")
-
-        async def copy() -> None:
-            src = await asyncpg.connect(source)
-            dst = await asyncpg.connect(target)
-            try:
-                async with dst.transaction():
-                    for table in tables:
-                        rows = await src.fetch(f"SELECT * FROM {table}")
-                        await dst.copy_records_to_table(
-                            table,
-                            records=[tuple(row) for row in rows],
-                            columns=list(rows[0].keys()),
-                        )
-            finally:
-                await src.close()
-                await dst.close()
-
-        asyncio.run(copy())
-
-    def _clear_streams(self) -> None:
-        """Remove this stage's keys and let Redis rewrite its append-only file."""
-        keys = list(self.redis.scan_iter(match=f"{KEY_PREFIX}:*", count=1000))
-        for start in range(0, len(keys), 500):
-            self.redis.delete(*keys[start : start + 500])
-        self.store.compact()
-
-    def _fill(self, plan: Backlog) -> None:
-        for stream in self.keys.streams():
-            try:
-                self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-        shards = self.keys.shards
-        for chunk in plan.chunks():
+    def _fill(self, backlog: Backlog) -> None:
+        """Queue the votes as the edge would; the workers create their group."""
+        votes = iter(backlog)
+        while chunk := list(islice(votes, CHUNK)):
             pipe = self.redis.pipeline(transaction=False)
             for vote in chunk:
-                pipe.xadd(self.keys.stream(vote.shard(shards)), {FIELD: vote.encode()})
+                pipe.xadd(self.keys.stream(vote.shard(SHARDS)), {FIELD: vote.encode()})
             pipe.execute()
-        queued = sum(self._stream_lengths())
-        if queued != plan.votes:
-            raise RuntimeError(f"drain: {queued} entries in the streams, {plan.votes} expected")
+        queued = self.store.stream_entries(self.redis, KEY_PREFIX)
+        if queued != backlog.votes:
+            raise RuntimeError(f"drain: {queued} entries in the streams, {backlog.votes} expected")
 
-    def _stream_lengths(self) -> list[int]:
-        pipe = self.redis.pipeline(transaction=False)
-        for stream in self.keys.streams():
-            pipe.xlen(stream)
-        return [int(n) for n in pipe.execute()]
-
-    def _drain(self, plan: Backlog, url: str, workers: int) -> Sample:
-        env = self.bench.child_env(
-            VOTEFLOW_DATABASE_URL=url,
-            VOTEFLOW_REDIS_URL=self.store.redis_url,
-            VOTEFLOW_ADMIN_TOKEN=secrets.token_urlsafe(24),
-            VOTEFLOW_KEY_PREFIX=KEY_PREFIX,
-            VOTEFLOW_STREAM_SHARDS=str(SHARDS),
-            VOTEFLOW_BATCH_SIZE=str(BATCH_SIZE),
-            VOTEFLOW_CONSUMERS=str(CONSUMERS),
-            VOTEFLOW_WORKER_METRICS_PORT="0",
-            VOTEFLOW_LOG_LEVEL="WARNING",
-        )
+    def _drain(self, backlog: Backlog, url: str, workers: int) -> Sample:
+        settings = self.store.env(KEY_PREFIX) | {
+            "VOTEFLOW_DATABASE_URL": url,
+            "VOTEFLOW_ADMIN_TOKEN": secrets.token_urlsafe(24),
+            "VOTEFLOW_BATCH_SIZE": str(BATCH_SIZE),
+            "VOTEFLOW_CONSUMERS": str(CONSUMERS),
+            "VOTEFLOW_WORKER_METRICS_PORT": "0",
+        }
+        env = self.bench.child_env(**settings)
         postgres_pid, (redis_pid,) = self.store.postgres_pid, self.store.redis_pids
         store_before = tree_cpu(postgres_pid)
         redis_before = cpu_seconds(redis_pid)
         started = time.monotonic()
-        children: list[Child] = [
+        children = [
             self.bench.spawn(f"drain-worker-{self.repeat}-{n}", [*VOTEFLOW, "worker"], env)
             for n in range(workers)
         ]
@@ -303,19 +220,24 @@ class Drain(Stage):
         store_used += cpu_seconds(redis_pid) - redis_before
         for child in children:
             child.stop()
-        stored, ballots = self._check(url)
-        diff = ballots - plan.distinct_voters
+        stored, ballots = sql(
+            url,
+            "SELECT (SELECT count(*) FROM votes), "
+            "(SELECT coalesce(sum(total_ballots), 0)::bigint FROM poll_counters)",
+            answer="fetchrow",
+        )
+        diff = ballots - backlog.distinct_voters
         progress(
-            f"drain: drained {plan.votes:,} votes in {seconds:.1f}s = "
-            f"{plan.votes / seconds:,.0f} votes/s; "
+            f"drain: drained {backlog.votes:,} votes in {seconds:.1f}s = "
+            f"{backlog.votes / seconds:,.0f} votes/s; "
             f"check: {stored:,} vote rows, sum(total_ballots) {ballots:,}, distinct voters "
-            f"{plan.distinct_voters:,}: "
-            + ("OK" if diff == 0 and stored == plan.votes else "WRONG")
+            f"{backlog.distinct_voters:,}: "
+            + ("OK" if diff == 0 and stored == backlog.votes else "WRONG")
         )
         return Sample(
-            rate=plan.votes / seconds,
-            requests=plan.votes,
-            accepted=plan.votes,
+            rate=backlog.votes / seconds,
+            requests=backlog.votes,
+            accepted=backlog.votes,
             seconds=seconds,
             server_cpu_seconds=worker_cpu,
             server_cpu_percent=100 * worker_cpu / seconds,
@@ -327,65 +249,55 @@ class Drain(Stage):
             },
         )
 
-    def _check(self, url: str) -> tuple[int, int]:
-        stored, ballots = sql(
-            url,
-            "SELECT (SELECT count(*) FROM votes), "
-            "(SELECT coalesce(sum(total_ballots), 0) FROM poll_counters)",
-            answer="fetchrow",
-        )
-        return int(stored), int(ballots)
+
+def _batches(backlog: Backlog, connections: int) -> list[list[Columns]]:
+    """The backlog's rows in batches of CEILING_BATCH, split among the connections
+    by stream shard (one voter's rows on one connection, as in the workers)."""
+    votes: list[list[Vote]] = [[] for _ in range(connections)]
+    for vote in backlog:
+        votes[vote.shard(SHARDS) % connections].append(vote)
+    return [
+        [_columns(own[i : i + CEILING_BATCH]) for i in range(0, len(own), CEILING_BATCH)]
+        for own in votes
+    ]
 
 
-def _batches(plan: Backlog, connections: int) -> list[list[Columns]]:
-    """The plan's rows in batches of CEILING_BATCH, split among the connections by
-    stream shard (one voter's rows on one connection, as in the workers)."""
-    literals: dict[tuple[str, ...], str] = {}
-    per_connection: list[list[Columns]] = [[Columns()] for _ in range(connections)]
-    for chunk in plan.chunks():
-        for vote in chunk:
-            batches = per_connection[vote.shard(SHARDS) % connections]
-            if len(batches[-1].polls) == CEILING_BATCH:
-                batches.append(Columns())
-            literal = literals.get(vote.option_ids)
-            if literal is None:
-                literal = literals[vote.option_ids] = "{" + ",".join(vote.option_ids) + "}"
-            batches[-1].add(vote, literal)
-    return [[b for b in batches if b.polls] for batches in per_connection]
+def _columns(votes: list[Vote]) -> Columns:
+    return (
+        [vote.poll_id for vote in votes],
+        [vote.vote_id for vote in votes],
+        [vote.voter for vote in votes],
+        ["{" + ",".join(vote.option_ids) + "}" for vote in votes],
+        [vote.received_us for vote in votes],
+    )
 
 
 async def _write(conn: asyncpg.Connection, batches: list[Columns]) -> None:
+    """One connection's batches, each in a transaction of its own. No retry on a
+    deadlock: none can happen (drain_ceiling.sql says why)."""
     for batch in batches:
-        args = batch.args()
-        for attempt in range(5):
-            try:
-                async with conn.transaction():
-                    await conn.execute(CEILING["votes"], *args)
-                    await conn.execute(CEILING["ballots"], *args)
-                    await conn.execute(CEILING["lock_tallies"], batch.polls, batch.options)
-                    await conn.execute(CEILING["tallies"], batch.polls, batch.options)
-                    await conn.execute(CEILING["lock_counters"], batch.polls)
-                    await conn.execute(CEILING["counters"], batch.polls)
-                break
-            except asyncpg.exceptions.DeadlockDetectedError:
-                if attempt == 4:
-                    raise
+        polls, options = batch[0], batch[3]
+        async with conn.transaction():
+            await conn.execute(CEILING["votes"], *batch)
+            await conn.execute(CEILING["ballots"], *batch)
+            await conn.execute(CEILING["lock_tallies"], polls, options)
+            await conn.execute(CEILING["tallies"], polls, options)
+            await conn.execute(CEILING["lock_counters"], polls)
+            await conn.execute(CEILING["counters"], polls)
 
 
-async def _ceiling(url: str, plan: Backlog, connections: int) -> float:
-    """Seconds the bare upserts of the plan's rows take over `connections`."""
-    work = _batches(plan, connections)
+async def _ceiling(url: str, backlog: Backlog, connections: int) -> float:
+    """Seconds the bare upserts of the backlog's rows take over `connections`."""
+    work = _batches(backlog, connections)
     conns = [await asyncpg.connect(url, command_timeout=120) for _ in range(connections)]
     try:
         started = time.monotonic()
-        await asyncio.gather(
-            *(_write(conn, batches) for conn, batches in zip(conns, work, strict=True))
-        )
+        await asyncio.gather(*map(_write, conns, work))
         seconds = time.monotonic() - started
         written = await conns[0].fetchval("SELECT count(*) FROM votes")
-        if written != plan.votes:
-            raise RuntimeError(f"drain ceiling: {written} vote rows, {plan.votes} expected")
-        return seconds
     finally:
         for conn in conns:
             await conn.close()
+    if written != backlog.votes:
+        raise RuntimeError(f"drain ceiling: {written} vote rows, {backlog.votes} expected")
+    return seconds

@@ -3,8 +3,10 @@
 -- each statement takes one batch as arrays ($1 polls, $2 vote_ids, $3 voters,
 -- $4 option-id-array literals, $5 received times in microseconds); the tally
 -- and counter statements take $1 polls and $2 option literals, or $1 polls.
--- Rows are locked in key order first (tallies, then counters, as
--- cast_vote_atomic), so that concurrent batches cannot deadlock.
+-- The rows that concurrent batches share are locked in key order first
+-- (tallies, then counters, as cast_vote_atomic); the others are one
+-- connection's own (each vote id is new, each voter's rows go to one
+-- connection): so no two batches can deadlock.
 
 -- name: votes
 INSERT INTO votes (poll_id, vote_id, voter, option_ids, received_at, counted)
