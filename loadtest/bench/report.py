@@ -81,9 +81,6 @@ def _figures(stage: Stage, samples: list[Sample], ratio: dict[str, Any] | None) 
     def median_of(name: str) -> float | None:
         return median(sample[name] for sample in kept)
 
-    def total(name: str) -> int:
-        return sum(sample[name] for sample in kept)
-
     rates = [s.rate for s in samples]
     return {
         "stage": stage.number,
@@ -99,9 +96,9 @@ def _figures(stage: Stage, samples: list[Sample], ratio: dict[str, Any] | None) 
         "server_cpu_percent_median": median_of("server_cpu_percent"),
         "store_cpu_s_per_1k_median": median_of("store_cpu_s_per_1k"),
         "wrk_cpu_percent_median": median_of("wrk_cpu_percent"),
-        "non_2xx_total": total("non_2xx"),
-        "socket_errors_total": total("socket_errors"),
-        "timeouts_total": total("timeouts"),
+        "non_2xx_total": sum(s.non_2xx for s in samples),
+        "socket_errors_total": sum(s.socket_errors for s in samples),
+        "timeouts_total": sum(s.timeouts for s in samples),
         "samples": kept,
     }
 
