@@ -151,9 +151,8 @@ class Run:
         )
 
     def document(self, complete: bool) -> dict[str, Any]:
-        rows = report.rows(self.stages, self.samples)
         figures = report.document(
-            rows, self.started, self.settings, self.machine, complete=complete
+            self.stages, self.samples, self.started, self.settings, self.machine, complete=complete
         )
         if complete:
             figures["goals"] = goals.judged(figures)
@@ -208,17 +207,16 @@ class Run:
         self.machine["loadavg_after"] = list(os.getloadavg())
         figures = self.document(complete=True)
         report.write_json(figures, self.kept)
-        rows = report.rows(self.stages, self.samples)
         print(
-            f"\nvoteflow bench, {self.started:%Y-%m-%d %H:%M} UTC: {report.rounds(rows)}; "
+            f"\nvoteflow bench, {self.started:%Y-%m-%d %H:%M} UTC: {report.rounds(figures)}; "
             f"{self.options.connections} connections, wrk {self.options.threads} thread(s), "
             f"{os.cpu_count()} CPUs (wrk on the same ones), server data on "
             f"{self.machine['data_filesystem']}\n"
         )
-        print(report.table(rows))
+        print(report.table(figures, self.stages))
         print()
-        print(report.notes(rows))
-        if costs := report.cost_table(rows):
+        print(report.notes(figures, self.stages, self.samples))
+        if costs := report.cost_table(figures):
             print(f"\n{costs}")
         before, after = (
             " ".join(f"{x:.2f}" for x in self.machine[k])

@@ -10,41 +10,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from . import goals
-from .report import columns
+from .report import Document, Figures, by_number, columns, ratio_cell
+
+CPU = "server_cpu_s_per_1k_median"
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path) -> Document:
     document = json.loads(path.read_text())
     if not isinstance(document, dict) or "stages" not in document:
         raise ValueError(f"{path} is not a result of python -m loadtest.bench")
     return document
 
 
-def _by_number(document: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    return {stage["stage"]: stage for stage in document["stages"] if stage.get("samples")}
+def _figure(figures: Figures | None, name: str) -> float | None:
+    return None if figures is None or figures.get(name) is None else float(figures[name])
 
 
-def _figure(stage: dict[str, Any] | None, name: str) -> float | None:
-    return None if stage is None or stage.get(name) is None else float(stage[name])
+def _side_by_side(a: float | None, b: float | None, form: str) -> tuple[str, str, str]:
+    """A figure of runs A and B, and B/A."""
+    cells = ["-" if value is None else format(value, form) for value in (a, b)]
+    over = "-" if a is None or b is None or a == 0 else f"{b / a:.2f}"
+    return cells[0], cells[1], over
 
 
-def _cell(value: float | None, form: str) -> str:
-    return "-" if value is None else format(value, form)
-
-
-def _over(a: float | None, b: float | None) -> str:
-    return "-" if a is None or b is None or a == 0 else f"{b / a:.2f}"
-
-
-def _ratio(stage: dict[str, Any] | None) -> str:
-    ratio = stage and stage.get("ratio")
-    return f"{ratio['of']} = {ratio['median']:.2f}" if ratio else "-"
-
-
-def describe(name: str, path: Path, document: dict[str, Any]) -> str:
+def describe(name: str, path: Path, document: Document) -> str:
     git = document.get("git") or {}
     state = "" if document.get("complete", True) else ", cut short (complete: false)"
     commit = git.get("commit", "?")[:10] + (" (dirty)" if git.get("dirty") else "")
@@ -53,40 +44,21 @@ def describe(name: str, path: Path, document: dict[str, Any]) -> str:
 
 def compare(path_a: Path, path_b: Path) -> str:
     a, b = load(path_a), load(path_b)
-    stages_a, stages_b = _by_number(a), _by_number(b)
+    stages_a, stages_b = by_number(a), by_number(b)
     lines: list[tuple[str, ...]] = [
         ("stage", "rate A", "rate B", "B/A", "CPU s/1k A", "CPU s/1k B", "B/A",
          "ratio A", "ratio B"),
     ]  # fmt: skip
     for number in sorted(stages_a.keys() | stages_b.keys()):
         sa, sb = stages_a.get(number), stages_b.get(number)
+        rates = _side_by_side(_figure(sa, "rate_median"), _figure(sb, "rate_median"), ",.0f")
+        cpus = _side_by_side(_figure(sa, CPU), _figure(sb, CPU), ".3f")
         name = (sa or sb or {}).get("name", "?")
-        rate_a, rate_b = _figure(sa, "rate_median"), _figure(sb, "rate_median")
-        cpu_a = _figure(sa, "server_cpu_s_per_1k_median")
-        cpu_b = _figure(sb, "server_cpu_s_per_1k_median")
-        lines.append(
-            (
-                f"{number} {name}",
-                _cell(rate_a, ",.0f"),
-                _cell(rate_b, ",.0f"),
-                _over(rate_a, rate_b),
-                _cell(cpu_a, ".3f"),
-                _cell(cpu_b, ".3f"),
-                _over(cpu_a, cpu_b),
-                _ratio(sa),
-                _ratio(sb),
-            )
-        )
-        if (
-            sa
-            and sb
-            and (pa := goals.pipeline_cpu_per_1k(sa))
-            and (pb := goals.pipeline_cpu_per_1k(sb))
-        ):
-            lines.append(
-                (f"  {number} pipeline, all", "", "", "", f"{pa:.3f}", f"{pb:.3f}",
-                 _over(pa, pb), "", "")
-            )  # fmt: skip
+        lines.append((f"{number} {name}", *rates, *cpus, ratio_cell(sa), ratio_cell(sb)))
+        pa, pb = (None if s is None else goals.pipeline_cpu_per_1k(s) for s in (sa, sb))
+        if pa and pb:
+            pipeline = _side_by_side(pa, pb, ".3f")
+            lines.append((f"  {number} pipeline, all", "", "", "", *pipeline, "", ""))
     return "\n\n".join(
         [
             describe("A", path_a, a) + "\n" + describe("B", path_b, b),
