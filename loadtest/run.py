@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return run(args)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        # A Ctrl-C during the verdict's asyncio.run() can arrive as
+        # CancelledError when the interrupted task was cancelled on its way out.
         print("\nloadtest: interrupted; everything it started is stopped", file=sys.stderr)
         return 1
     except (RuntimeError, OSError, asyncpg.PostgresError, verdict.VerdictError) as exc:

@@ -39,10 +39,10 @@ POLL_EVERY = 0.1  # seconds between two looks at the backlog
 # Votes per second queued, drained by one worker, and written by the ceiling,
 # and the seconds of a round's fresh databases and checkpoints, for the plan
 # (read off a run on 2 cores).
-QUEUED_PER_S = 70_000.0
-DRAINED_PER_S = 20_000.0
-CEILING_PER_S = 60_000.0
-ROUND_S = 3.0
+QUEUED_PER_S = 60_000.0
+DRAINED_PER_S = 16_000.0
+CEILING_PER_S = 35_000.0
+ROUND_S = 4.0
 # A drain that makes no progress for this long has failed (a worker stuck).
 STALL_TIMEOUT = 120.0
 
