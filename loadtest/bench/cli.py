@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -134,7 +134,8 @@ class Run:
         shared: set[str] = set()
         self.plans = {s.number: s.plan(options, shared) for s in self.stages}
         self.took = {s.number: timing.Took() for s in self.stages}
-        self.settings = {"stages": args.stages} | asdict(replace(options, wrk=""))
+        # wrk's path is the machine's, not a setting of the run.
+        self.settings = {"stages": args.stages} | asdict(options)
         del self.settings["wrk"]
         self.machine: dict[str, Any] = {
             "wrk": wrk.version(options.wrk) if options.wrk else None,
